@@ -1,0 +1,1 @@
+"""mura_ray: musculoskeletal radiograph classifiers on Ray."""
