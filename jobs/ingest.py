@@ -1,0 +1,59 @@
+"""Ingest radiograph archives (MURA-v1.1, ImageFolder-style sets, raw trees) into Parquet, local or on S3."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mura_ray.config import IngestConfig  # noqa: E402
+from mura_ray.runtime import init_ray, run_main  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobs/ingest.py",
+        description="Turn a radiograph archive into a Parquet dataset (DEST/<split>/*.parquet, "
+        "DEST/ingest_summary.json, DEST/errors.jsonl). S3 endpoint and credentials come from the AWS environment.",
+    )
+    p.add_argument("--source", required=True, choices=["mura", "folder", "images"],
+                   help="mura: MURA-v1.1 and its CSVs; folder: {train,val,test}/{class}/ image folders; "
+                   "images: any tree of PNG/JPEG for bulk scoring (no labels, split test)")
+    p.add_argument("--root", required=True, help="the archive: MURA-v1.1 or its parent, or a folder (local or s3://)")
+    p.add_argument("--out", required=True, help="destination dataset folder (local or s3://)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of MURA train patients moved to the val split (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level train/val split (default 0)")
+    p.add_argument("--max-error-rate", type=float, default=0.01,
+                   help="exit non-zero when more than this share of images is unusable (default 0.01)")
+    p.add_argument("--body-part", default=None, help="body part of every image of a --source folder set, e.g. WRIST")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mura_ray.data.ingest import IngestFailed, format_summary, ingest
+
+    cfg = IngestConfig(
+        source=args.source, root=args.root, out=args.out, val_fraction=args.val_fraction, seed=args.seed,
+        max_error_rate=args.max_error_rate, body_part=args.body_part, overwrite=args.overwrite,
+    ).validate()
+    init_ray()
+    try:
+        summary = ingest(cfg)
+    except IngestFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(f"dataset written to {cfg.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

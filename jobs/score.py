@@ -1,0 +1,58 @@
+"""Score radiographs with exported model(s) on Ray Data: predictions Parquet, and a report when labelled."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mura_ray.config import ScoreConfig  # noqa: E402
+from mura_ray.runtime import run_main  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobs/score.py",
+        description="Batch-score an ingested split or a folder/prefix of raw PNG/JPEG images. Safe to re-run: "
+        "only images not yet in DEST are scored, and no row is ever duplicated.",
+    )
+    a = p.add_argument
+    a("--model", action="append", required=True, dest="models",
+      help="exported model directory (RUN_DIR/model), local or s3://; repeat for an ensemble (mean probability)")
+    a("--input", required=True, help="ingested Parquet split (DEST/test) or folder of images, local or s3://")
+    a("--out", required=True, help="destination: predictions/, manifest.json, report/ (when labelled)")
+    a("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    a("--concurrency", type=int, default=1, help="scoring actors, each with a copy of the model(s) (default 1)")
+    a("--gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per actor: auto when present")
+    a("--cpus-per-actor", type=float, default=1.0, help="CPUs per scoring actor (default 1)")
+    a("--tta", action="store_true", help="test-time augmentation: average over a horizontal flip")
+    a("--threshold", type=float, help="operating threshold (default: the model's own)")
+    a("--bootstrap", type=int, default=200, help="bootstrap resamples for the report's 95%% CIs (0 disables)")
+    a("--no-report", action="store_true", help="skip the metric report even when the input has labels")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mura_ray.score import score
+
+    cfg = ScoreConfig(
+        models=tuple(args.models), input=args.input, out=args.out, batch_size=args.batch_size,
+        concurrency=args.concurrency, gpu=args.gpu, tta=args.tta, threshold=args.threshold,
+        bootstrap=args.bootstrap, report=not args.no_report, cpus_per_actor=args.cpus_per_actor,
+    )
+    summary = score(cfg)
+    print(f"scored {summary['scored']} images, skipped {summary['skipped_already_done']} already done, "
+          f"failed {summary['failed']}; predictions: {summary['predictions']}")
+    if "report" in summary:
+        print(f"report: {summary['report']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

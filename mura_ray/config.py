@@ -1,0 +1,293 @@
+"""One frozen, typed config per job. Validation collects every problem and raises once, naming the CLI flag.
+
+Jobs build these from argv (and `--config FILE.yaml` recipes); library code receives the config and unpacks it
+into flat arguments at its builder functions, so models, losses and metrics never see a config object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import yaml
+
+from mura_ray.labels import BODY_PARTS
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing input). Jobs print it as one line and exit with code 2."""
+
+
+GpuMode = Literal["auto", "yes", "no"]
+FreezePolicy = Literal["none", "all", "all-but-last"]
+LossName = Literal["bce", "weighted", "focal"]
+Source = Literal["mura", "folder", "images"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_choice(problems: list[str], cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        problems.append(f"{_flag(name)} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_positive(problems: list[str], cfg: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not allow_zero):
+            problems.append(f"{_flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def replace_from(cfg: Any, values: Mapping[str, Any], *, source: str) -> Any:
+    """A copy of `cfg` with `values` applied; unknown keys are a UserError naming `source`."""
+    known = {f.name for f in fields(cfg)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(cfg, **dict(values))
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping of option names (dashes or underscores) to values."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source: Source
+    """Archive layout: `mura` (MURA-v1.1 with its CSVs), `folder` (ImageFolder-style), `images` (any tree)."""
+    root: str
+    """The archive: MURA-v1.1 or its parent, the folder set's root, or a tree of images. Local or s3://."""
+    out: str
+    """Destination of the Parquet dataset, local or s3://."""
+    val_fraction: float = 0.2
+    """Share of MURA train patients moved to the `val` split."""
+    seed: int = 0
+    """Seed of the patient-level train/val split."""
+    max_error_rate: float = 0.01
+    """Fail (exit 1) when more than this share of images is skipped."""
+    body_part: str | None = None
+    """Body part of every image of a `folder` source (unknown otherwise)."""
+    overwrite: bool = False
+    """Replace an existing dataset at `out`."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels are refused as decompression bombs."""
+    rows_per_file: int = 2000
+    """Target rows per Parquet file."""
+
+    def validate(self) -> IngestConfig:
+        problems: list[str] = []
+        _check_choice(problems, self, "source", ("mura", "folder", "images"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            problems.append(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
+        if self.body_part is not None:
+            if self.source != "folder":
+                problems.append("--body-part only applies to --source folder")
+            elif self.body_part.upper().removeprefix("XR_") not in BODY_PARTS:
+                problems.append(f"--body-part {self.body_part!r} is not one of {', '.join(BODY_PARTS)}")
+        _check_positive(problems, self, "max_pixels", "rows_per_file")
+        _raise_if(problems)
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str | None = None
+    """Ingested dataset (local or s3://); None trains on the built-in synthetic demo set."""
+    out: str | None = None
+    """Run directory (local or s3://): checkpoints, model/ and report/. Re-using one resumes that run."""
+    backbone: str = "efficientnet_b0"
+    """Any timm model name, or `custom_cnn` (the reference report's from-scratch baseline)."""
+    epochs: int = 30
+    batch_size: int = 32
+    """Images per worker per step."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW (cosine schedule after a linear warm-up)."""
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    image_size: int = 224
+    """Square input side in pixels (aspect preserved, padded)."""
+    workers: int = 1
+    """Data-parallel Ray Train workers (one GPU each when GPUs are used)."""
+    gpu: GpuMode = "auto"
+    """`auto` uses GPUs when the cluster has them."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per Train worker; the rest of the cluster decodes images for it."""
+    amp: bool = True
+    """Mixed precision (bfloat16/float16 autocast) on GPU."""
+    pretrained: bool = False
+    """Load timm's ImageNet weights from the hub."""
+    pretrained_file: str | None = None
+    """Load weights from a local safetensors or .pth file (air-gapped clusters)."""
+    freeze: FreezePolicy = "none"
+    """`all` freezes the feature extractor; `all-but-last` trains only its last stage."""
+    multitask: bool = True
+    """Train the auxiliary body-part head."""
+    body_part_embedding: bool = True
+    """Feed a 32-d body-part embedding to the abnormality head."""
+    dropout: float = 0.3
+    body_part_weight: float = 0.5
+    """Weight of the body-part cross-entropy in the total loss."""
+    loss: LossName = "bce"
+    """`bce`, `weighted` (positive class weighted by the train negative/positive ratio) or `focal`."""
+    focal_gamma: float = 2.0
+    patience: int = 5
+    """Stop after this many epochs without a better validation loss."""
+    num_to_keep: int = 2
+    """Checkpoints kept (best by validation loss)."""
+    max_failures: int = 2
+    """Worker-group restarts allowed; training resumes from the last checkpoint."""
+    seed: int = 0
+    threshold: float = 0.5
+    """Operating threshold stored with the exported model."""
+    demo_images: int = 2000
+    """Size of the synthetic demo set (used only when --data is not given)."""
+
+    def validate(self) -> TrainConfig:
+        problems: list[str] = []
+        _check_choice(problems, self, "gpu", ("auto", "yes", "no"))
+        _check_choice(problems, self, "freeze", ("none", "all", "all-but-last"))
+        _check_choice(problems, self, "loss", ("bce", "weighted", "focal"))
+        _check_positive(problems, self, "epochs", "batch_size", "lr", "image_size", "workers", "cpus_per_worker")
+        _check_positive(problems, self, "patience", "num_to_keep", "demo_images")
+        _check_positive(problems, self, "weight_decay", "warmup_epochs", "max_failures", "focal_gamma",
+                        "body_part_weight", allow_zero=True)
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.threshold < 1.0:
+            problems.append(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.image_size < 16:
+            problems.append(f"--image-size must be at least 16, got {self.image_size}")
+        if self.pretrained and self.pretrained_file:
+            problems.append("give --pretrained or --pretrained-file, not both")
+        if self.pretrained_file and not (self.pretrained_file.startswith("s3://") or
+                                         os.path.isfile(self.pretrained_file)):
+            problems.append(f"--pretrained-file {self.pretrained_file}: no such file")
+        if self.pretrained_file and not self.pretrained_file.endswith((".safetensors", ".pth", ".pt", ".bin")):
+            problems.append("--pretrained-file must be a .safetensors, .pth, .pt or .bin file")
+        _raise_if(problems)
+        return self
+
+
+DEMO_TRAIN_DEFAULTS: dict[str, Any] = {
+    "backbone": "custom_cnn",
+    "image_size": 64,
+    "epochs": 8,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "patience": 4,
+    "dropout": 0.2,
+}
+"""Defaults when no --data is given: a small model that trains on 2 CPU cores in a few minutes."""
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    models: tuple[str, ...]
+    """Exported model directories (local or s3://); several form an ensemble (mean probability)."""
+    input: str
+    """An ingested Parquet split, or a folder/prefix of raw PNG/JPEG images. Local or s3://."""
+    out: str
+    """Destination: predictions/ (Parquet), report/ when the input has labels, manifest.json."""
+    batch_size: int = 64
+    concurrency: int = 1
+    """Scoring actors (one model copy each)."""
+    gpu: GpuMode = "auto"
+    tta: bool = False
+    """Average the probabilities over a horizontal flip (test-time augmentation)."""
+    threshold: float | None = None
+    """Operating threshold; default: the model's own (from config.json)."""
+    rows_per_file: int = 5000
+    """Target rows per predictions Parquet file."""
+    report: bool = True
+    """Write the metric report when the input has labels."""
+    bootstrap: int = 200
+    """Bootstrap resamples for the report's confidence intervals (0 disables)."""
+    explain: int = 0
+    """Grad-CAM heatmaps to add to the report per category (needs mura_ray[explain]); 0 disables."""
+    cpus_per_actor: float = 1.0
+
+    def validate(self) -> ScoreConfig:
+        problems: list[str] = []
+        if not self.models:
+            problems.append("--model is required (an exported model directory)")
+        _check_choice(problems, self, "gpu", ("auto", "yes", "no"))
+        _check_positive(problems, self, "batch_size", "concurrency", "rows_per_file", "cpus_per_actor")
+        _check_positive(problems, self, "bootstrap", "explain", allow_zero=True)
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            problems.append(f"--threshold must be in (0, 1), got {self.threshold}")
+        _raise_if(problems)
+        return self
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    data: str | None = None
+    """Ingested dataset; None uses the built-in synthetic demo set."""
+    out: str = "runs/tune"
+    """Search directory: trials, leaderboard, best/ (re-using it resumes the search)."""
+    space: str | None = None
+    """Search space YAML; default: the one shipped in mura_ray/tune_space.yaml."""
+    backbones: tuple[str, ...] = ()
+    """Restrict the backbone choice to these names."""
+    num_samples: int = 8
+    epochs: int = 10
+    workers_per_trial: int = 1
+    max_concurrent: int = 2
+    metric: Literal["val_auc", "val_loss", "val_kappa"] = "val_auc"
+    image_size: int | None = None
+    """Fix the image size of every trial (overrides the space)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (file store or server); one run per trial."""
+    gpu: GpuMode = "auto"
+    cpus_per_worker: float = 1.0
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it may be stopped."""
+    reduction_factor: int = 2
+    seed: int = 0
+    demo_images: int = 2000
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fixed training options applied to every trial."""
+
+    def validate(self) -> TuneConfig:
+        problems: list[str] = []
+        _check_choice(problems, self, "metric", ("val_auc", "val_loss", "val_kappa"))
+        _check_choice(problems, self, "gpu", ("auto", "yes", "no"))
+        _check_positive(problems, self, "num_samples", "epochs", "workers_per_trial", "max_concurrent",
+                        "cpus_per_worker", "grace_period", "demo_images")
+        if self.reduction_factor < 2:
+            problems.append(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
+        if self.image_size is not None and self.image_size < 16:
+            problems.append(f"--image-size must be at least 16, got {self.image_size}")
+        if self.space is not None and not os.path.isfile(self.space):
+            problems.append(f"--space {self.space}: no such file")
+        _raise_if(problems)
+        return self

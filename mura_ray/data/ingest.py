@@ -1,0 +1,451 @@
+"""Radiograph archives (MURA-v1.1, ImageFolder-style sets, raw trees) to a Parquet dataset, on Ray Data.
+
+Listing is cheap driver work (MURA's CSVs are the source of truth; folders are walked only for the other sources).
+Every image is then read and fully decoded once by parallel Ray Data tasks; unusable files go to `errors.jsonl`.
+Usable images are streamed again into `DEST/<split>/` Parquet files with their original bytes. `ingest_summary.json`
+is written last: a dataset without it is incomplete and every reader refuses it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from mura_ray import storage
+from mura_ray.config import IngestConfig, UserError
+from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, open_radiograph
+from mura_ray.labels import BODY_PARTS, parse_body_part, parse_class_folder, parse_split_folder
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "ingest_summary.json"
+ERRORS_FILE = "errors.jsonl"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+MURA_DIR = "MURA-v1.1"
+MURA_CSVS: tuple[str, ...] = (
+    "train_image_paths.csv",
+    "train_labeled_studies.csv",
+    "valid_image_paths.csv",
+    "valid_labeled_studies.csv",
+)
+
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image", pa.binary()),
+        ("path", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_id", pa.string()),
+        ("body_part", pa.string()),
+        ("label", pa.int8()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+"""Columns of every ingested split."""
+
+_MURA_IMAGE = re.compile(
+    r"^MURA-v1\.1/(?P<mura_split>train|valid)/XR_(?P<part>[A-Z]+)/(?P<patient>patient\d+)/"
+    r"(?P<study>study\d+)_(?P<label>positive|negative)/(?P<file>[^/]+)$"
+)
+_MURA_STUDY = re.compile(
+    r"^(?P<study_path>MURA-v1\.1/(?:train|valid)/XR_[A-Z]+/patient\d+/study\d+_(?:positive|negative))/$"
+)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a source holds: one record per candidate image, and files ignored before decoding (with reasons)."""
+
+    records: pd.DataFrame
+    ignored: list[dict[str, str]]
+
+
+def image_id_for(rel_path: str) -> str:
+    """Stable id of an image: a hash of its path relative to the archive root."""
+    return hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:20]
+
+
+def val_assignment(patient_ids: pd.Series, val_fraction: float, seed: int) -> pd.Series:
+    """True for patients moved to `val`: a seeded hash of the patient id, so the split is reproducible."""
+
+    def _unit(pid: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    unique = pd.Series(patient_ids.unique())
+    to_val = {pid: _unit(pid) < val_fraction for pid in unique}
+    return patient_ids.map(to_val)
+
+
+def _read_csv_rows(text: str, name: str, columns: int) -> list[list[str]]:
+    rows = []
+    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != columns:
+            raise UserError(f"{name} line {lineno}: expected {columns} comma-separated field(s), got {row!r}")
+        rows.append([c.strip() for c in row])
+    return rows
+
+
+def _find_mura_base(root: str) -> str:
+    """The folder that contains MURA-v1.1 (CSV paths are relative to it), from MURA-v1.1 or its parent."""
+    if storage.exists(storage.join(root, MURA_DIR, MURA_CSVS[0])):
+        return root.rstrip("/")
+    if root.rstrip("/").endswith(MURA_DIR) and storage.exists(storage.join(root, MURA_CSVS[0])):
+        return root.rstrip("/")[: -len(MURA_DIR)].rstrip("/") or "/"
+    raise UserError(
+        f"--root {root}: not a MURA-v1.1 dataset; expected the MURA-v1.1 folder or its parent, "
+        f"with {', '.join(MURA_CSVS)}"
+    )
+
+
+def list_mura(root: str, val_fraction: float, seed: int) -> Listing:
+    """Records from MURA's four CSVs: `valid` becomes `test`; `train` is split into train/val by patient."""
+    if not storage.exists(root):
+        raise UserError(f"--root {root}: no such folder")
+    base = _find_mura_base(root)
+    csv_dir = storage.join(base, MURA_DIR)
+    for name in MURA_CSVS:
+        if not storage.exists(storage.join(csv_dir, name)):
+            raise UserError(f"--root {root}: {MURA_DIR}/{name} is missing; a MURA-v1.1 copy has all of {MURA_CSVS}")
+    records: list[dict[str, Any]] = []
+    ignored: list[dict[str, str]] = []
+    for mura_split in ("train", "valid"):
+        studies_name = f"{mura_split}_labeled_studies.csv"
+        labels: dict[str, int] = {}
+        for lineno, (study_path, label) in enumerate(
+            _read_csv_rows(storage.read_bytes(storage.join(csv_dir, studies_name)).decode(), studies_name, 2), 1
+        ):
+            match = _MURA_STUDY.match(study_path)
+            if not match or label not in ("0", "1"):
+                raise UserError(
+                    f"{studies_name} row {lineno}: expected 'MURA-v1.1/{mura_split}/XR_<PART>/patient<ID>/"
+                    f"study<N>_<positive|negative>/,<0|1>', got {study_path!r},{label!r}"
+                )
+            labels[match["study_path"]] = int(label)
+        images_name = f"{mura_split}_image_paths.csv"
+        for lineno, (path,) in enumerate(
+            _read_csv_rows(storage.read_bytes(storage.join(csv_dir, images_name)).decode(), images_name, 1), 1
+        ):
+            match = _MURA_IMAGE.match(path)
+            if not match or match["mura_split"] != mura_split:
+                raise UserError(
+                    f"{images_name} row {lineno}: expected 'MURA-v1.1/{mura_split}/XR_<PART>/patient<ID>/"
+                    f"study<N>_<positive|negative>/<image>', got {path!r}"
+                )
+            study_path = path.rsplit("/", 1)[0]
+            if study_path not in labels:
+                ignored.append({"path": path, "reason": f"study not listed in {studies_name}"})
+                continue
+            try:
+                body_part = parse_body_part(match["part"])
+            except ValueError as e:
+                raise UserError(f"{images_name} row {lineno}: {e}") from None
+            records.append(
+                {
+                    "path": path,
+                    "patient_id": match["patient"],
+                    # (split, body part, patient, study): the same patient id appears under several body parts.
+                    "study_id": study_path.removeprefix(MURA_DIR + "/"),
+                    "body_part": body_part,
+                    "label": labels[study_path],
+                    "split": "test" if mura_split == "valid" else "train",
+                }
+            )
+    if not records:
+        raise UserError(f"--root {root}: the MURA CSVs list no images")
+    df = pd.DataFrame.from_records(records)
+    is_train = df["split"] == "train"
+    moved = val_assignment(df.loc[is_train, "patient_id"], val_fraction, seed)
+    df.loc[moved[moved].index, "split"] = "val"
+    df["source"] = "mura"
+    return Listing(_with_ids(df, base), ignored)
+
+
+def _walk(root: str) -> tuple[str, list[str]]:
+    """Every file under root as paths relative to it (sorted), after checking root is a folder."""
+    fs, base = storage.resolve(root)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"--root {root}: no such folder")
+    if info.type != pafs.FileType.Directory:
+        raise UserError(f"--root {root}: expected a folder of images")
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    rel = sorted(i.path[len(base) :].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    return base, rel
+
+
+def _skip_reason(rel: str) -> str | None:
+    name = rel.rsplit("/", 1)[-1]
+    if name.startswith(".") or any(part.startswith(".") for part in rel.split("/")[:-1]):
+        return "hidden file"
+    if not name.lower().endswith(IMAGE_SUFFIXES):
+        return f"not an image file name (expected {', '.join(IMAGE_SUFFIXES)})"
+    return None
+
+
+def list_folder(root: str, body_part: str | None) -> Listing:
+    """ImageFolder-style sets: `.../{train,val|valid,test}/{class}/image`, classes mapped by name, never by order."""
+    _, files = _walk(root)
+    records, ignored = [], []
+    part = parse_body_part(body_part) if body_part else None
+    for rel in files:
+        reason = _skip_reason(rel)
+        if reason:
+            ignored.append({"path": rel, "reason": reason})
+            continue
+        parts = rel.split("/")
+        if len(parts) < 2:
+            ignored.append({"path": rel, "reason": "not inside a class folder"})
+            continue
+        class_folder = parts[-2]
+        split = parse_split_folder(parts[-3]) if len(parts) >= 3 else None
+        try:
+            label = parse_class_folder(class_folder)
+        except ValueError as e:
+            raise UserError(f"--root {root}: folder {'/'.join(parts[:-1])!r}: {e}") from None
+        records.append(
+            {
+                "path": rel,
+                "patient_id": None,
+                "study_id": None,
+                "body_part": part,
+                "label": label,
+                "split": split or "test",
+                "source": "folder",
+            }
+        )
+    if not records:
+        raise UserError(f"--root {root}: no images in class folders (e.g. train/fractured/*.png) found")
+    return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored)
+
+
+def list_images(root: str) -> Listing:
+    """Any tree of radiographs for bulk scoring: no labels, split `test`; body part from an `XR_<PART>` folder."""
+    _, files = _walk(root)
+    records, ignored = [], []
+    for rel in files:
+        reason = _skip_reason(rel)
+        if reason:
+            ignored.append({"path": rel, "reason": reason})
+            continue
+        part = next(
+            (p.removeprefix("XR_") for p in rel.split("/")[:-1] if p.startswith("XR_") and p[3:] in BODY_PARTS),
+            None,
+        )
+        records.append(
+            {"path": rel, "patient_id": None, "study_id": None, "body_part": part, "label": None,
+             "split": "test", "source": "images"}
+        )
+    if not records:
+        raise UserError(f"--root {root}: no PNG or JPEG images found")
+    return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored)
+
+
+def _with_ids(df: pd.DataFrame, base: str) -> pd.DataFrame:
+    df = df.copy()
+    df["image_id"] = df["path"].map(image_id_for)
+    df["uri"] = df["path"].map(lambda p: storage.join(base, p))
+    return df
+
+
+def list_source(cfg: IngestConfig) -> Listing:
+    if cfg.source == "mura":
+        return list_mura(cfg.root, cfg.val_fraction, cfg.seed)
+    if cfg.source == "folder":
+        return list_folder(cfg.root, cfg.body_part)
+    return list_images(cfg.root)
+
+
+def inspect_images(batch: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
+    """Ray Data task: read and fully decode each image once; width/height, or the reason it is unusable."""
+    widths, heights, errors = [], [], []
+    for uri in batch["uri"]:
+        try:
+            img = open_radiograph(storage.read_bytes(uri), max_pixels)
+            widths.append(img.width)
+            heights.append(img.height)
+            errors.append(None)
+        except DecodeError as e:
+            widths.append(0), heights.append(0), errors.append(str(e))
+        except FileNotFoundError:
+            widths.append(0), heights.append(0), errors.append("listed but missing on disk")
+        except OSError as e:
+            widths.append(0), heights.append(0), errors.append(f"cannot read file: {e}")
+    return pd.DataFrame({"image_id": batch["image_id"], "width": widths, "height": heights, "error": errors})
+
+
+def attach_bytes(batch: pd.DataFrame) -> pa.Table:
+    """Ray Data task: add the original, unmodified file bytes and cast to the dataset schema."""
+    columns = {name: batch[name].tolist() for name in SCHEMA.names if name != "image"}
+    columns["image"] = [storage.read_bytes(uri) for uri in batch["uri"]]
+    columns["label"] = [None if pd.isna(v) else int(v) for v in batch["label"]]
+    return pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
+
+
+def summarize(df: pd.DataFrame) -> dict[str, Any]:
+    """Counts per split and per body part: images, studies, patients, positive rate."""
+
+    def _counts(group: pd.DataFrame) -> dict[str, Any]:
+        labelled = group["label"].dropna()
+        return {
+            "images": int(len(group)),
+            "studies": int(group["study_id"].nunique()) if group["study_id"].notna().any() else None,
+            "patients": int(group["patient_id"].nunique()) if group["patient_id"].notna().any() else None,
+            "positive_rate": round(float(labelled.mean()), 4) if len(labelled) else None,
+        }
+
+    out: dict[str, Any] = {}
+    for split, group in df.groupby("split", sort=False):
+        per_part = {
+            str(part): _counts(g) for part, g in group.groupby(group["body_part"].fillna("UNKNOWN"), sort=True)
+        }
+        out[str(split)] = {**_counts(group), "body_parts": per_part}
+    return {name: out[name] for name in SPLITS if name in out}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a fixed-width table for the terminal."""
+
+    def _fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    lines = [f"{'split':<6} {'body part':<10} {'images':>7} {'studies':>8} {'patients':>9} {'positive':>9}"]
+    for split, s in summary["splits"].items():
+        for part, c in s["body_parts"].items():
+            lines.append(
+                f"{split:<6} {part:<10} {c['images']:>7} {_fmt(c['studies']):>8} "
+                f"{_fmt(c['patients']):>9} {_fmt(c['positive_rate']):>9}"
+            )
+        lines.append(
+            f"{split:<6} {'ALL':<10} {s['images']:>7} {_fmt(s['studies']):>8} "
+            f"{_fmt(s['patients']):>9} {_fmt(s['positive_rate']):>9}"
+        )
+    lines.append(f"skipped: {summary['n_errors']} unusable, {summary['n_ignored']} ignored (see {ERRORS_FILE})")
+    return "\n".join(lines)
+
+
+def _prepare_destination(out: str, overwrite: bool) -> None:
+    if storage.is_empty_dir(out):
+        return
+    if not storage.is_dir(out):
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if not overwrite:
+        state = "a complete dataset" if storage.exists(storage.join(out, SUMMARY_FILE)) else "an incomplete dataset"
+        raise UserError(f"--out {out}: already holds {state}; pass --overwrite to replace it")
+    logger.info("Removing the existing dataset at %s (--overwrite)", out)
+    storage.delete_dir(out)
+
+
+def _errors_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
+def _chunks(df: pd.DataFrame, n: int) -> list[pd.DataFrame]:
+    """`df` in `n` contiguous blocks, so Ray Data schedules the file reads as parallel tasks."""
+    step = -(-len(df) // n)
+    return [df.iloc[i : i + step] for i in range(0, len(df), step)]
+
+
+def ingest(cfg: IngestConfig) -> dict[str, Any]:
+    """Run the whole ingestion; returns the summary written to `ingest_summary.json`."""
+    import ray
+
+    cfg.validate()
+    listing = list_source(cfg)
+    _prepare_destination(cfg.out, cfg.overwrite)
+    records = listing.records
+    if records["image_id"].duplicated().any():
+        dup = records.loc[records["image_id"].duplicated(), "path"].iloc[0]
+        raise UserError(f"--root {cfg.root}: {dup} is listed more than once")
+    logger.info("Found %d images (%d other files ignored); decoding each once", len(records), len(listing.ignored))
+
+    n_blocks = max(1, min(len(records) // 64, 512))
+    meta = (
+        ray.data.from_pandas(_chunks(records[["image_id", "uri"]], n_blocks))
+        .map_batches(inspect_images, batch_format="pandas", fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=0.5)
+        .to_pandas()
+    )
+    records = records.merge(meta, on="image_id", how="left", validate="one_to_one")
+    bad = records[records["error"].notna()]
+    good = records[records["error"].isna()].copy()
+    error_rows = [{"path": p, "reason": r} for p, r in zip(bad["path"], bad["error"], strict=True)]
+    error_rows += [{**row, "ignored": True} for row in listing.ignored]
+    storage.write_bytes(storage.join(cfg.out, ERRORS_FILE), _errors_jsonl(error_rows))
+    error_rate = len(bad) / len(records)
+    if len(good) == 0:
+        raise IngestFailed(f"no usable images: all {len(records)} failed to decode (see {cfg.out}/{ERRORS_FILE})")
+    if error_rate > cfg.max_error_rate:
+        raise IngestFailed(
+            f"{len(bad)} of {len(records)} images ({error_rate:.1%}) are unusable, more than --max-error-rate "
+            f"{cfg.max_error_rate:.1%} (see {cfg.out}/{ERRORS_FILE}); nothing was written"
+        )
+
+    fs, _ = storage.resolve(cfg.out)
+    for split in SPLITS:
+        rows = good[good["split"] == split].sort_values("path")
+        if rows.empty:
+            continue
+        columns = [c for c in SCHEMA.names if c != "image"] + ["uri"]
+        split_blocks = max(1, min(len(rows) // max(1, cfg.rows_per_file // 4), 512))
+        (
+            ray.data.from_pandas(_chunks(rows[columns], split_blocks))
+            .map_batches(attach_bytes, batch_format="pandas", batch_size=64, num_cpus=0.5)
+            .write_parquet(
+                storage.resolve(storage.join(cfg.out, split))[1],
+                filesystem=fs,
+                min_rows_per_file=min(cfg.rows_per_file, len(rows)),
+            )
+        )
+        logger.info("Wrote %d %s images to %s", len(rows), split, storage.join(cfg.out, split))
+
+    summary = {
+        "source": cfg.source,
+        "root": cfg.root,
+        "n_images": int(len(good)),
+        "n_errors": int(len(bad)),
+        "n_ignored": len(listing.ignored),
+        "error_rate": round(error_rate, 6),
+        "splits": summarize(good),
+        "val_fraction": cfg.val_fraction if cfg.source == "mura" else None,
+        "seed": cfg.seed,
+        "fingerprint": hashlib.sha256("".join(sorted(good["image_id"])).encode()).hexdigest()[:16],
+        "width_median": int(np.median(good["width"])),
+        "height_median": int(np.median(good["height"])),
+    }
+    # Written last: its presence marks the dataset complete.
+    storage.write_json(storage.join(cfg.out, SUMMARY_FILE), summary)
+    return summary
+
+
+class IngestFailed(Exception):
+    """Too many unusable images, or none usable: the job exits non-zero after writing errors.jsonl."""
+
+
+def read_summary(data: str) -> dict[str, Any]:
+    """The summary of a complete ingested dataset, or a UserError saying what is wrong with `data`."""
+    if not storage.exists(data):
+        raise UserError(f"--data {data}: no such dataset; create it with jobs/ingest.py")
+    uri = storage.join(data, SUMMARY_FILE)
+    if not storage.exists(uri):
+        raise UserError(
+            f"--data {data}: incomplete or not an ingested dataset (no {SUMMARY_FILE}); "
+            "re-run jobs/ingest.py with --overwrite"
+        )
+    return storage.read_json(uri)

@@ -1,0 +1,119 @@
+"""Ray Data input pipeline: ingested Parquet → decoded, resized, normalised (and, for training, augmented) tensors.
+
+Decoding runs in Ray Data tasks with fractional CPUs, streamed into the Train workers; nothing is materialised.
+A row that cannot be decoded keeps its place with `ok = 0` so the consumer can skip and count it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mura_ray import storage
+from mura_ray.data.images import DecodeError, decode_radiograph
+from mura_ray.labels import BODY_PART_INDEX
+
+TRAIN_COLUMNS: tuple[str, ...] = ("image", "label", "body_part")
+"""Parquet columns the training input reads."""
+
+TENSOR_COLUMNS: tuple[str, ...] = ("image", "label", "body_part", "ok")
+"""Columns the preprocessing emits for training and evaluation."""
+
+
+def read_split(data: str, split: str, columns: tuple[str, ...] | None = None):
+    """A lazy Ray Dataset over one split of an ingested dataset (local or s3://)."""
+    import ray
+
+    uri = storage.join(data, split)
+    fs, path = storage.resolve(uri)
+    return ray.data.read_parquet(path, filesystem=fs, columns=list(columns) if columns else None)
+
+
+def resize_pad(img: np.ndarray, size: int, scale: float = 1.0) -> Image.Image:
+    """Fit the longer side to `size * scale` (aspect preserved), then centre on a black `size`x`size` canvas."""
+    h, w = img.shape
+    factor = size * scale / max(h, w)
+    nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
+    resized = Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+    if nw > size or nh > size:
+        canvas = resized.crop(((nw - size) // 2, (nh - size) // 2, (nw - size) // 2 + size, (nh - size) // 2 + size))
+    return canvas
+
+
+def augment(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Training augmentation: horizontal flip, rotation, scale and contrast/brightness jitter (float in [0, 1])."""
+    canvas = resize_pad(img, size, scale=float(rng.uniform(0.9, 1.1)))
+    if rng.random() < 0.5:
+        canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
+    out = np.asarray(canvas, dtype=np.float32) / 255.0
+    contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-0.08, 0.08)
+    mid = out.mean()
+    return np.clip((out - mid) * contrast + mid + brightness, 0.0, 1.0)
+
+
+def preprocess_images(
+    images: list[bytes | None], *, image_size: int, mean: float, std: float, train: bool,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and prepare image bytes: (float32 array N x 1 x S x S, ok flags N); failures are zeros, ok = 0."""
+    out = np.zeros((len(images), 1, image_size, image_size), dtype=np.float32)
+    ok = np.zeros(len(images), dtype=np.float32)
+    rng = rng or np.random.default_rng()
+    for i, data in enumerate(images):
+        if data is None:
+            continue
+        try:
+            img = decode_radiograph(data, draft_size=image_size)
+        except DecodeError:
+            continue
+        if train:
+            arr = augment(img, image_size, rng)
+        else:
+            arr = np.asarray(resize_pad(img, image_size), dtype=np.float32) / 255.0
+        out[i, 0] = (arr - mean) / std
+        ok[i] = 1.0
+    return out, ok
+
+
+def body_part_indices(names: Any) -> np.ndarray:
+    """Body-part names to head indices; unknown or null → -1."""
+    return np.array([BODY_PART_INDEX.get(n, -1) if isinstance(n, str) else -1 for n in names], dtype=np.int64)
+
+
+def label_values(labels: Any) -> np.ndarray:
+    """Labels to float32, null → -1 (unknown)."""
+    arr = np.asarray([(-1.0 if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)) for v in labels])
+    return arr.astype(np.float32)
+
+
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, image_size: int, mean: float, std: float, train: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` function producing the tensor columns of TENSOR_COLUMNS."""
+    image, ok = preprocess_images(list(batch["image"]), image_size=image_size, mean=mean, std=std, train=train)
+    return {
+        "image": image,
+        "label": label_values(batch["label"]),
+        "body_part": body_part_indices(batch["body_part"]),
+        "ok": ok,
+    }
+
+
+def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
+                num_cpus: float = 0.5, batch_size: int = 32):
+    """The streaming dataset a Train worker consumes for `split`."""
+    ds = read_split(data, split, TRAIN_COLUMNS)
+    if train:
+        ds = ds.randomize_block_order()
+    return ds.map_batches(
+        preprocess_batch,
+        batch_format="numpy",
+        batch_size=batch_size,
+        num_cpus=num_cpus,
+        fn_kwargs={"image_size": image_size, "mean": mean, "std": std, "train": train},
+    )

@@ -1,0 +1,343 @@
+"""Multi-task radiograph classifiers: a timm trunk (or the report's custom CNN) with abnormality and body-part heads.
+
+timm is the registry: any timm model name is a backbone, built with one input channel and no classifier. The
+abnormality head sees the pooled features together with a 32-d body-part embedding (the reference report's design);
+the auxiliary head predicts the body part, and stands in for it at inference when a row carries none.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mura_ray import storage
+from mura_ray.config import UserError
+from mura_ray.labels import ABNORMAL_NAMES, BODY_PARTS
+
+logger = logging.getLogger(__name__)
+
+CUSTOM_CNN = "custom_cnn"
+UNKNOWN_BODY_PART = -1
+"""Body-part index of rows whose body part is not known (external sets, raw archives)."""
+
+FreezePolicy = Literal["none", "all", "all-but-last"]
+
+
+class CustomCNN(nn.Module):
+    """The reference report's from-scratch baseline: three conv blocks (conv, ReLU, max-pool), pooled features.
+
+    Exposes timm's trunk interface (`num_features`, `feature_info`, pooled output) so heads, freezing and
+    Grad-CAM treat it like any timm model.
+    """
+
+    def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        blocks = []
+        prev = in_chans
+        for width in widths:
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(prev, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(width, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
+            prev = width
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = prev
+        self.feature_info = [{"module": f"blocks.{i}", "num_chs": w} for i, w in enumerate(widths)]
+        self.pretrained_cfg = {"mean": (0.5,), "std": (0.25,)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1)
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, [*timm.list_models(), CUSTOM_CNN], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def load_state_dict_file(path: str) -> dict[str, Tensor]:
+    """Read weights from safetensors or a PyTorch file without unpickling arbitrary objects."""
+    if path.startswith("s3://"):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(path))
+            return load_state_dict_file(local)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for unsafe or corrupt files
+        raise UserError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no state dict")
+    return state
+
+
+def build_trunk(
+    backbone: str, *, pretrained: bool = False, pretrained_file: str | None = None
+) -> nn.Module:
+    """A one-channel feature extractor returning pooled features; timm adapts pretrained RGB stems to one channel."""
+    if backbone == CUSTOM_CNN:
+        if pretrained or pretrained_file:
+            raise UserError("custom_cnn is trained from scratch: --pretrained and --pretrained-file do not apply")
+        return CustomCNN(in_chans=1)
+    if not timm.is_model(backbone):
+        raise UserError(f"Unknown backbone {backbone!r}; timm has no such model.{_suggest(backbone)}")
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": 1}
+    if pretrained_file:
+        state_dict = load_state_dict_file(pretrained_file)
+        logger.info("Loading weights for %s from %s", backbone, pretrained_file)
+        trunk = timm.create_model(
+            backbone, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
+        )
+    elif pretrained:
+        logger.info("Loading timm's pretrained weights for %s from the hub", backbone)
+        try:
+            trunk = timm.create_model(backbone, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as e:
+            raise UserError(
+                f"cannot download pretrained weights for {backbone} ({str(e).splitlines()[0]}); "
+                "on an air-gapped cluster pass --pretrained-file PATH instead"
+            ) from None
+    else:
+        logger.info("No pretrained weights given: %s starts from random initialisation", backbone)
+        trunk = timm.create_model(backbone, pretrained=False, **kwargs)
+    return trunk
+
+
+def trunk_normalization(trunk: nn.Module) -> tuple[float, float]:
+    """One-channel mean and std from the trunk's data config (the mean of its RGB values for timm models)."""
+    cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    mean = cfg.get("mean", (0.5,))
+    std = cfg.get("std", (0.25,))
+    return float(sum(mean) / len(mean)), float(sum(std) / len(std))
+
+
+def apply_freeze(trunk: nn.Module, policy: FreezePolicy) -> list[str]:
+    """Freeze trunk parameters by policy; returns the names of trunk parameters left trainable.
+
+    `all-but-last` keeps the last resolution stage trainable: everything after the module of the trunk's
+    second-to-last `feature_info` entry (layer4 of a ResNet, denseblock4 of a DenseNet), for any timm model.
+    """
+    names = [name for name, _ in trunk.named_parameters()]
+    if policy == "none":
+        trainable = set(names)
+    elif policy == "all":
+        trainable = set()
+    elif policy == "all-but-last":
+        info = getattr(trunk, "feature_info", None)
+        stages = [f["module"] for f in info] if info is not None else []
+        if len(stages) < 2:
+            raise UserError("--freeze all-but-last needs a backbone with feature stages (timm feature_info)")
+        boundary = stages[-2]
+        last_index = max(
+            (i for i, n in enumerate(names) if n == boundary or n.startswith(boundary + ".")), default=-1
+        )
+        if last_index < 0:
+            raise UserError(f"--freeze all-but-last: no parameters under stage {boundary!r}")
+        trainable = set(names[last_index + 1 :])
+    else:
+        raise UserError(f"--freeze {policy!r} is not one of none, all, all-but-last")
+    for name, param in trunk.named_parameters():
+        param.requires_grad = name in trainable
+    return [n for n in names if n in trainable]
+
+
+class MultiTaskNet(nn.Module):
+    """Trunk plus an `nn.ModuleDict` of heads; `forward` returns named logits."""
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        *,
+        num_body_parts: int = len(BODY_PARTS),
+        embed_dim: int = 32,
+        dropout: float = 0.3,
+        multitask: bool = True,
+        body_part_embedding: bool = True,
+        freeze: FreezePolicy = "none",
+    ):
+        super().__init__()
+        self.trunk = trunk
+        self.multitask = multitask
+        self.freeze = freeze
+        features = trunk.num_features
+        # One extra embedding row stands for "unknown" when no body-part head can fill it in.
+        self.body_part_embed = nn.Embedding(num_body_parts + 1, embed_dim) if body_part_embedding else None
+        in_abnormal = features + (embed_dim if body_part_embedding else 0)
+        heads = {
+            "abnormal": nn.Sequential(
+                nn.Linear(in_abnormal, 256),
+                nn.BatchNorm1d(256),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(256, 64),
+                nn.BatchNorm1d(64),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(64, 1),
+            )
+        }
+        if multitask:
+            heads["body_part"] = nn.Sequential(
+                nn.Linear(features, 128), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(128, num_body_parts)
+            )
+        self.heads = nn.ModuleDict(heads)
+        self.num_body_parts = num_body_parts
+
+    def train(self, mode: bool = True) -> MultiTaskNet:
+        super().train(mode)
+        if self.freeze == "all":
+            # A frozen feature extractor keeps its batch-norm statistics too.
+            self.trunk.eval()
+        return self
+
+    def forward(self, image: Tensor, body_part: Tensor | None = None) -> dict[str, Tensor]:
+        """`body_part` holds known indices, or UNKNOWN_BODY_PART where the row has none (then predicted)."""
+        features = self.trunk(image)
+        out: dict[str, Tensor] = {}
+        if "body_part" in self.heads:
+            out["body_part"] = self.heads["body_part"](features)
+        abnormal_in = features
+        if self.body_part_embed is not None:
+            if body_part is None:
+                body_part = torch.full((image.shape[0],), UNKNOWN_BODY_PART, device=image.device, dtype=torch.long)
+            index = body_part.long()
+            unknown = index < 0
+            if "body_part" in out:
+                fallback = out["body_part"].detach().argmax(dim=1)
+            else:
+                fallback = torch.full_like(index, self.num_body_parts)
+            index = torch.where(unknown, fallback, index)
+            abnormal_in = torch.cat([features, self.body_part_embed(index)], dim=1)
+        out["abnormal"] = self.heads["abnormal"](abnormal_in).squeeze(1)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model and preprocess its input; written as config.json."""
+
+    backbone: str
+    image_size: int
+    mean: float
+    std: float
+    multitask: bool = True
+    body_part_embedding: bool = True
+    dropout: float = 0.3
+    freeze: str = "none"
+    threshold: float = 0.5
+    body_parts: tuple[str, ...] = BODY_PARTS
+    abnormal_names: tuple[str, ...] = ABNORMAL_NAMES
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(
+    backbone: str,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    freeze: FreezePolicy = "none",
+    multitask: bool = True,
+    body_part_embedding: bool = True,
+    dropout: float = 0.3,
+) -> MultiTaskNet:
+    trunk = build_trunk(backbone, pretrained=pretrained, pretrained_file=pretrained_file)
+    apply_freeze(trunk, freeze)
+    return MultiTaskNet(
+        trunk, dropout=dropout, multitask=multitask, body_part_embedding=body_part_embedding, freeze=freeze
+    )
+
+
+def model_from_spec(spec: ModelSpec) -> MultiTaskNet:
+    """An uninitialised-weights model with the architecture described by `spec` (weights are loaded after)."""
+    return build_model(
+        spec.backbone,
+        multitask=spec.multitask,
+        body_part_embedding=spec.body_part_embedding,
+        dropout=spec.dropout,
+    )
+
+
+def _weights_id(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def export_model(model: nn.Module, spec: ModelSpec, out_uri: str, card: dict[str, Any]) -> str:
+    """Write `model.safetensors`, `config.json` and `model_card.json` to `out_uri`; returns the model id.
+
+    The model id is a hash of the weights file, so predictions name exactly the weights that made them.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "model.safetensors")
+        save_file(state, weights)
+        model_id = _weights_id(weights)
+        with open(weights, "rb") as f:
+            storage.write_bytes(storage.join(out_uri, "model.safetensors"), f.read())
+    config = asdict(spec)
+    storage.write_json(storage.join(out_uri, "config.json"), config)
+    storage.write_json(storage.join(out_uri, "model_card.json"), {"model_id": model_id, **card})
+    return model_id
+
+
+def load_model(model_uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
+    """Load an exported model directory: (model in eval mode, its spec, model id)."""
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "config.json"):
+        if not storage.exists(storage.join(model_uri, name)):
+            raise UserError(f"--model {model_uri}: not an exported model directory (no {name})")
+    raw = storage.read_json(storage.join(model_uri, "config.json"))
+    raw["body_parts"] = tuple(raw.get("body_parts", BODY_PARTS))
+    raw["abnormal_names"] = tuple(raw.get("abnormal_names", ABNORMAL_NAMES))
+    spec = ModelSpec(**raw)
+    model = model_from_spec(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "model.safetensors")
+        with open(weights, "wb") as f:
+            f.write(storage.read_bytes(storage.join(model_uri, "model.safetensors")))
+        model.load_state_dict(load_file(weights))
+        model_id = _weights_id(weights)
+    model.eval()
+    return model, spec, model_id
+
+
+def read_model_card(model_uri: str) -> dict[str, Any]:
+    uri = storage.join(model_uri, "model_card.json")
+    return storage.read_json(uri) if storage.exists(uri) else {}
+
+
+def describe(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return json.dumps({"parameters": total, "trainable": trainable})

@@ -1,0 +1,438 @@
+"""Batch scoring on Ray Data: a Predictor actor per model copy, resumable chunked commits, a report when labelled.
+
+Output under DEST: `predictions/part-*.parquet`, `manifest.json` (the committed parts; written after each chunk, so
+readers trust only what it lists), `report/` when the input carries labels. A re-run skips every image already in a
+committed part (the anti-filter runs inside the Ray Data tasks against a set built by a Ray task, so the driver
+never holds per-image state), which makes nightly scoring of an archive safe to repeat after an interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+
+from mura_ray import storage
+from mura_ray.config import ScoreConfig, UserError
+from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
+from mura_ray.data.pipeline import body_part_indices, resize_pad
+from mura_ray.labels import BODY_PARTS
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PREDICTIONS = "predictions"
+INPUT_COLUMNS: tuple[str, ...] = ("image_id", "image", "path", "study_id", "body_part", "label")
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("study_id", pa.string()),
+        ("body_part", pa.string()),
+        ("body_part_pred", pa.string()),
+        ("body_part_probs", pa.list_(pa.float32())),
+        ("prob_abnormal", pa.float32()),
+        ("pred_abnormal", pa.int8()),
+        ("label", pa.int8()),
+        ("model_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("error", pa.string()),
+    ]
+)
+"""One row per input image; rows with an `error` carry no prediction."""
+
+
+def image_key(image_ids: Any) -> np.ndarray:
+    """Compact 64-bit keys of image ids, for the already-scored set."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "big") for i in image_ids],
+        dtype=np.uint64,
+    )
+
+
+class Predictor:
+    """Ray Data callable class: loads the model(s) once per actor, scores batches of image bytes.
+
+    Several models form an ensemble: probabilities are averaged. With `tta`, each model's probabilities are also
+    averaged over a horizontal flip. A row whose image cannot be decoded gets an `error` and no prediction.
+    """
+
+    def __init__(self, model_uris: list[str], *, use_gpu: bool, tta: bool, threshold: float | None):
+        from mura_ray.models import load_model
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.members = []
+        for uri in model_uris:
+            model, spec, model_id = load_model(uri)
+            self.members.append((model.to(self.device), spec, model_id))
+        specs = [m[1] for m in self.members]
+        self.threshold = threshold if threshold is not None else float(np.mean([s.threshold for s in specs]))
+        ids = [m[2] for m in self.members]
+        ensemble_id = "ensemble-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
+        self.model_id = ids[0] if len(ids) == 1 else ensemble_id
+        self.tta = tta
+        self.draft = max(s.image_size for s in specs)
+
+    def _inputs(self, arrays: list[np.ndarray | None], size: int, mean: float, std: float) -> torch.Tensor:
+        out = np.zeros((len(arrays), 1, size, size), dtype=np.float32)
+        for i, arr in enumerate(arrays):
+            if arr is not None:
+                out[i, 0] = (np.asarray(resize_pad(arr, size), dtype=np.float32) / 255.0 - mean) / std
+        return torch.from_numpy(out).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        n = len(batch)
+        arrays: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for data, pre_error in zip(batch["image"], batch.get("error", [None] * n), strict=True):
+            if pre_error is not None and not (isinstance(pre_error, float) and np.isnan(pre_error)):
+                arrays.append(None), errors.append(str(pre_error))
+                continue
+            try:
+                arrays.append(decode_radiograph(data, draft_size=self.draft)), errors.append(None)
+            except DecodeError as e:
+                arrays.append(None), errors.append(str(e))
+        known = torch.from_numpy(body_part_indices(batch["body_part"])).to(self.device)
+        prob = np.zeros(n, dtype=np.float64)
+        part_probs = np.zeros((n, len(BODY_PARTS)), dtype=np.float64)
+        for model, spec, _ in self.members:
+            x = self._inputs(arrays, spec.image_size, spec.mean, spec.std)
+            views = [x, torch.flip(x, dims=[3])] if self.tta else [x]
+            for view in views:
+                out = model(view, known)
+                prob += torch.sigmoid(out["abnormal"].float()).cpu().numpy()
+                if "body_part" in out:
+                    part_probs += torch.softmax(out["body_part"].float(), dim=1).cpu().numpy()
+        prob /= len(self.members) * (2 if self.tta else 1)
+        has_part = part_probs.sum(axis=1) > 0
+        part_probs[has_part] /= part_probs[has_part].sum(axis=1, keepdims=True)
+        ok = np.array([e is None for e in errors])
+        part_pred = [BODY_PARTS[i] if ok[j] and has_part[j] else None for j, i in enumerate(part_probs.argmax(1))]
+        labels = [None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v) for v in batch["label"]]
+        now = datetime.now(timezone.utc)
+        columns = {
+            "image_id": batch["image_id"].tolist(),
+            "path": batch["path"].tolist(),
+            "study_id": [None if not isinstance(s, str) else s for s in batch["study_id"]],
+            "body_part": [None if not isinstance(s, str) else s for s in batch["body_part"]],
+            "body_part_pred": part_pred,
+            "body_part_probs": [p.astype(np.float32).tolist() if o and h else None
+                                for p, o, h in zip(part_probs, ok, has_part, strict=True)],
+            "prob_abnormal": [float(p) if o else None for p, o in zip(prob, ok, strict=True)],
+            "pred_abnormal": [int(p >= self.threshold) if o else None for p, o in zip(prob, ok, strict=True)],
+            "label": labels,
+            "model_id": [self.model_id] * n,
+            "scored_at": [now] * n,
+            "error": errors,
+        }
+        return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in PREDICTION_SCHEMA})
+
+
+# ---------------------------------------------------------------------------------------------------- input
+@dataclass(frozen=True)
+class Chunk:
+    """A unit of committed work: some input Parquet files, or some raw image files."""
+
+    parquet_files: tuple[str, ...] = ()
+    image_files: tuple[str, ...] = ()
+    root: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.parquet_files) + len(self.image_files)
+
+
+def _is_parquet_input(src: str) -> bool:
+    return bool(storage.list_files(src, ".parquet")) if storage.is_dir(src) else src.endswith(".parquet")
+
+
+def iter_chunks(src: str, chunk_images: int, chunk_files: int) -> Iterator[Chunk]:
+    """Chunks of the input, listed lazily: Parquet files in groups, raw images folder by folder."""
+    if not storage.exists(src):
+        raise UserError(f"--input {src}: no such file or folder")
+    if _is_parquet_input(src):
+        files = storage.list_files(src, ".parquet") if storage.is_dir(src) else [src]
+        for i in range(0, len(files), chunk_files):
+            yield Chunk(parquet_files=tuple(files[i : i + chunk_files]))
+        return
+    if not storage.is_dir(src):
+        raise UserError(f"--input {src}: expected an ingested Parquet split or a folder of PNG/JPEG images")
+    fs, base = storage.resolve(src)
+    pending: list[str] = []
+    found = False
+    stack = [base]
+    while stack:
+        folder = stack.pop()
+        infos = sorted(fs.get_file_info(pafs.FileSelector(folder, recursive=False)), key=lambda i: i.path,
+                       reverse=True)
+        for info in infos:
+            name = info.path.rsplit("/", 1)[-1]
+            if name.startswith("."):
+                continue
+            if info.type == pafs.FileType.Directory:
+                stack.append(info.path)
+            elif name.lower().endswith(IMAGE_SUFFIXES):
+                pending.append(info.path[len(base):].lstrip("/"))
+        if len(pending) >= chunk_images:
+            found = True
+            yield Chunk(image_files=tuple(sorted(pending)), root=src)
+            pending = []
+    if pending or not found:
+        if not pending:
+            raise UserError(f"--input {src}: no Parquet files and no PNG/JPEG images found")
+        yield Chunk(image_files=tuple(sorted(pending)), root=src)
+
+
+def _raw_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
+    """Ray Data task: read raw image files into the input columns (unreadable files carry an error)."""
+    from mura_ray.data.ingest import image_id_for
+
+    images, errors = [], []
+    for rel in batch["path"]:
+        try:
+            images.append(storage.read_bytes(storage.join(root, rel))), errors.append(None)
+        except OSError as e:
+            images.append(b""), errors.append(f"cannot read file: {e}")
+    parts = [
+        next((p[3:] for p in rel.split("/")[:-1] if p.startswith("XR_") and p[3:] in BODY_PARTS), None)
+        for rel in batch["path"]
+    ]
+    return pd.DataFrame({
+        "image_id": [image_id_for(p) for p in batch["path"]], "image": images, "path": batch["path"],
+        "study_id": [None] * len(batch), "body_part": parts, "label": [None] * len(batch), "error": errors,
+    })
+
+
+def _drop_done(batch: pd.DataFrame, done: Any) -> pd.DataFrame:
+    """Ray Data task: drop rows whose image is already in a committed part (`done`: ObjectRef of sorted keys)."""
+    import ray
+
+    done = ray.get(done[0])
+    if len(done) == 0:
+        return batch
+    return batch[~np.isin(image_key(batch["image_id"]), done)]
+
+
+def _chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
+    import ray
+
+    if chunk.parquet_files:
+        fs, _ = storage.resolve(chunk.parquet_files[0])
+        paths = [storage.resolve(f)[1] for f in chunk.parquet_files]
+        ds = ray.data.read_parquet(paths, filesystem=fs)
+        names = ds.schema().names
+        missing = [c for c in ("image_id", "image") if c not in names]
+        if missing:
+            raise UserError(f"--input: {chunk.parquet_files[0]} lacks column(s) {', '.join(missing)}; "
+                            "expected a split written by jobs/ingest.py")
+        ds = ds.select_columns([c for c in INPUT_COLUMNS if c in names])
+        for column in INPUT_COLUMNS:
+            if column not in names:
+                ds = ds.add_column(column, lambda b: pd.Series([None] * len(b)), batch_format="pandas")
+    else:
+        listing = pd.DataFrame({"path": list(chunk.image_files)})
+        blocks = max(1, min(len(listing) // 64, 200))
+        step = -(-len(listing) // blocks)
+        ds = ray.data.from_pandas([listing.iloc[i : i + step] for i in range(0, len(listing), step)])
+        ds = ds.map_batches(_raw_rows, batch_format="pandas", fn_kwargs={"root": chunk.root}, num_cpus=read_cpus)
+    return ds.map_batches(_drop_done, batch_format="pandas", fn_kwargs={"done": [done_ref]}, num_cpus=read_cpus)
+
+
+# ---------------------------------------------------------------------------------------------------- commit
+def read_manifest(out: str) -> dict[str, Any] | None:
+    uri = storage.join(out, MANIFEST)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def _load_done_keys(out: str, parts: list[str]) -> np.ndarray:
+    """Ray task: 64-bit keys of every image id in the committed parts."""
+    import pyarrow.parquet as pq
+
+    keys = []
+    for part in parts:
+        fs, path = storage.resolve(storage.join(out, PREDICTIONS, part))
+        keys.append(image_key(pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()))
+    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
+
+
+def _clean_uncommitted(out: str, committed: set[str]) -> None:
+    """Delete staged or stray part files that no manifest lists (left by an interrupted run)."""
+    storage.delete_dir(storage.join(out, "_staging"))
+    for uri in storage.list_files(storage.join(out, PREDICTIONS), ".parquet"):
+        if uri.rsplit("/", 1)[-1] not in committed:
+            fs, path = storage.resolve(uri)
+            fs.delete_file(path)
+
+
+def _commit_chunk(out: str, staging: str, seq: int) -> tuple[list[str], int]:
+    """Verify a staged chunk (row count, unique image ids) and move its files into predictions/."""
+    import pyarrow.parquet as pq
+
+    staged = storage.list_files(staging, ".parquet")
+    if not staged:
+        return [], 0
+    fs, _ = storage.resolve(out)
+    ids: list[str] = []
+    for uri in staged:
+        ids.extend(pq.read_table(storage.resolve(uri)[1], filesystem=fs, columns=["image_id"])["image_id"]
+                   .to_pylist())
+    if len(ids) != len(set(ids)):
+        raise RuntimeError(f"staged chunk {staging} holds duplicate image ids; nothing was committed")
+    names = []
+    for i, uri in enumerate(staged):
+        name = f"part-{seq:06d}-{i:04d}.parquet"
+        fs.move(storage.resolve(uri)[1], storage.resolve(storage.join(out, PREDICTIONS, name))[1])
+        names.append(name)
+    storage.delete_dir(staging)
+    return names, len(ids)
+
+
+def _resolve_gpu(mode: str) -> bool:
+    import ray
+
+    if mode == "yes":
+        return True
+    return mode == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
+    """Load each model once on the driver (a bad --model fails before any cluster work): ids, mean threshold."""
+    from mura_ray.models import load_model
+
+    loaded = [load_model(uri) for uri in models]
+    return [m[2] for m in loaded], float(np.mean([m[1].threshold for m in loaded]))
+
+
+def score(cfg: ScoreConfig, *, chunk_images: int = 20000, chunk_files: int = 8, overwrite: bool = False,
+          report_dir: str | None = None) -> dict[str, Any]:
+    """Score `cfg.input` into `cfg.out`; returns the summary (scored, skipped, failed, report path).
+
+    The report goes to `report_dir` (default `OUT/report`).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from mura_ray.runtime import init_ray
+
+    cfg = cfg.validate()
+    model_ids, model_threshold = _check_models(cfg.models)
+    threshold = cfg.threshold if cfg.threshold is not None else model_threshold
+    init_ray()
+    use_gpu = _resolve_gpu(cfg.gpu)
+    if overwrite:
+        storage.delete_dir(cfg.out)
+    manifest = read_manifest(cfg.out) or {
+        "version": 1, "input": cfg.input, "models": list(cfg.models), "model_ids": model_ids, "parts": {},
+    }
+    if manifest["model_ids"] != model_ids:
+        raise UserError(f"--out {cfg.out}: holds predictions of other model(s) {manifest['model_ids']}; "
+                        "use a new --out for a new model")
+    if manifest["input"] != cfg.input:
+        logger.info("Adding predictions for %s to %s (earlier input: %s)", cfg.input, cfg.out, manifest["input"])
+    _clean_uncommitted(cfg.out, set(manifest["parts"]))
+    done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(manifest["parts"]))
+
+    predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold}
+    scored = failed = total = 0
+    started = time.perf_counter()
+    seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
+    for chunk in iter_chunks(cfg.input, chunk_images, chunk_files):
+        ds = _chunk_dataset(chunk, done_ref, read_cpus=0.25)
+        predictions = ds.map_batches(
+            Predictor,
+            fn_constructor_args=(list(cfg.models),),
+            fn_constructor_kwargs=predictor_args,
+            batch_size=cfg.batch_size,
+            batch_format="pandas",
+            compute=ActorPoolStrategy(size=cfg.concurrency),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=cfg.cpus_per_actor,
+        )
+        staging = storage.join(cfg.out, "_staging", uuid.uuid4().hex)
+        fs, staging_path = storage.resolve(staging)
+        predictions.write_parquet(staging_path, filesystem=fs, min_rows_per_file=cfg.rows_per_file)
+        names, rows = _commit_chunk(cfg.out, staging, seq)
+        if names:
+            errors = _count_errors(cfg.out, names)
+            for name in names:
+                manifest["parts"][name] = {"chunk": seq}
+            manifest["n_rows"] = manifest.get("n_rows", 0) + rows
+            manifest["n_errors"] = manifest.get("n_errors", 0) + errors
+            manifest["updated_at"] = datetime.now(timezone.utc).isoformat()
+            # The manifest is the commit: a part becomes visible to readers only once listed here.
+            storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
+            scored += rows - errors
+            failed += errors
+            seq += 1
+        total += _chunk_rows(chunk)
+    skipped = total - scored - failed
+    elapsed = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "scored": scored, "skipped_already_done": skipped, "failed": failed, "seconds": round(elapsed, 2),
+        "predictions": storage.join(cfg.out, PREDICTIONS), "n_rows_total": manifest.get("n_rows", 0),
+    }
+    if cfg.report and manifest.get("n_rows"):
+        report_dir = report_dir or storage.join(cfg.out, "report")
+        made = ray.get(ray.remote(_report_task).options(num_cpus=1).remote(
+            storage.join(cfg.out, PREDICTIONS), report_dir, threshold, cfg.bootstrap))
+        if made is not None:
+            summary["report"] = report_dir
+            summary["report_summary"] = made
+    return summary
+
+
+def _count_errors(out: str, names: list[str]) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    n = 0
+    for name in names:
+        fs, path = storage.resolve(storage.join(out, PREDICTIONS, name))
+        n += int(pc.sum(pc.is_valid(pq.read_table(path, filesystem=fs, columns=["error"])["error"])).as_py() or 0)
+    return n
+
+
+def _chunk_rows(chunk: Chunk) -> int:
+    import pyarrow.parquet as pq
+
+    if chunk.image_files:
+        return len(chunk.image_files)
+    n = 0
+    for uri in chunk.parquet_files:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            n += pq.ParquetFile(f).metadata.num_rows
+    return n
+
+
+def _report_task(predictions: str, report_dir: str, threshold: float, bootstrap: int) -> dict[str, Any] | None:
+    """Ray task: build and write the metric report when the predictions carry labels (keeps the driver small)."""
+    from mura_ray.report import build_report, load_predictions, write_report
+
+    df = load_predictions(predictions)
+    if "label" not in df or df["label"].notna().sum() == 0 or df["prob_abnormal"].notna().sum() == 0:
+        return None
+    report = build_report(df, threshold=threshold, threshold_source="model", bootstrap=bootstrap)
+    write_report(report, df, report_dir)
+    return report
+
+
+def score_and_report(model_dir: str, input_uri: str, out: str, report_dir: str, bootstrap: int = 200
+                     ) -> dict[str, Any]:
+    """Score an ingested split with one model (training's test evaluation), replacing `out`; returns the report."""
+    summary = score(ScoreConfig(models=(model_dir,), input=input_uri, out=out, bootstrap=bootstrap),
+                    overwrite=True, report_dir=report_dir)
+    return summary.get("report_summary") or {}

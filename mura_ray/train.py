@@ -1,0 +1,478 @@
+"""Data-parallel multi-task training on Ray Train: the per-worker loop and the `fit(cfg)` driver around TorchTrainer.
+
+The loop resumes from `ray.train.get_checkpoint()` (model, optimizer, scheduler, epoch, early-stopping state), so
+a worker failure costs at most one epoch and re-running with the same run directory continues the run. Validation
+runs on rank 0 over every validation row (the val set is never split across workers, so no row is dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mura_ray import __version__, storage
+from mura_ray.config import TrainConfig, UserError
+from mura_ray.data.pipeline import build_input
+from mura_ray.labels import BODY_PARTS
+from mura_ray.models import ModelSpec, build_model, export_model, trunk_normalization
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def abnormal_loss(
+    logits: Tensor, labels: Tensor, *, kind: str, pos_weight: float | None = None, gamma: float = 2.0
+) -> Tensor:
+    """Binary loss over rows with a known label: BCE, positive-weighted BCE or focal loss (mean)."""
+    weight = torch.tensor(pos_weight, device=logits.device) if kind == "weighted" and pos_weight else None
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weight, reduction="none")
+    if kind == "focal":
+        p = torch.sigmoid(logits.float())
+        p_t = p * labels + (1 - p) * (1 - labels)
+        bce = bce * (1 - p_t) ** gamma
+    return bce.mean()
+
+
+def multitask_loss(
+    out: dict[str, Tensor], labels: Tensor, body_parts: Tensor, *, kind: str, pos_weight: float | None,
+    gamma: float, body_part_weight: float,
+) -> tuple[Tensor, Tensor]:
+    """(total loss, abnormality loss); body-part cross-entropy ignores rows whose body part is unknown."""
+    ab = abnormal_loss(out["abnormal"], labels, kind=kind, pos_weight=pos_weight, gamma=gamma)
+    total = ab
+    if "body_part" in out and body_part_weight > 0 and bool((body_parts >= 0).any()):
+        total = total + body_part_weight * F.cross_entropy(out["body_part"].float(), body_parts, ignore_index=-1)
+    return total, ab
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def compute_val_metrics(
+    labels: np.ndarray, probs: np.ndarray, body_parts: np.ndarray, body_part_pred: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Validation AUC and Cohen's kappa for abnormality, accuracy for body part (NaN when undefined)."""
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    out = {"val_auc": float("nan"), "val_kappa": float("nan"), "val_body_part_acc": float("nan")}
+    if len(np.unique(labels)) == 2:
+        out["val_auc"] = float(roc_auc_score(labels, probs))
+        out["val_kappa"] = float(cohen_kappa_score(labels, (probs >= threshold).astype(int)))
+    known = body_parts >= 0
+    if known.any() and len(body_part_pred):
+        out["val_body_part_acc"] = float((body_part_pred[known] == body_parts[known]).mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- worker loop
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _iter_batches(shard, batch_size: int, shuffle: bool, device):
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32},
+        device=device,
+        prefetch_batches=4,
+        local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
+    )
+
+
+def evaluate(model: nn.Module, batches, device: torch.device, amp: bool, loss_kwargs: dict[str, Any],
+             threshold: float) -> dict[str, float]:
+    """Loss and metrics over every row of a validation iterator (rows that failed to decode are skipped)."""
+    model.eval()
+    labels, probs, parts, part_pred, losses, weights = [], [], [], [], [], []
+    skipped = 0
+    with torch.inference_mode():
+        for batch in batches:
+            ok = batch["ok"] > 0
+            skipped += int((~ok).sum())
+            if not ok.any():
+                continue
+            image, label, body_part = batch["image"][ok], batch["label"][ok], batch["body_part"][ok]
+            with _autocast(device, amp):
+                out = model(image, body_part)
+            loss, _ = multitask_loss(out, label, body_part, **loss_kwargs)
+            losses.append(float(loss) * len(label))
+            weights.append(len(label))
+            labels.append(label.cpu().numpy())
+            probs.append(torch.sigmoid(out["abnormal"].float()).cpu().numpy())
+            parts.append(body_part.cpu().numpy())
+            if "body_part" in out:
+                part_pred.append(out["body_part"].argmax(1).cpu().numpy())
+    if not weights:
+        raise RuntimeError("the validation split produced no decodable rows")
+    metrics = compute_val_metrics(
+        np.concatenate(labels), np.concatenate(probs), np.concatenate(parts),
+        np.concatenate(part_pred) if part_pred else np.array([]), threshold,
+    )
+    return {"val_loss": sum(losses) / sum(weights), **metrics, "val_skipped_images": skipped}
+
+
+def _save_state(path: str, state: dict[str, Any]) -> None:
+    torch.save(state, os.path.join(path, STATE_FILE))
+
+
+def load_checkpoint_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: build, (resume,) train, validate on rank 0, report and checkpoint every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**loop_config["cfg"])
+    pos_weight = loop_config.get("pos_weight")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    model = build_model(
+        cfg.backbone, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, freeze=cfg.freeze,
+        multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout,
+    )
+    device = ray.train.torch.get_device()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+    if warmup:
+        schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup))
+    schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs - warmup, 1)))
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=[warmup] if warmup else [])
+
+    start_epoch, best_val_loss, bad_epochs = 0, math.inf, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        state = load_checkpoint_state(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_val_loss, bad_epochs = state["epoch"] + 1, state["best_val_loss"], state["bad_epochs"]
+        if rank == 0:
+            print(f"Resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
+                   "body_part_weight": cfg.body_part_weight if cfg.multitask else 0.0}
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.patience:
+            break
+        model.train()
+        t_start = time.perf_counter()
+        wait = 0.0
+        seen, skipped, loss_sum = 0, 0, 0.0
+        it = iter(_iter_batches(train_shard, cfg.batch_size, True, device))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            ok = batch["ok"] > 0
+            skipped += int((~ok).sum())
+            # Every worker steps on every batch (even an all-failed one) so DDP's collectives stay in lockstep.
+            image, label, body_part = batch["image"], batch["label"], batch["body_part"]
+            with _autocast(device, cfg.amp):
+                out = model(image, body_part)
+            keep = ok & (label >= 0)
+            out_kept = {k: v[keep] for k, v in out.items()}
+            if bool(keep.any()):
+                loss, _ = multitask_loss(out_kept, label[keep], body_part[keep], **loss_kwargs)
+            else:
+                loss = sum(v.sum() for v in out.values()) * 0.0
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = int(keep.sum())
+            seen += n
+            loss_sum += float(loss.detach()) * n
+        scheduler.step()
+        elapsed = time.perf_counter() - t_start
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_images": seen,
+            "skipped_images": skipped,
+            "images_per_s": seen / max(elapsed, 1e-9),
+            "data_stall_share": wait / max(elapsed, 1e-9),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if rank == 0:
+            val = evaluate(raw_model, _iter_batches(val_shard, cfg.batch_size * 2, False, device), device,
+                           cfg.amp, loss_kwargs, cfg.threshold)
+        else:
+            val = None
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [val]
+            dist.broadcast_object_list(box, src=0)
+            val = box[0]
+        metrics.update(val)
+        if val["val_loss"] < best_val_loss - 1e-6:
+            best_val_loss, bad_epochs = val["val_loss"], 0
+        else:
+            bad_epochs += 1
+        metrics["best_val_loss"] = best_val_loss
+        metrics["stopped_early"] = bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
+        with tempfile.TemporaryDirectory() as tmp:
+            reported = None
+            if rank == 0:
+                _save_state(tmp, {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val_loss,
+                    "bad_epochs": bad_epochs, "metrics": {k: float(v) for k, v in metrics.items()},
+                })
+                reported = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=reported)
+        _maybe_inject_failure(epoch)
+
+
+def _maybe_inject_failure(epoch: int) -> None:
+    """Crash this worker once after `epoch` when MURA_RAY_FAIL_AFTER_EPOCH says so (fault-tolerance tests).
+
+    A marker file makes the crash happen once per run, so the restarted worker group can finish.
+    """
+    target = os.environ.get("MURA_RAY_FAIL_AFTER_EPOCH")
+    marker = os.environ.get("MURA_RAY_FAIL_MARKER")
+    if target is None or marker is None or int(target) != epoch + 1 or os.path.exists(marker):
+        return
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(marker, "w") as f:
+            f.write(str(epoch + 1))
+        os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def _git_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def default_run_dir(backbone: str) -> str:
+    return os.path.join("runs", f"{backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def resolve_data(cfg: TrainConfig) -> str:
+    """The dataset to train on: `--data`, or the synthetic demo set (built and ingested once, cached)."""
+    if cfg.data:
+        return cfg.data
+    from mura_ray.data.demo import demo_dataset
+
+    return demo_dataset(cfg.demo_images)
+
+
+def _use_gpu(mode: str) -> bool:
+    import ray
+
+    if mode == "yes":
+        return True
+    if mode == "no":
+        return False
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+class _EpochLogger:
+    """Driver-side Ray Train callback: one line per epoch with the key metrics (rank 0's)."""
+
+    def __new__(cls, epochs: int):
+        import ray.train
+
+        class EpochLogger(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):  # noqa: ARG002
+                m = metrics[0]
+                logger.info(
+                    "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_kappa %.4f  "
+                    "body_part_acc %.4f  %.1f img/s  stall %.0f%%%s",
+                    m["epoch"], epochs, m["train_loss"], m["val_loss"], m["val_auc"], m["val_kappa"],
+                    m["val_body_part_acc"], m["images_per_s"], 100 * m["data_stall_share"],
+                    "  (stopping early)" if m.get("stopped_early") else "",
+                )
+
+        return EpochLogger()
+
+
+def _pos_weight(summary: dict[str, Any]) -> float | None:
+    rate = summary["splits"].get("train", {}).get("positive_rate")
+    if not rate or rate >= 1:
+        return None
+    return (1 - rate) / rate
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A validated config with its run directory, dataset and normalisation resolved."""
+
+    cfg: TrainConfig
+    data: str
+    summary: dict[str, Any]
+    mean: float
+    std: float
+
+
+def prepare_run(cfg: TrainConfig) -> PreparedRun:
+    """Validate, fail fast on a bad backbone, start or attach Ray, and resolve (or build) the dataset."""
+    from mura_ray.data.ingest import read_summary
+    from mura_ray.runtime import init_ray
+
+    cfg = cfg.validate()
+    cfg = replace(cfg, out=cfg.out or default_run_dir(cfg.backbone))
+    # Fail fast on a misspelt backbone, before any cluster work.
+    probe = build_model(cfg.backbone, pretrained=False, freeze=cfg.freeze, multitask=cfg.multitask,
+                        body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout)
+    mean, std = trunk_normalization(probe.trunk)
+    init_ray()
+    if not cfg.data:
+        logger.info("No --data given: training on the built-in SYNTHETIC demo radiographs (not MURA). "
+                    "To train on MURA: jobs/ingest.py --source mura --root MURA-v1.1 --out DEST, then --data DEST.")
+    data = resolve_data(cfg)
+    summary = read_summary(data)
+    for split in ("train", "val"):
+        if split not in summary["splits"]:
+            raise UserError(f"--data {data}: has no {split} split; training needs train and val")
+    return PreparedRun(cfg, data, summary, mean, std)
+
+
+def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
+    """The TorchTrainer of a run: streaming train/val datasets, checkpoints in RUN_DIR, fault tolerance.
+
+    `callbacks` replace the default per-epoch logger (Tune passes its report callback).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = run.cfg
+    assert cfg.out is not None
+    datasets = {
+        split: build_input(run.data, split, image_size=cfg.image_size, mean=run.mean, std=run.std,
+                           train=(split == "train"), batch_size=cfg.batch_size)
+        for split in ("train", "val")
+    }
+    storage_fs, storage_path = storage.resolve(cfg.out)
+    run_config = ray.train.RunConfig(
+        name=os.path.basename(storage_path.rstrip("/")),
+        storage_path=os.path.dirname(storage_path.rstrip("/")),
+        storage_filesystem=storage_fs,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        callbacks=callbacks if callbacks is not None else [_EpochLogger(cfg.epochs)],
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=_use_gpu(cfg.gpu), resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def best_state(result) -> dict[str, Any]:
+    """The training state saved with the best (lowest validation loss) checkpoint of a finished run."""
+    best = result.get_best_checkpoint("val_loss", "min")
+    if best is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return load_checkpoint_state(best)
+
+
+def fit(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, export the best checkpoint to RUN_DIR/model/, score the test split into RUN_DIR/report/."""
+    run = prepare_run(cfg)
+    logger.info("Run directory: %s", run.cfg.out)
+    result = build_trainer(run).fit()
+    result_dict = finish_run(run, best_state(result))
+    logger.info("Run directory: %s", run.cfg.out)
+    return result_dict
+
+
+def finish_run(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
+    """Export the best checkpoint as a self-describing model (RUN_DIR/model/) and report on the test split."""
+    from mura_ray.score import score_and_report
+
+    cfg, data, summary, mean, std = run.cfg, run.data, run.summary, run.mean, run.std
+
+    model = build_model(cfg.backbone, multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding,
+                        dropout=cfg.dropout)
+    model.load_state_dict(state["model"])
+    spec = ModelSpec(
+        backbone=cfg.backbone, image_size=cfg.image_size, mean=mean, std=std, multitask=cfg.multitask,
+        body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, freeze=cfg.freeze,
+        threshold=cfg.threshold,
+    )
+    out = cfg.out
+    assert out is not None
+    card = {
+        "backbone": cfg.backbone,
+        "tasks": {"abnormal": list(spec.abnormal_names), "body_part": list(BODY_PARTS) if cfg.multitask else None},
+        "input": {"channels": 1, "image_size": cfg.image_size, "mean": mean, "std": std,
+                  "resize": "longer side to image_size, aspect preserved, zero padded"},
+        "threshold": cfg.threshold,
+        "training": {
+            "data": data, "synthetic_demo": not cfg.data, "fingerprint": summary.get("fingerprint"),
+            "counts": {s: v["images"] for s, v in summary["splits"].items()},
+            "best_epoch": state["epoch"] + 1, "config": asdict(cfg),
+        },
+        "metrics": {"validation": state.get("metrics", {})},
+        "code_version": _git_version(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    model_dir = storage.join(out, "model")
+    model_id = export_model(model, spec, model_dir, card)
+    storage.write_json(storage.join(out, "train_config.json"), asdict(cfg))
+    result: dict[str, Any] = {"run_dir": out, "model_dir": model_dir, "validation": state.get("metrics", {})}
+    if "test" in summary["splits"]:
+        report = score_and_report(model_dir, storage.join(data, "test"), storage.join(out, "test"),
+                                  storage.join(out, "report"))
+        card["metrics"]["test"] = _headline(report)
+        storage.write_json(storage.join(model_dir, "model_card.json"), {"model_id": model_id, **card})
+        result["test"] = card["metrics"]["test"]
+        result["report_dir"] = storage.join(out, "report")
+    return result
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    image, study = report.get("image_level", {}), report.get("study_level", {})
+    return {
+        "image_accuracy": image.get("accuracy"), "image_roc_auc": image.get("roc_auc"),
+        "image_cohen_kappa": image.get("cohen_kappa"), "study_roc_auc": study.get("roc_auc"),
+        "study_cohen_kappa": study.get("cohen_kappa"),
+        "body_part_accuracy": report.get("body_part", {}).get("accuracy"),
+    }

@@ -1,0 +1,130 @@
+"""Shared fixtures: one local Ray cluster per test session (127.0.0.1, own temp dir), tiny synthetic data, S3 server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+# Jobs started by tests must not attach to some other running cluster.
+os.environ.pop("RAY_ADDRESS", None)
+# Bind every test Ray to 127.0.0.1 (without this, Ray resolves 127.0.0.1 to the machine's address). Read by Ray at
+# import time, so it is set before anything imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("MURA_RAY_CACHE", str(Path(tempfile.gettempdir()) / "mura_ray_test_cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A local Ray shared by the whole session: more logical CPUs than cores so Train and Data never deadlock.
+
+    It starts after the S3 test server so its workers inherit the AWS test environment.
+    """
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    ray.init(
+        address="local", num_cpus=6, include_dashboard=True, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+        log_to_driver=True,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mura_root(tmp_path_factory) -> Path:
+    """A tiny synthetic MURA-v1.1 tree (the folder containing MURA-v1.1)."""
+    from mura_ray.data.synthetic import generate_mura
+
+    root = tmp_path_factory.mktemp("mura")
+    generate_mura(root, n_images=260, image_size=48, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mura_dataset(ray_cluster, mura_root, tmp_path_factory) -> str:
+    """The tiny synthetic set, ingested to Parquet."""
+    from mura_ray.config import IngestConfig
+    from mura_ray.data.ingest import ingest
+
+    out = str(tmp_path_factory.mktemp("ingested") / "mura")
+    ingest(IngestConfig(source="mura", root=str(mura_root), out=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, mura_dataset, tmp_path_factory) -> Path:
+    """One tiny training run through the real CLI, shared by the scoring and report tests."""
+    import train as train_job
+
+    out = tmp_path_factory.mktemp("runs") / "cnn"
+    rc = train_job.main([
+        "--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn", "--image-size", "32",
+        "--epochs", "2", "--batch-size", "16", "--lr", "3e-3",
+    ])
+    assert rc == 0
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 (pyarrow's C++ S3 client is not seen by in-process mocks)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, ray_cluster):
+    """A fresh bucket on the test S3 server."""
+    import uuid
+
+    import boto3
+
+    name = f"mura-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,271 @@
+"""Ingestion: MURA CSVs as the source of truth, external folder sets, bad input, S3, streaming memory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import ingest as ingest_job
+from mura_ray.data.ingest import SCHEMA, image_id_for, list_mura
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _read_split(dataset: str | Path, split: str):
+    return pq.read_table(os.path.join(dataset, split)).to_pandas()
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with open(path) as f:
+        return [row for row in csv.reader(f) if row]
+
+
+def test_synthetic_mura_ingest_matches_the_csvs(mura_root, mura_dataset):
+    mura = mura_root / "MURA-v1.1"
+    train_images = [r[0] for r in _csv_rows(mura / "train_image_paths.csv")]
+    valid_images = [r[0] for r in _csv_rows(mura / "valid_image_paths.csv")]
+    study_labels = {
+        r[0].rstrip("/"): int(r[1])
+        for name in ("train_labeled_studies.csv", "valid_labeled_studies.csv")
+        for r in _csv_rows(mura / name)
+    }
+    train, val, test = (_read_split(mura_dataset, s) for s in ("train", "val", "test"))
+    assert len(train) + len(val) == len(train_images)
+    assert sorted(test["path"]) == sorted(valid_images)
+    assert set(test["split"]) == {"test"} and set(val["split"]) == {"val"}
+    every = __import__("pandas").concat([train, val, test])
+    # Labels come from the study CSVs, per study.
+    for row in every.itertuples():
+        assert row.label == study_labels[row.path.rsplit("/", 1)[0]]
+    # Patient-level split: no patient in both train and val.
+    assert not set(train["patient_id"]) & set(val["patient_id"])
+    assert len(val) > 0
+    # Studies are (split, body part, patient, study): the same patient may appear under two body parts.
+    assert every["study_id"].str.startswith(("train/XR_", "valid/XR_")).all()
+    assert set(every["body_part"]) <= {"ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST"}
+    # Image bytes are the original file, unmodified; ids are stable, derived from the relative path.
+    for row in every.sample(20, random_state=0).itertuples():
+        assert row.image == (mura_root / row.path).read_bytes()
+        assert row.image_id == image_id_for(row.path)
+        w, h = Image.open(io.BytesIO(row.image)).size
+        assert (row.width, row.height) == (w, h)
+    schema = pq.read_schema(next(Path(mura_dataset, "train").glob("*.parquet")))
+    for field in SCHEMA:
+        assert schema.field(field.name).type == field.type
+    summary = json.loads(Path(mura_dataset, "ingest_summary.json").read_text())
+    assert summary["n_images"] == len(every)
+    assert summary["splits"]["test"]["images"] == len(test)
+    assert summary["splits"]["train"]["patients"] == train["patient_id"].nunique()
+    assert Path(mura_dataset, "errors.jsonl").read_text() == ""
+
+
+def test_patient_split_is_reproducible_and_root_may_be_mura_folder(mura_root):
+    a = list_mura(str(mura_root), 0.2, seed=0).records
+    b = list_mura(str(mura_root / "MURA-v1.1"), 0.2, seed=0).records
+    c = list_mura(str(mura_root), 0.2, seed=1).records
+    assert a["split"].tolist() == b["split"].tolist()
+    assert a["image_id"].tolist() == b["image_id"].tolist()
+    assert a["split"].tolist() != c["split"].tolist()
+    assert a.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def _external_set(root: Path) -> Path:
+    base = root / "Bone_Fracture_Binary_Classification" / "Bone_Fracture_Binary_Classification"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for cls in ("fractured", "not fractured"):
+            folder = base / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                img = Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8))
+                img.save(folder / f"img{i}.jpeg" if i % 2 else folder / f"img{i}.png")
+    (base / "train" / "fractured" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (base / "train" / "notes.txt").write_text("stray text file")
+    (base / "val" / "fractured" / "._img0.png").write_bytes(b"macOS metadata")
+    return root
+
+
+def test_external_folder_set(ray_cluster, tmp_path, capsys):
+    root = _external_set(tmp_path / "kaggle")
+    out = tmp_path / "external"
+    assert ingest_job.main(["--source", "folder", "--root", str(root), "--out", str(out),
+                            "--max-error-rate", "0.1"]) == 0
+    rows = {s: _read_split(out, s) for s in ("train", "val", "test")}
+    assert [len(rows[s]) for s in ("train", "val", "test")] == [6, 6, 6]
+    for df in rows.values():
+        assert (df["label"] == df["path"].str.contains("/fractured/").astype(int)).all()
+        assert df["body_part"].isna().all()
+    assert rows["train"]["path"].str.endswith(".jpeg").any()
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    reasons = {Path(e["path"]).name: e["reason"] for e in errors}
+    assert "corrupt.png" in reasons and "decode" in reasons["corrupt.png"]
+    assert "not an image file name" in reasons["notes.txt"]
+    assert reasons["._img0.png"] == "hidden file"
+    assert "train" in capsys.readouterr().out
+
+    out2 = tmp_path / "external_wrist"
+    assert ingest_job.main(["--source", "folder", "--root", str(root), "--out", str(out2),
+                            "--max-error-rate", "0.1", "--body-part", "wrist"]) == 0
+    assert set(_read_split(out2, "test")["body_part"]) == {"WRIST"}
+
+
+def test_unknown_class_folder_is_a_clear_error(tmp_path, capsys):
+    folder = tmp_path / "set" / "train" / "broken"
+    folder.mkdir(parents=True)
+    Image.new("L", (8, 8)).save(folder / "a.png")
+    assert ingest_job.main(["--source", "folder", "--root", str(tmp_path / "set"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'broken'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["missing", "not_mura", "bad_row", "bad_label"])
+def test_wrong_root_is_one_line_and_exit_2(tmp_path, capsys, case):
+    root = tmp_path / "root"
+    if case != "missing":
+        mura = root / "MURA-v1.1"
+        mura.mkdir(parents=True)
+        if case != "not_mura":
+            for name in ("train", "valid"):
+                (mura / f"{name}_image_paths.csv").write_text(f"MURA-v1.1/{name}/XR_HAND/patient1/study1_negative/a.png\n")
+                (mura / f"{name}_labeled_studies.csv").write_text(f"MURA-v1.1/{name}/XR_HAND/patient1/study1_negative/,0\n")
+            if case == "bad_row":
+                (mura / "train_image_paths.csv").write_text("some/other/layout.png\n")
+            else:
+                (mura / "train_labeled_studies.csv").write_text("MURA-v1.1/train/XR_HAND/patient1/study1_negative/,yes\n")
+    rc = ingest_job.main(["--source", "mura", "--root", str(root), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert {"missing": "no such folder", "not_mura": "not a MURA-v1.1", "bad_row": "train_image_paths.csv row 1",
+            "bad_label": "train_labeled_studies.csv row 1"}[case] in err
+    assert not (tmp_path / "out").exists()
+
+
+def _mura_with_bad_images(root: Path, n_bad: int) -> Path:
+    from mura_ray.data.synthetic import generate_mura
+
+    generate_mura(root, n_images=60, image_size=32, seed=3)
+    paths = [r[0] for r in _csv_rows(root / "MURA-v1.1" / "train_image_paths.csv")]
+    for p in paths[:n_bad]:
+        (root / p).write_bytes(b"")
+    # Listed in a CSV but missing on disk.
+    os.remove(root / paths[n_bad])
+    return root
+
+
+def test_error_rate_over_limit_fails_and_writes_nothing(ray_cluster, tmp_path, capsys):
+    root = _mura_with_bad_images(tmp_path / "m", n_bad=5)
+    out = tmp_path / "out"
+    assert ingest_job.main(["--source", "mura", "--root", str(root), "--out", str(out)]) == 1
+    assert "--max-error-rate" in capsys.readouterr().err
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sum(e["reason"] == "empty file" for e in errors) == 5
+    assert sum(e["reason"] == "listed but missing on disk" for e in errors) == 1
+    assert not (out / "ingest_summary.json").exists()
+    assert not (out / "train").exists()
+
+    # Within the limit the job goes on, skipping and reporting the same files; a re-run needs --overwrite.
+    assert ingest_job.main(["--source", "mura", "--root", str(root), "--out", str(out), "--overwrite",
+                            "--max-error-rate", "0.2"]) == 0
+    summary = json.loads((out / "ingest_summary.json").read_text())
+    assert summary["n_errors"] == 6
+    assert ingest_job.main(["--source", "mura", "--root", str(root), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_raw_images_source(ray_cluster, tmp_path):
+    tree = tmp_path / "archive" / "2026-11-26" / "XR_WRIST"
+    tree.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (20, 30), color=i * 40).save(tree / f"{i}.png")
+    out = tmp_path / "bulk"
+    assert ingest_job.main(["--source", "images", "--root", str(tmp_path / "archive"), "--out", str(out)]) == 0
+    df = _read_split(out, "test")
+    assert len(df) == 3 and df["label"].isna().all() and set(df["body_part"]) == {"WRIST"}
+    assert set(df["height"]) == {30}
+
+
+def test_s3_round_trip(ray_cluster, s3_bucket, mura_root):
+    import pyarrow.fs as pafs
+
+    from mura_ray.data.pipeline import read_split
+    from mura_ray.storage import read_json, s3_filesystem
+
+    dest = f"s3://{s3_bucket}/datasets/mura"
+    assert ingest_job.main(["--source", "mura", "--root", str(mura_root), "--out", dest]) == 0
+    summary = read_json(f"{dest}/ingest_summary.json")
+    fs = s3_filesystem()
+    files = fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/datasets/mura/test", recursive=True))
+    assert any(f.path.endswith(".parquet") for f in files)
+    assert read_split(dest, "test").count() == summary["splits"]["test"]["images"]
+    table = pq.read_table(f"{s3_bucket}/datasets/mura/test", filesystem=fs, columns=["image_id", "path", "image"])
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["image"] == (mura_root / row["path"]).read_bytes()
+
+
+_PEAK_SCRIPT = """
+import sys, threading, time, psutil
+sys.path.insert(0, {jobs!r})
+import ray
+ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir={tmp!r})
+me = psutil.Process()
+peak = [0]
+def watch():
+    while True:
+        procs = [me] + me.children(recursive=True)
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_full_info().uss
+            except psutil.Error:
+                pass
+        peak[0] = max(peak[0], total)
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
+import ingest
+time.sleep(1)
+base = peak[0]
+rc = ingest.main(["--source", "mura", "--root", {root!r}, "--out", {out!r}])
+time.sleep(0.5)
+print("PEAK", rc, peak[0] - base)
+ray.shutdown()
+"""
+
+
+def _peak_ingest_memory(root: Path, out: Path, tmp: Path) -> int:
+    script = _PEAK_SCRIPT.format(jobs=str(REPO / "jobs"), root=str(root), out=str(out), tmp=str(tmp))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _, rc, peak = line[0].split()
+    assert rc == "0"
+    return int(peak)
+
+
+@pytest.mark.slow
+def test_ingest_streams_memory_does_not_grow_with_images(tmp_path):
+    """4x the images (incompressible, ~0.5 MB each) must not raise peak memory by more than 25%."""
+    from mura_ray.data.synthetic import generate_mura
+
+    peaks = []
+    for n in (100, 400):
+        root = tmp_path / f"m{n}"
+        generate_mura(root, n_images=n, image_size=32, seed=0)
+        rng = np.random.default_rng(n)
+        for p in root.rglob("*.png"):
+            Image.fromarray(rng.integers(0, 255, (700, 700), dtype=np.uint8)).save(p, compress_level=0)
+        ray_tmp = Path(f"/tmp/rm{n}{time.time_ns() % 10000}")
+        peaks.append(_peak_ingest_memory(root, tmp_path / f"out{n}", ray_tmp))
+    small, large = peaks
+    assert large <= small * 1.25, f"peak grew from {small / 2**20:.0f} MiB to {large / 2**20:.0f} MiB"
