@@ -1,0 +1,126 @@
+"""Models: timm backbones with one input channel, heads, freezing policies, body-part fallback, safe weight loading."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import timm
+import torch
+
+from mura_ray.config import UserError
+from mura_ray.models import (
+    UNKNOWN_BODY_PART,
+    ModelSpec,
+    build_model,
+    build_trunk,
+    export_model,
+    load_model,
+)
+
+
+@pytest.mark.parametrize("backbone", ["custom_cnn", "resnet50", "densenet169", "efficientnet_b0"])
+def test_backbone_forward_backward_on_one_channel(backbone):
+    model = build_model(backbone)
+    model.train()
+    x = torch.randn(2, 1, 32, 32)
+    out = model(x, torch.tensor([0, 6]))
+    assert out["abnormal"].shape == (2,) and out["body_part"].shape == (2, 7)
+    (out["abnormal"].sum() + out["body_part"].sum()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unknown_backbone_suggests_a_name():
+    with pytest.raises(UserError, match="Did you mean 'resnet50'"):
+        build_model("resnet5O")
+
+
+@pytest.mark.parametrize(
+    ("backbone", "first_trainable"),
+    [("resnet50", "layer4."), ("densenet169", "features.transition3."), ("efficientnet_b0", "blocks.5."),
+     ("custom_cnn", "blocks.2.")],
+)
+def test_freeze_policies(backbone, first_trainable):
+    free = build_model(backbone, freeze="none")
+    assert all(p.requires_grad for p in free.parameters())
+
+    frozen = build_model(backbone, freeze="all")
+    assert not any(p.requires_grad for p in frozen.trunk.parameters())
+    assert all(p.requires_grad for p in frozen.heads.parameters())
+    frozen.train()
+    # A frozen feature extractor keeps its batch-norm statistics.
+    assert not frozen.trunk.training and frozen.heads.training
+
+    last = build_model(backbone, freeze="all-but-last")
+    names = [n for n, p in last.trunk.named_parameters() if p.requires_grad]
+    assert names and names[0].startswith(first_trainable)
+    frozen_names = [n for n, p in last.trunk.named_parameters() if not p.requires_grad]
+    assert frozen_names and not any(n.startswith(first_trainable) for n in frozen_names)
+    # Everything after the first trainable parameter trains: a suffix of the trunk.
+    order = [n for n, _ in last.trunk.named_parameters()]
+    assert order[len(frozen_names):] == names
+
+
+def test_body_part_fallback_uses_prediction_when_unknown():
+    torch.manual_seed(0)
+    model = build_model("custom_cnn").eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        predicted = model(x)["body_part"].argmax(1)
+        unknown = model(x, torch.full((3,), UNKNOWN_BODY_PART))["abnormal"]
+        given_pred = model(x, predicted)["abnormal"]
+        other = model(x, (predicted + 1) % 7)["abnormal"]
+    torch.testing.assert_close(unknown, given_pred)
+    assert not torch.allclose(unknown, other)
+
+
+def test_switches_turn_off_embedding_and_aux_head():
+    model = build_model("custom_cnn", multitask=False, body_part_embedding=False).eval()
+    out = model(torch.randn(2, 1, 32, 32))
+    assert set(out) == {"abnormal"} and model.body_part_embed is None
+    no_head = build_model("custom_cnn", multitask=False).eval()
+    # Without the auxiliary head an unknown body part uses the "unknown" embedding row.
+    assert set(no_head(torch.randn(2, 1, 32, 32), torch.tensor([-1, 3]))) == {"abnormal"}
+
+
+def test_pretrained_file_adapts_rgb_stem_to_one_channel(tmp_path):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", num_classes=10)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(source.state_dict(), str(path))
+    trunk = build_trunk("resnet18", pretrained_file=str(path))
+    torch.testing.assert_close(trunk.conv1.weight, source.conv1.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(trunk.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+    pth = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": source.state_dict()}, pth)
+    from_pth = build_trunk("resnet18", pretrained_file=str(pth))
+    torch.testing.assert_close(from_pth.conv1.weight, trunk.conv1.weight)
+    torch.testing.assert_close(from_pth.layer4[1].conv2.weight, trunk.layer4[1].conv2.weight)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_untrusted_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"weights": _Evil()}, f)
+    with pytest.raises(UserError, match="cannot load weights"):
+        build_trunk("resnet18", pretrained_file=str(path))
+
+
+def test_export_and_load_round_trip(tmp_path):
+    model = build_model("custom_cnn", dropout=0.1).eval()
+    spec = ModelSpec(backbone="custom_cnn", image_size=32, mean=0.5, std=0.25, dropout=0.1, threshold=0.4)
+    model_id = export_model(model, spec, str(tmp_path / "model"), {"backbone": "custom_cnn"})
+    loaded, spec2, model_id2 = load_model(str(tmp_path / "model"))
+    assert spec2 == spec and model_id2 == model_id and len(model_id) == 16
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["abnormal"], model(x)["abnormal"])
+    with pytest.raises(UserError, match="not an exported model directory"):
+        load_model(str(tmp_path))
