@@ -1,0 +1,315 @@
+"""Pure metric functions for the abnormality and body-part tasks, at image and study level.
+
+Everything takes arrays and returns plain JSON-ready dicts (floats, ints, `None`); scikit-learn does the metric
+math. A metric that is undefined for the data (AUC with one class, kappa when labels and predictions are one and
+the same class, precision with nothing predicted) is `None` with the reason under `notes`, never NaN or a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from mura_ray.labels import BODY_PARTS
+
+OperatingPoint = Literal["youden", "sensitivity"]
+
+AUC_BOOTSTRAP_BINS = 10_000
+"""Bootstrap AUCs are computed on at most this many score bins (exact when there are fewer distinct scores)."""
+
+_BINARY = [0, 1]
+_BOOTSTRAP_CHUNK = 100  # resamples drawn at once; bounds memory at chunk x cells counts
+
+
+def compute_binary_metrics(
+    y_true: np.ndarray | Sequence[int],
+    prob: np.ndarray | Sequence[float],
+    threshold: float,
+    *,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Abnormality metrics at `threshold` (`prob >= threshold` is abnormal) plus threshold-free ROC AUC.
+
+    Returns accuracy, roc_auc, cohen_kappa, average_precision, brier_score, confusion_matrix
+    `[[tn, fp], [fn, tp]]`, per_class / macro_avg / weighted_avg precision, recall and F1, counts, and with
+    `bootstrap > 0` percentile 95% CIs for AUC and kappa (`roc_auc_ci95`, `cohen_kappa_ci95`).
+    """
+    y = np.asarray(y_true).astype(np.int8, copy=False)
+    p = np.asarray(prob, dtype=np.float64)
+    if y.shape != p.shape or y.ndim != 1:
+        raise ValueError(f"y_true and prob must be 1-D and the same length; got {y.shape} and {p.shape}")
+    if y.size == 0:
+        raise ValueError("cannot compute metrics on zero predictions")
+    y_pred = (p >= threshold).astype(np.int8)
+    notes: dict[str, str] = {}
+
+    cm = confusion_matrix(y, y_pred, labels=_BINARY)
+    n_pos = int(cm[1].sum())
+    one_class = n_pos == 0 or n_pos == y.size
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, y_pred, labels=_BINARY, zero_division=np.nan
+    )
+    per_class = {
+        str(c): {
+            "precision": _num(precision[c]),
+            "recall": _num(recall[c]),
+            "f1": _num(f1[c]),
+            "support": int(support[c]),
+        }
+        for c in _BINARY
+    }
+    for c in _BINARY:
+        if np.isnan(precision[c]):
+            notes[f"per_class.{c}.precision"] = f"no predictions of class {c}"
+        if np.isnan(recall[c]):
+            notes[f"per_class.{c}.recall"] = f"no true examples of class {c}"
+    averages = {}
+    for average in ("macro", "weighted"):
+        pr, rc, f, _ = precision_recall_fscore_support(
+            y, y_pred, labels=_BINARY, average=average, zero_division=np.nan
+        )
+        averages[f"{average}_avg"] = {"precision": _num(pr), "recall": _num(rc), "f1": _num(f)}
+
+    if one_class:
+        roc_auc = None
+        notes["roc_auc"] = f"only one class present (all {'abnormal' if n_pos else 'normal'})"
+    else:
+        roc_auc = float(roc_auc_score(y, p))
+    if n_pos == 0:
+        average_precision = None
+        notes["average_precision"] = "no abnormal examples"
+    else:
+        average_precision = float(average_precision_score(y, p))
+    kappa = _kappa(y, y_pred)
+    if kappa is None:
+        notes["cohen_kappa"] = "labels and predictions are all the same single class (chance agreement is 1)"
+
+    out: dict[str, Any] = {
+        "n": int(y.size),
+        "n_abnormal": n_pos,
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(y, y_pred)),
+        "roc_auc": roc_auc,
+        "cohen_kappa": kappa,
+        "average_precision": average_precision,
+        "brier_score": float(brier_score_loss(y, p, labels=_BINARY)),
+        "confusion_matrix": cm.tolist(),
+        "sensitivity": per_class["1"]["recall"],
+        "specificity": per_class["0"]["recall"],
+        "per_class": per_class,
+        **averages,
+    }
+    if bootstrap > 0:
+        ci = bootstrap_ci(y, p, y_pred, n_resamples=bootstrap, seed=seed)
+        out.update(ci)
+        out["bootstrap"] = {"n_resamples": int(bootstrap), "seed": int(seed), "auc_bins": AUC_BOOTSTRAP_BINS}
+        for key in ("roc_auc_ci95", "cohen_kappa_ci95"):
+            if ci[key] is None:
+                notes[key] = "no bootstrap resample had both classes"
+    out["notes"] = notes
+    return out
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    y_pred: np.ndarray,
+    *,
+    n_resamples: int,
+    seed: int = 0,
+) -> dict[str, list[float] | None]:
+    """Percentile 95% bootstrap intervals for ROC AUC and Cohen's kappa.
+
+    Resampling n rows with replacement is the same as drawing multinomial counts over the distinct
+    (score, label, prediction) cells, so each resample costs O(cells), not O(n): kappa is exact, and AUC is exact
+    up to `AUC_BOOTSTRAP_BINS` equal-count score bins (ties within a bin move AUC by at most 1/bins). That keeps
+    1,000 resamples of a million predictions to seconds.
+    """
+    y = np.asarray(y_true).astype(np.int64)
+    n = y.size
+    score_bin = _score_bins(np.asarray(prob, dtype=np.float64), AUC_BOOTSTRAP_BINS)
+    cell = (score_bin * 2 + y) * 2 + np.asarray(y_pred).astype(np.int64)
+    cell_ids, counts = np.unique(cell, return_counts=True)
+    cell_pred = cell_ids % 2
+    cell_label = (cell_ids // 2) % 2
+    cell_bin = cell_ids // 4
+
+    # Kappa depends only on the 2x2 table, so each resample collapses to its four (label, prediction) counts.
+    to_table = np.zeros((cell_ids.size, 4), dtype=np.int64)
+    to_table[np.arange(cell_ids.size), cell_label * 2 + cell_pred] = 1
+    table_label, table_pred = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    rng = np.random.default_rng(seed)
+    aucs: list[float] = []
+    kappas: list[float] = []
+    for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
+        draws = rng.multinomial(n, counts / n, size=min(_BOOTSTRAP_CHUNK, n_resamples - start))
+        tables = draws @ to_table
+        for weights, table in zip(draws, tables, strict=True):
+            n_pos = table[2] + table[3]
+            if n_pos == 0 or n_pos == n:
+                continue  # a resample with one class has no AUC; skipping it is the usual convention
+            drawn = weights > 0
+            aucs.append(roc_auc_score(cell_label[drawn], cell_bin[drawn], sample_weight=weights[drawn]))
+            kappas.append(cohen_kappa_score(table_label, table_pred, labels=_BINARY, sample_weight=table))
+    return {"roc_auc_ci95": _percentile_ci(np.array(aucs)), "cohen_kappa_ci95": _percentile_ci(np.array(kappas))}
+
+
+def aggregate_studies(
+    study_ids: np.ndarray | Sequence[str] | pd.Series,
+    probs: np.ndarray | Sequence[float] | pd.Series,
+    labels: np.ndarray | Sequence[int] | pd.Series,
+) -> pd.DataFrame:
+    """One row per study, MURA's protocol: probability = mean of its images', label = max of its images'.
+
+    Returns a DataFrame indexed by `study_id` (sorted) with columns `prob_abnormal`, `label` and `n_images`.
+    """
+    frame = pd.DataFrame(
+        {
+            "study_id": np.asarray(study_ids, dtype=object),
+            "prob_abnormal": np.asarray(probs, dtype=np.float64),
+            "label": np.asarray(labels).astype(np.int8),
+        }
+    )
+    return frame.groupby("study_id", sort=True).agg(
+        prob_abnormal=("prob_abnormal", "mean"), label=("label", "max"), n_images=("label", "size")
+    )
+
+
+def compute_body_part_metrics(
+    y_true_names: np.ndarray | Sequence[str], y_pred_names: np.ndarray | Sequence[str]
+) -> dict[str, Any]:
+    """Body-part task: accuracy, macro F1, per-part precision/recall/F1/support and the confusion matrix.
+
+    Parts are reported in `BODY_PARTS` order, restricted to those seen in either labels or predictions.
+    """
+    y = _encode_body_parts(y_true_names, "y_true_names")
+    y_pred = _encode_body_parts(y_pred_names, "y_pred_names")
+    if y.size != y_pred.size:
+        raise ValueError(f"y_true_names and y_pred_names differ in length: {y.size} vs {y_pred.size}")
+    if y.size == 0:
+        raise ValueError("cannot compute body-part metrics on zero predictions")
+    present = np.union1d(np.unique(y), np.unique(y_pred)).tolist()
+    names = [BODY_PARTS[i] for i in present]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, y_pred, labels=present, zero_division=np.nan
+    )
+    notes: dict[str, str] = {}
+    per_class = {}
+    for i, name in enumerate(names):
+        per_class[name] = {
+            "precision": _num(precision[i]),
+            "recall": _num(recall[i]),
+            "f1": _num(f1[i]),
+            "support": int(support[i]),
+        }
+        if np.isnan(precision[i]):
+            notes[f"per_class.{name}.precision"] = f"{name} never predicted"
+        if np.isnan(recall[i]):
+            notes[f"per_class.{name}.recall"] = f"no true {name} images"
+    averages = {}
+    for average in ("macro", "weighted"):
+        pr, rc, f, _ = precision_recall_fscore_support(
+            y, y_pred, labels=present, average=average, zero_division=np.nan
+        )
+        averages[f"{average}_avg"] = {"precision": _num(pr), "recall": _num(rc), "f1": _num(f)}
+    return {
+        "n": int(y.size),
+        "accuracy": float(accuracy_score(y, y_pred)),
+        "macro_f1": _num(f1_score(y, y_pred, labels=present, average="macro", zero_division=np.nan)),
+        "per_class": per_class,
+        **averages,
+        "confusion_matrix": {"labels": names, "matrix": confusion_matrix(y, y_pred, labels=present).tolist()},
+        "notes": notes,
+    }
+
+
+def choose_threshold(
+    y_true: np.ndarray | Sequence[int],
+    prob: np.ndarray | Sequence[float],
+    method: OperatingPoint = "youden",
+    target_sensitivity: float = 0.9,
+) -> float:
+    """Pick an operating point on validation predictions; `prob >= threshold` is then called abnormal.
+
+    `youden` maximises sensitivity + specificity - 1 (Youden's J). `sensitivity` takes the highest threshold whose
+    sensitivity reaches `target_sensitivity`, i.e. the most specific point that meets the target.
+    """
+    y = np.asarray(y_true).astype(np.int8, copy=False)
+    p = np.asarray(prob, dtype=np.float64)
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError(
+            f"cannot choose a threshold: the validation predictions have only one class "
+            f"({y.size} images, {n_pos} abnormal); calibrate on a split with normal and abnormal images"
+        )
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1]; got {target_sensitivity}")
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    if method == "youden":
+        best = int(np.argmax(tpr - fpr))
+    elif method == "sensitivity":
+        # tpr is non-decreasing as the threshold falls, so the first index reaching the target is the highest one.
+        best = int(np.argmax(tpr >= target_sensitivity - 1e-12))
+    else:
+        raise ValueError(f"Unknown operating point method {method!r}; expected 'youden' or 'sensitivity'")
+    threshold = float(thresholds[best])
+    if not np.isfinite(threshold):
+        # roc_curve's first threshold is +inf ("nothing abnormal"); keep that meaning with a finite number.
+        threshold = float(np.nextafter(p.max(), np.inf))
+    return threshold
+
+
+def _kappa(y: np.ndarray, y_pred: np.ndarray) -> float | None:
+    with warnings.catch_warnings():
+        # Undefined kappa comes back as NaN; the caller records why instead of warning.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        value = cohen_kappa_score(y, y_pred, labels=_BINARY, replace_undefined_by=np.nan)
+    return _num(value)
+
+
+def _score_bins(prob: np.ndarray, max_bins: int) -> np.ndarray:
+    """Map scores to ordered integer bins: one per distinct score, or `max_bins` equal-count bins if more."""
+    values, inverse, counts = np.unique(prob, return_inverse=True, return_counts=True)
+    if values.size <= max_bins:
+        return inverse
+    rows_before = np.cumsum(counts) - counts
+    return (rows_before * max_bins // prob.size)[inverse]
+
+
+def _percentile_ci(values: np.ndarray) -> list[float] | None:
+    if values.size == 0:
+        return None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _encode_body_parts(names: np.ndarray | Sequence[str], arg: str) -> np.ndarray:
+    values = np.asarray(names, dtype=object)
+    codes = pd.Index(BODY_PARTS).get_indexer(values)
+    if (codes < 0).any():
+        bad = sorted(map(str, pd.unique(values[codes < 0])))
+        raise ValueError(f"{arg} has unknown body parts {bad[:5]}; expected one of {', '.join(BODY_PARTS)}")
+    return codes.astype(np.int64)
+
+
+def _num(value: float | np.floating) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value

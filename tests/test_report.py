@@ -1,0 +1,338 @@
+"""Report building, rendering and the `jobs/report.py` entry point, on tiny hand-made predictions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mura_ray import storage
+from mura_ray.config import UserError
+from mura_ray.labels import BODY_PARTS
+from mura_ray.report import ReportConfig, build_report, compare_reports, load_predictions, write_report
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "report.py"
+
+# Seven scored images and one failed one. At threshold 0.5:
+#   images: a1 TP, a2 FN, a3 FN, b1 FP, b2 TP, c FP, d TN              -> [[1, 2], [2, 2]]
+#   studies: A mean 0.4667 label 1 -> FN; B mean 0.7 label max(0, 1) = 1 -> TP;
+#            c and d have no study_id, so each is its own study: c FP, d TN -> [[1, 1], [1, 1]]
+ROWS = [
+    # image_id, study_id, body_part, body_part_pred, prob_abnormal, label, error
+    ("a1", "A", "ELBOW", "ELBOW", 0.9, 1, None),
+    ("a2", "A", "ELBOW", "ELBOW", 0.2, 1, None),
+    ("a3", "A", "ELBOW", "HAND", 0.3, 1, None),
+    ("b1", "B", "HAND", "HAND", 0.6, 0, None),
+    ("b2", "B", "HAND", "HAND", 0.8, 1, None),
+    ("c", None, "WRIST", "WRIST", 0.7, 0, None),
+    ("d", None, "WRIST", "WRIST", 0.1, 0, None),
+    ("e", "E", "WRIST", None, None, 1, "cannot decode image"),
+]
+
+
+def predictions_table(rows: list[tuple] = ROWS) -> pa.Table:
+    """The scoring job's schema, filled from `rows`."""
+    n = len(rows)
+    image_id, study_id, part, part_pred, prob, label, error = (list(c) for c in zip(*rows, strict=True))
+    probs = [None if p is None else [1.0 / len(BODY_PARTS)] * len(BODY_PARTS) for p in prob]
+    return pa.table(
+        {
+            "image_id": pa.array(image_id, pa.string()),
+            "path": pa.array([f"/data/{i}.png" for i in image_id], pa.string()),
+            "study_id": pa.array(study_id, pa.string()),
+            "body_part": pa.array(part, pa.string()),
+            "body_part_pred": pa.array(part_pred, pa.string()),
+            "body_part_probs": pa.array(probs, pa.list_(pa.float32(), len(BODY_PARTS))),
+            "prob_abnormal": pa.array(prob, pa.float32()),
+            "pred_abnormal": pa.array([None if p is None else int(p >= 0.5) for p in prob], pa.int8()),
+            "label": pa.array(label, pa.int8()),
+            "model_id": pa.array(["resnet18-test"] * n, pa.string()),
+            "scored_at": pa.array([dt.datetime(2026, 1, 1)] * n, pa.timestamp("us")),
+            "error": pa.array(error, pa.string()),
+        }
+    )
+
+
+def write_predictions(directory: Path, rows: list[tuple] = ROWS) -> Path:
+    """A Parquet dataset directory of two files, like a Ray Data write."""
+    directory.mkdir(parents=True)
+    table = predictions_table(rows)
+    half = table.num_rows // 2
+    pq.write_table(table.slice(0, half), directory / "part-0.parquet")
+    pq.write_table(table.slice(half), directory / "part-1.parquet")
+    return directory
+
+
+@pytest.fixture
+def df() -> pd.DataFrame:
+    return predictions_table().to_pandas()
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("report_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# build_report
+
+
+def test_build_report_counts_and_levels(df):
+    r = build_report(df, bootstrap=0)
+    assert (r["n_rows"], r["n_images"], r["n_studies"], r["n_errors"]) == (8, 7, 4, 1)
+    assert r["threshold"] == 0.5 and r["threshold_source"] == "default"
+    assert r["model_id"] == "resnet18-test"
+    assert r["image_level"]["confusion_matrix"] == [[1, 2], [2, 2]]
+    assert r["study_level"]["confusion_matrix"] == [[1, 1], [1, 1]]
+    for level in ("image_level", "study_level"):
+        m = r[level]
+        for key in ("accuracy", "roc_auc", "cohen_kappa", "confusion_matrix", "per_class", "macro_avg",
+                    "weighted_avg"):
+            assert key in m
+        assert set(m["per_class"]) == {"0", "1"}
+        assert set(m["per_class"]["1"]) == {"precision", "recall", "f1", "support"}
+    json.dumps(r, allow_nan=False)  # strictly JSON: no NaN anywhere
+
+
+def test_build_report_body_parts(df):
+    r = build_report(df, bootstrap=0)
+    assert list(r["per_body_part"]) == ["ELBOW", "HAND", "WRIST"]
+    elbow = r["per_body_part"]["ELBOW"]
+    assert elbow["image_level"]["n"] == 3 and elbow["study_level"]["n"] == 1
+    # ELBOW has only abnormal images: AUC undefined, said so, no crash.
+    assert elbow["image_level"]["roc_auc"] is None and "roc_auc" in elbow["image_level"]["notes"]
+    assert r["per_body_part"]["WRIST"]["study_level"]["n"] == 2  # c and d are their own studies
+    bp = r["body_part"]
+    assert bp["accuracy"] == pytest.approx(6 / 7)  # a3 is predicted HAND; e failed and is excluded
+    assert set(bp["per_class"]) == {"ELBOW", "HAND", "WRIST"}
+    assert {"accuracy", "macro_f1", "per_class"} <= set(bp)
+
+
+def test_build_report_without_body_parts(df):
+    df["body_part"] = None
+    r = build_report(df, bootstrap=0)
+    assert "per_body_part" not in r and "body_part" not in r
+    assert r["n_images"] == 7
+
+
+def test_build_report_bootstrap_ci(df):
+    r = build_report(df, bootstrap=30, seed=1)
+    lo, hi = r["image_level"]["roc_auc_ci95"]
+    assert 0.0 <= lo <= hi <= 1.0
+    assert "cohen_kappa_ci95" in r["study_level"]
+
+
+def test_unlabelled_predictions_load_but_do_not_report(tmp_path):
+    # The scoring job loads its predictions and reports only when they carry labels.
+    pq.write_table(predictions_table().drop_columns(["label"]), tmp_path / "p.parquet")
+    df = load_predictions(str(tmp_path / "p.parquet"))
+    assert "label" not in df and len(df) == 8 and "body_part_probs" not in df
+    with pytest.raises(ValueError, match="ground truth"):
+        build_report(df)
+
+
+def test_load_predictions_reads_only_committed_parts(tmp_path):
+    # Scoring output: DEST/manifest.json commits part-0; part-1 is a stray file from an interrupted run.
+    write_predictions(tmp_path / "dest" / "predictions")
+    storage.write_json(str(tmp_path / "dest" / "manifest.json"), {"parts": {"part-0.parquet": {"chunk": 0}}})
+    for uri in (tmp_path / "dest", tmp_path / "dest" / "predictions"):
+        assert load_predictions(str(uri))["image_id"].tolist() == ["a1", "a2", "a3", "b1"]
+    assert len(load_predictions(str(tmp_path / "dest" / "predictions" / "part-1.parquet"))) == 4
+
+
+def test_build_report_rejects_bad_labels(df):
+    df.loc[0, "label"] = 2
+    with pytest.raises(ValueError, match="label must be 0"):
+        build_report(df, bootstrap=0)
+
+
+def test_build_report_needs_usable_rows(df):
+    df["error"] = "boom"
+    with pytest.raises(ValueError, match="no rows to report on"):
+        build_report(df, bootstrap=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# write_report
+
+
+def test_write_report_outputs(df, tmp_path):
+    r = build_report(df, bootstrap=10)
+    out = tmp_path / "out"
+    write_report(r, df, str(out), explanations=[("a1: abnormal <0.90>", b"\x89PNG fake heatmap")])
+    assert json.loads((out / "report.json").read_text())["n_images"] == 7
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"roc.png", "precision_recall.png", "confusion_matrix.png", "calibration.png",
+            "per_body_part.png", "body_part_confusion.png"} <= figures
+    assert all((out / "figures" / f).read_bytes().startswith(b"\x89PNG") for f in figures)
+
+    md = (out / "report.md").read_text()
+    assert "| Class        | Precision | Recall | F1-score | Support |" in md
+    assert "| Accuracy     |           |        | 0.4286   | 7       |" in md  # 3 of 7 images right
+    assert "ROC AUC Score:" in md and "Cohen's Kappa Score:" in md
+    assert "| Elbow " in md and "Body part classification" in md
+
+    page = (out / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
+    assert "<script" not in page and "<link" not in page
+    assert page.count('src="data:image/png;base64,') == len(figures) + 1  # + the Grad-CAM image
+    assert "Grad-CAM" in page and "a1: abnormal &lt;0.90&gt;" in page
+
+
+def test_write_report_without_body_parts_or_second_class(tmp_path):
+    rows = [(f"i{k}", f"s{k // 2}", None, None, p, 0, None) for k, p in enumerate([0.1, 0.2, 0.7, 0.4])]
+    df = predictions_table(rows).to_pandas()
+    r = build_report(df, bootstrap=10)
+    assert r["image_level"]["roc_auc"] is None
+    write_report(r, df, str(tmp_path / "out"))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "ROC AUC Score: -" in md and "only one class present" in md
+    assert not (tmp_path / "out" / "figures" / "per_body_part.png").exists()
+
+
+def test_write_report_to_s3(df, s3_server):
+    # conftest's s3_server only (its s3_bucket fixture also starts Ray, which reports do not need).
+    boto3 = pytest.importorskip("boto3")
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="reports")
+    r = build_report(df, bootstrap=0)
+    write_report(r, df, "s3://reports/run1")
+    assert storage.read_json("s3://reports/run1/report.json")["n_studies"] == 4
+    assert storage.exists("s3://reports/run1/figures/roc.png")
+    assert storage.read_bytes("s3://reports/run1/report.html").startswith(b"<!DOCTYPE html>")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# jobs/report.py
+
+
+def test_job_end_to_end(tmp_path, capsys):
+    pred = write_predictions(tmp_path / "pred")
+    out = tmp_path / "report"
+    assert load_job().main(["--predictions", str(pred), "--out", str(out), "--bootstrap", "20"]) == 0
+    for name in ("report.json", "report.md", "report.html", "report_config.json", "figures/roc.png"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_errors"] == 1 and report["predictions"] == str(pred)
+    assert capsys.readouterr().err.count("error:") == 0
+
+
+def test_job_threshold_flag(tmp_path):
+    pred = write_predictions(tmp_path / "pred")
+    out = tmp_path / "report"
+    assert load_job().main(["--predictions", str(pred), "--out", str(out), "--threshold", "0.25",
+                            "--bootstrap", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["threshold"], report["threshold_source"]) == (0.25, "cli")
+    # At 0.25 only a2 (0.2) of the abnormal images is missed; a3 (0.3) is now caught.
+    assert report["image_level"]["confusion_matrix"] == [[1, 2], [1, 3]]
+
+
+def test_job_calibrate_on(tmp_path):
+    pred = write_predictions(tmp_path / "pred")
+    # Validation: negatives 0.1, 0.55, 0.6; positives 0.5, 0.7, 0.9 -> Youden picks 0.7, sensitivity 0.9 picks 0.5.
+    val_rows = [(f"v{k}", f"v{k}", "HAND", "HAND", p, y, None)
+                for k, (p, y) in enumerate(zip([0.1, 0.55, 0.6, 0.5, 0.7, 0.9], [0, 0, 0, 1, 1, 1], strict=True))]
+    val = write_predictions(tmp_path / "val", val_rows)
+    job = load_job()
+    assert job.main(["--predictions", str(pred), "--out", str(tmp_path / "y"), "--calibrate-on", str(val),
+                     "--bootstrap", "0"]) == 0
+    report = json.loads((tmp_path / "y" / "report.json").read_text())
+    assert report["threshold"] == pytest.approx(0.7) and report["threshold_source"] == "youden"
+    assert report["operating_point"]["calibrated_on"] == str(val)
+    assert report["operating_point"]["val_sensitivity"] == pytest.approx(2 / 3)
+    assert "Youden" in (tmp_path / "y" / "report.md").read_text()
+
+    assert job.main(["--predictions", str(pred), "--out", str(tmp_path / "s"), "--calibrate-on", str(val),
+                     "--operating-point", "sensitivity", "--target-sensitivity", "0.9", "--bootstrap", "0"]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["threshold"] == pytest.approx(0.5) and report["threshold_source"] == "sensitivity"
+    assert report["operating_point"]["target_sensitivity"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--predictions", "{tmp}/missing"], "no predictions at"),
+        (["--predictions", "{tmp}/nolabel"], "no 'label' column"),
+        (["--predictions", "{tmp}/pred", "--threshold", "abc"], "invalid float value"),
+        (["--predictions", "{tmp}/pred", "--threshold", "1.5"], "--threshold must be"),
+        (["--predictions", "{tmp}/pred", "--operating-point", "youden"], "needs --calibrate-on"),
+        (["--predictions", "{tmp}/pred", "--operating-point", "f1"], "invalid choice"),
+        (["--predictions", "{tmp}/pred", "--calibrate-on", "{tmp}/pred", "--threshold", "0.3"], "pass only one"),
+        (["--predictions", "{tmp}/pred", "--bootstrap", "-1"], "--bootstrap must be"),
+        (["--compare", "{tmp}/pred"], "neither a report directory"),
+        ([], "pass exactly one of"),
+    ],
+)
+def test_job_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    write_predictions(tmp_path / "pred")
+    (tmp_path / "nolabel").mkdir()
+    pq.write_table(predictions_table().drop_columns(["label"]), tmp_path / "nolabel" / "part-0.parquet")
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "out")]
+    assert load_job().main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_job_help_explains_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_job().main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--predictions", "--compare", "--out", "--threshold", "--calibrate-on", "--operating-point",
+                 "--target-sensitivity", "--bootstrap", "--seed"):
+        assert flag in out
+
+
+def test_job_compare(tmp_path):
+    job = load_job()
+    pred = write_predictions(tmp_path / "pred")
+    # A run directory (report/ + model/model_card.json) and a bare report directory.
+    assert job.main(["--predictions", str(pred), "--out", str(tmp_path / "run1" / "report"), "--bootstrap", "0"]) == 0
+    storage.write_json(str(tmp_path / "run1" / "model" / "model_card.json"), {"backbone": "efficientnet_b0"})
+    assert job.main(["--predictions", str(pred), "--out", str(tmp_path / "densenet"), "--threshold", "0.25",
+                     "--bootstrap", "0"]) == 0
+    out = tmp_path / "cmp"
+    assert job.main(["--compare", str(tmp_path / "run1"), str(tmp_path / "densenet"), "--out", str(out)]) == 0
+    md = (out / "comparison.md").read_text()
+    assert "| Model" in md and "Cohen's Kappa" in md and "Study ROC AUC" in md
+    assert "| efficientnet_b0 |" in md and "| densenet " in md
+    assert "| 42.86%   |" in md  # image accuracy of run1: 3 of 7
+    data = json.loads((out / "comparison.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["efficientnet_b0", "densenet"]
+    assert data["models"][0]["body_part"]["accuracy"] == pytest.approx(6 / 7)
+
+
+def test_compare_names_duplicate_backbones_by_source(tmp_path, df):
+    r = build_report(df, bootstrap=0)
+    for run in ("a", "b"):
+        storage.write_json(str(tmp_path / run / "report" / "report.json"), r)
+        storage.write_json(str(tmp_path / run / "model" / "model_card.json"), {"backbone": "resnet50"})
+    _, data = compare_reports([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert [m["name"] for m in data["models"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(UserError) as info:
+        ReportConfig(out="x", predictions="p", threshold=2.0, bootstrap=-1, target_sensitivity=0.5).validate()
+    message = str(info.value)
+    assert "--threshold" in message and "--bootstrap" in message and "--target-sensitivity" in message
+
+
+def test_study_level_single_image_studies_match_image_level():
+    rng = np.random.default_rng(0)
+    rows = [(f"i{k}", None, None, None, float(p), int(y), None)
+            for k, (p, y) in enumerate(zip(rng.random(50), rng.integers(0, 2, 50), strict=True))]
+    r = build_report(predictions_table(rows).to_pandas(), bootstrap=0)
+    assert r["n_studies"] == 50
+    assert r["study_level"]["roc_auc"] == pytest.approx(r["image_level"]["roc_auc"])
