@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tta", action="store_true", help="test-time augmentation: average over a horizontal flip")
     a("--threshold", type=float, help="operating threshold (default: the model's own)")
     a("--bootstrap", type=int, default=200, help="bootstrap resamples for the report's 95%% CIs (0 disables)")
+    a("--chunk-size", type=int, default=20000, dest="chunk_images",
+      help="images per committed chunk; an interruption loses at most one chunk (default 20000)")
     a("--no-report", action="store_true", help="skip the metric report even when the input has labels")
     return p
 
@@ -41,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
         models=tuple(args.models), input=args.input, out=args.out, batch_size=args.batch_size,
         concurrency=args.concurrency, gpu=args.gpu, tta=args.tta, threshold=args.threshold,
         bootstrap=args.bootstrap, report=not args.no_report, cpus_per_actor=args.cpus_per_actor,
+        chunk_images=args.chunk_images,
     )
     summary = score(cfg)
     print(f"scored {summary['scored']} images, skipped {summary['skipped_already_done']} already done, "

@@ -234,13 +234,16 @@ class ScoreConfig:
     explain: int = 0
     """Grad-CAM heatmaps to add to the report per category (needs mura_ray[explain]); 0 disables."""
     cpus_per_actor: float = 1.0
+    chunk_images: int = 20000
+    """Images per committed chunk: an interruption loses at most one chunk of work."""
 
     def validate(self) -> ScoreConfig:
         problems: list[str] = []
         if not self.models:
             problems.append("--model is required (an exported model directory)")
         _check_choice(problems, self, "gpu", ("auto", "yes", "no"))
-        _check_positive(problems, self, "batch_size", "concurrency", "rows_per_file", "cpus_per_actor")
+        _check_positive(problems, self, "batch_size", "concurrency", "rows_per_file", "cpus_per_actor",
+                        "chunk_images")
         _check_positive(problems, self, "bootstrap", "explain", allow_zero=True)
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             problems.append(f"--threshold must be in (0, 1), got {self.threshold}")

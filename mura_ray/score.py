@@ -257,6 +257,20 @@ def read_manifest(out: str) -> dict[str, Any] | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """The committed predictions of a scoring output `out` (only the parts its manifest lists)."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise UserError(f"{out}: no {MANIFEST}; not a (complete) scoring output")
+    fs, _ = storage.resolve(out)
+    paths = [storage.resolve(storage.join(out, PREDICTIONS, p))[1] for p in sorted(manifest["parts"])]
+    if not paths:
+        return PREDICTION_SCHEMA.empty_table().to_pandas()
+    return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns).to_pandas()
+
+
 def _load_done_keys(out: str, parts: list[str]) -> np.ndarray:
     """Ray task: 64-bit keys of every image id in the committed parts."""
     import pyarrow.parquet as pq
@@ -291,6 +305,7 @@ def _commit_chunk(out: str, staging: str, seq: int) -> tuple[list[str], int]:
                    .to_pylist())
     if len(ids) != len(set(ids)):
         raise RuntimeError(f"staged chunk {staging} holds duplicate image ids; nothing was committed")
+    fs.create_dir(storage.resolve(storage.join(out, PREDICTIONS))[1], recursive=True)
     names = []
     for i, uri in enumerate(staged):
         name = f"part-{seq:06d}-{i:04d}.parquet"
@@ -316,7 +331,7 @@ def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
     return [m[2] for m in loaded], float(np.mean([m[1].threshold for m in loaded]))
 
 
-def score(cfg: ScoreConfig, *, chunk_images: int = 20000, chunk_files: int = 8, overwrite: bool = False,
+def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
           report_dir: str | None = None) -> dict[str, Any]:
     """Score `cfg.input` into `cfg.out`; returns the summary (scored, skipped, failed, report path).
 
@@ -349,8 +364,8 @@ def score(cfg: ScoreConfig, *, chunk_images: int = 20000, chunk_files: int = 8, 
     scored = failed = total = 0
     started = time.perf_counter()
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
-    for chunk in iter_chunks(cfg.input, chunk_images, chunk_files):
-        ds = _chunk_dataset(chunk, done_ref, read_cpus=0.25)
+    for chunk in iter_chunks(cfg.input, cfg.chunk_images, chunk_files):
+        ds = _chunk_dataset(chunk, done_ref, read_cpus=1.0)
         predictions = ds.map_batches(
             Predictor,
             fn_constructor_args=(list(cfg.models),),

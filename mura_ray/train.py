@@ -252,24 +252,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 })
                 reported = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=reported)
-        _maybe_inject_failure(epoch)
-
-
-def _maybe_inject_failure(epoch: int) -> None:
-    """Crash this worker once after `epoch` when MURA_RAY_FAIL_AFTER_EPOCH says so (fault-tolerance tests).
-
-    A marker file makes the crash happen once per run, so the restarted worker group can finish.
-    """
-    target = os.environ.get("MURA_RAY_FAIL_AFTER_EPOCH")
-    marker = os.environ.get("MURA_RAY_FAIL_MARKER")
-    if target is None or marker is None or int(target) != epoch + 1 or os.path.exists(marker):
-        return
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() == 0:
-        with open(marker, "w") as f:
-            f.write(str(epoch + 1))
-        os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------- driver

@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import ingest as ingest_job
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import ingest as ingest_job
 from mura_ray.data.ingest import SCHEMA, image_id_for, list_mura
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,12 +137,14 @@ def test_wrong_root_is_one_line_and_exit_2(tmp_path, capsys, case):
         mura.mkdir(parents=True)
         if case != "not_mura":
             for name in ("train", "valid"):
-                (mura / f"{name}_image_paths.csv").write_text(f"MURA-v1.1/{name}/XR_HAND/patient1/study1_negative/a.png\n")
-                (mura / f"{name}_labeled_studies.csv").write_text(f"MURA-v1.1/{name}/XR_HAND/patient1/study1_negative/,0\n")
+                study = f"MURA-v1.1/{name}/XR_HAND/patient1/study1_negative/"
+                (mura / f"{name}_image_paths.csv").write_text(f"{study}a.png\n")
+                (mura / f"{name}_labeled_studies.csv").write_text(f"{study},0\n")
             if case == "bad_row":
                 (mura / "train_image_paths.csv").write_text("some/other/layout.png\n")
             else:
-                (mura / "train_labeled_studies.csv").write_text("MURA-v1.1/train/XR_HAND/patient1/study1_negative/,yes\n")
+                bad = "MURA-v1.1/train/XR_HAND/patient1/study1_negative/,yes\n"
+                (mura / "train_labeled_studies.csv").write_text(bad)
     rc = ingest_job.main(["--source", "mura", "--root", str(root), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2

@@ -379,7 +379,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     n_blocks = max(1, min(len(records) // 64, 512))
     meta = (
         ray.data.from_pandas(_chunks(records[["image_id", "uri"]], n_blocks))
-        .map_batches(inspect_images, batch_format="pandas", fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=0.5)
+        .map_batches(inspect_images, batch_format="pandas", fn_kwargs={"max_pixels": cfg.max_pixels})
         .to_pandas()
     )
     records = records.merge(meta, on="image_id", how="left", validate="one_to_one")
@@ -406,7 +406,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         split_blocks = max(1, min(len(rows) // max(1, cfg.rows_per_file // 4), 512))
         (
             ray.data.from_pandas(_chunks(rows[columns], split_blocks))
-            .map_batches(attach_bytes, batch_format="pandas", batch_size=64, num_cpus=0.5)
+            .map_batches(attach_bytes, batch_format="pandas", batch_size=64)
             .write_parquet(
                 storage.resolve(storage.join(cfg.out, split))[1],
                 filesystem=fs,

@@ -28,7 +28,8 @@ def read_split(data: str, split: str, columns: tuple[str, ...] | None = None):
 
     uri = storage.join(data, split)
     fs, path = storage.resolve(uri)
-    return ray.data.read_parquet(path, filesystem=fs, columns=list(columns) if columns else None)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    return ds.select_columns(list(columns)) if columns else ds
 
 
 def resize_pad(img: np.ndarray, size: int, scale: float = 1.0) -> Image.Image:
@@ -105,7 +106,7 @@ def preprocess_batch(
 
 
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
-                num_cpus: float = 0.5, batch_size: int = 32):
+                num_cpus: float = 1.0, batch_size: int = 32):
     """The streaming dataset a Train worker consumes for `split`."""
     ds = read_split(data, split, TRAIN_COLUMNS)
     if train:

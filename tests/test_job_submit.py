@@ -1,0 +1,113 @@
+"""The documented cluster path, against a local head: `ray start --head`, then `ray job submit ... jobs/score.py`.
+
+The head runs in its own process group with its own ports and temp dir; the test stops exactly the processes it
+started (never `ray stop`, which would take down every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def local_head(tmp_path):
+    gcs, dash, client, agent_listen, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
+    worker_base = 20000 + (os.getpid() % 2000) * 10
+    temp_dir = Path(f"/tmp/rj{os.getpid() % 100000}")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent_listen), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+        "--min-worker-port", str(worker_base), "--max-worker-port", str(worker_base + 200),
+        "--num-cpus", "4", "--temp-dir", str(temp_dir), "--disable-usage-stats",
+    ]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or head.poll() is not None:
+                    raise RuntimeError("the local Ray head did not come up") from None
+                time.sleep(1)
+        yield address, env
+    finally:
+        _stop(head, temp_dir)
+
+
+def _stop(head: subprocess.Popen, temp_dir: Path) -> None:
+    """Stop the head we started: its process group, then any straggler that runs from its temp dir."""
+    import psutil
+
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.slow
+def test_job_submit_scores_a_folder_on_a_local_head(local_head, tmp_path):
+    from mura_ray.models import ModelSpec, build_model, export_model
+    from mura_ray.score import read_predictions
+
+    address, env = local_head
+    model_dir = tmp_path / "model"
+    export_model(build_model("custom_cnn").eval(), ModelSpec(backbone="custom_cnn", image_size=32, mean=0.5, std=0.25),
+                 str(model_dir), {"backbone": "custom_cnn"})
+    images = tmp_path / "archive" / "XR_WRIST"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "scored"
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
+        "--working-dir", ".", "--", "python", "jobs/score.py", "--model", str(model_dir),
+        "--input", str(tmp_path / "archive"), "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "scored 6 images" in proc.stdout
+    df = read_predictions(str(out))
+    assert len(df) == 6 and df["image_id"].is_unique and set(df["body_part"]) == {"WRIST"}

@@ -1,0 +1,134 @@
+"""Training end to end on Ray Train: the CLI, DDP on CPU, resume after a worker crash, a two-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import train as train_job
+
+from mura_ray.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cli_run_exports_model_and_report(trained_run: Path):
+    model = trained_run / "model"
+    assert (model / "model.safetensors").stat().st_size > 0
+    config = json.loads((model / "config.json").read_text())
+    assert config["backbone"] == "custom_cnn" and config["image_size"] == 32
+    card = json.loads((model / "model_card.json").read_text())
+    for key in ("model_id", "backbone", "tasks", "input", "training", "metrics", "code_version"):
+        assert key in card
+    assert card["tasks"]["body_part"][0] == "ELBOW" and card["training"]["fingerprint"]
+    assert set(card["metrics"]["test"]) >= {"image_roc_auc", "image_cohen_kappa", "body_part_accuracy"}
+    report = json.loads((trained_run / "report" / "report.json").read_text())
+    for key in ("accuracy", "roc_auc", "cohen_kappa"):
+        assert key in report["image_level"]
+    assert 0.0 <= report["body_part"]["accuracy"] <= 1.0
+    assert (trained_run / "report" / "report.html").exists()
+    # Best-k checkpoints are kept (k = 2 by default), each with the full training state.
+    checkpoints = sorted(c for c in trained_run.glob("checkpoint_*") if c.is_dir())
+    assert 1 <= len(checkpoints) <= 2 and all((c / "state.pt").exists() for c in checkpoints)
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    assert train_job.main(["--backbone", "resnet5O", "--data", "/nonexistent"]) == 2
+    assert "Did you mean 'resnet50'" in capsys.readouterr().err
+    assert train_job.main(["--epochs", "0", "--lr", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--epochs must be > 0" in err and "--lr must be > 0" in err and "\n" not in err
+    assert train_job.main(["--data", "/nonexistent/dataset", "--backbone", "custom_cnn"]) == 2
+    assert "no such dataset" in capsys.readouterr().err
+
+
+def test_recipes_load(tmp_path):
+    for recipe in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        args = train_job.build_parser().parse_args(["--config", str(recipe)])
+        cfg = train_job.build_config(args)
+        assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.slow
+def test_ddp_two_workers_on_cpu(ray_cluster, mura_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    assert train_job.main([
+        "--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn", "--image-size", "32",
+        "--epochs", "1", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "0.5",
+    ]) == 0
+    card = json.loads((out / "model" / "model_card.json").read_text())
+    assert card["training"]["config"]["workers"] == 2
+
+
+class _KillWorkerAfterFirstEpoch:
+    """Driver-side callback that SIGKILLs the training worker once, right after epoch 1 is reported."""
+
+    def __new__(cls):
+        import ray.train
+
+        class Killer(ray.train.UserCallback):
+            killed = False
+
+            def after_report(self, run_context, metrics, checkpoint):  # noqa: ARG002
+                if Killer.killed or metrics[0]["epoch"] != 1:
+                    return
+                from ray.util.state import list_actors
+
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                for actor in workers:
+                    os.kill(actor.pid, signal.SIGKILL)
+                Killer.killed = bool(workers)
+
+        return Killer()
+
+
+@pytest.mark.slow
+def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
+    from mura_ray.train import build_trainer, prepare_run
+
+    cfg = TrainConfig(data=mura_dataset, out=str(tmp_path / "crash"), backbone="custom_cnn", image_size=32,
+                      epochs=3, batch_size=16, max_failures=2)
+    run = prepare_run(cfg)
+    killer = _KillWorkerAfterFirstEpoch()
+    result = build_trainer(run, callbacks=[killer]).fit()
+    assert type(killer).killed, "the worker was never killed"
+    epochs = [int(e) for e in result.metrics_dataframe["epoch"]]
+    # The restarted worker group resumed at epoch 2 from the checkpoint; epoch 1 was not trained again.
+    assert epochs == [1, 2, 3]
+
+    # Re-running the same run directory resumes a finished run instead of starting over.
+    again = build_trainer(prepare_run(cfg)).fit()
+    assert [int(e) for e in again.metrics_dataframe["epoch"]] == [1, 2, 3]
+
+
+_TWO_NODES = """
+import sys
+sys.path.insert(0, {jobs!r})
+import ray
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2, "include_dashboard": True}})
+cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+import train
+rc = train.main(["--data", {data!r}, "--out", {out!r}, "--backbone", "custom_cnn", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "1"])
+ray.shutdown()
+cluster.shutdown()
+print("RC", rc)
+"""
+
+
+@pytest.mark.slow
+def test_two_node_cluster(mura_dataset, tmp_path):
+    script = _TWO_NODES.format(jobs=str(REPO / "jobs"), data=mura_dataset, out=str(tmp_path / "multi"))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert "RC 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "multi" / "model" / "model.safetensors").exists()
