@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bootstrap", type=int, default=200, help="bootstrap resamples for the report's 95%% CIs (0 disables)")
     a("--chunk-size", type=int, default=20000, dest="chunk_images",
       help="images per committed chunk; an interruption loses at most one chunk (default 20000)")
+    a("--explain", type=int, default=0, metavar="N",
+      help="add Grad-CAM heatmaps of N most confident true positives, false negatives and false positives to "
+      "the report (needs pip install 'mura_ray[explain]'; default 0: none)")
     a("--no-report", action="store_true", help="skip the metric report even when the input has labels")
     return p
 
@@ -43,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         models=tuple(args.models), input=args.input, out=args.out, batch_size=args.batch_size,
         concurrency=args.concurrency, gpu=args.gpu, tta=args.tta, threshold=args.threshold,
         bootstrap=args.bootstrap, report=not args.no_report, cpus_per_actor=args.cpus_per_actor,
-        chunk_images=args.chunk_images,
+        chunk_images=args.chunk_images, explain=args.explain,
     )
     summary = score(cfg)
     print(f"scored {summary['scored']} images, skipped {summary['skipped_already_done']} already done, "

@@ -344,6 +344,11 @@ def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
 
     cfg = cfg.validate()
     model_ids, model_threshold = _check_models(cfg.models)
+    if cfg.explain:
+        import importlib.util
+
+        if importlib.util.find_spec("pytorch_grad_cam") is None:
+            raise UserError("--explain needs the optional extra: pip install 'mura_ray[explain]'")
     threshold = cfg.threshold if cfg.threshold is not None else model_threshold
     init_ray()
     use_gpu = _resolve_gpu(cfg.gpu)
@@ -401,8 +406,9 @@ def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
     }
     if cfg.report and manifest.get("n_rows"):
         report_dir = report_dir or storage.join(cfg.out, "report")
+        explain = {"n": cfg.explain, "input": cfg.input, "models": list(cfg.models)} if cfg.explain else None
         made = ray.get(ray.remote(_report_task).options(num_cpus=1).remote(
-            storage.join(cfg.out, PREDICTIONS), report_dir, threshold, cfg.bootstrap))
+            cfg.out, report_dir, threshold, cfg.bootstrap, explain))
         if made is not None:
             summary["report"] = report_dir
             summary["report_summary"] = made
@@ -433,15 +439,26 @@ def _chunk_rows(chunk: Chunk) -> int:
     return n
 
 
-def _report_task(predictions: str, report_dir: str, threshold: float, bootstrap: int) -> dict[str, Any] | None:
-    """Ray task: build and write the metric report when the predictions carry labels (keeps the driver small)."""
+def _report_task(out: str, report_dir: str, threshold: float, bootstrap: int,
+                 explain: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Ray task: build and write the metric report when the predictions carry labels (keeps the driver small).
+
+    With `explain`, Grad-CAM heatmaps of the most confident true positives, false negatives and false positives
+    are added to the HTML report.
+    """
     from mura_ray.report import build_report, load_predictions, write_report
 
-    df = load_predictions(predictions)
+    df = load_predictions(out)
     if "label" not in df or df["label"].notna().sum() == 0 or df["prob_abnormal"].notna().sum() == 0:
         return None
     report = build_report(df, threshold=threshold, threshold_source="model", bootstrap=bootstrap)
-    write_report(report, df, report_dir)
+    explanations = None
+    if explain:
+        from mura_ray.explain import explain_report_examples
+
+        explanations = explain_report_examples(read_predictions(out), explain["input"], explain["models"],
+                                               explain["n"], threshold)
+    write_report(report, df, report_dir, explanations=explanations)
     return report
 
 

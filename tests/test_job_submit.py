@@ -85,28 +85,33 @@ def _stop(head: subprocess.Popen, temp_dir: Path) -> None:
             pass
 
 
+def _submit(address: str, env: dict[str, str], job: list[str]) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
+           "--working-dir", ".", "--", "python", *job]
+    # Token authentication is on by default for a local head: the client must send the token.
+    return subprocess.run(cmd, cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                          timeout=900)
+
+
 @pytest.mark.slow
-def test_job_submit_scores_a_folder_on_a_local_head(local_head, tmp_path):
-    from mura_ray.models import ModelSpec, build_model, export_model
+def test_job_submit_train_then_score_on_a_local_head(local_head, mura_dataset, tmp_path):
     from mura_ray.score import read_predictions
 
     address, env = local_head
-    model_dir = tmp_path / "model"
-    export_model(build_model("custom_cnn").eval(), ModelSpec(backbone="custom_cnn", image_size=32, mean=0.5, std=0.25),
-                 str(model_dir), {"backbone": "custom_cnn"})
+    run = tmp_path / "run"
+    proc = _submit(address, env, ["jobs/train.py", "--data", mura_dataset, "--out", str(run), "--backbone",
+                                  "custom_cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "16"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "model" / "model.safetensors").exists() and (run / "report" / "report.json").exists()
+
     images = tmp_path / "archive" / "XR_WRIST"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(images / f"{i}.png")
     out = tmp_path / "scored"
-    cmd = [
-        str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
-        "--working-dir", ".", "--", "python", "jobs/score.py", "--model", str(model_dir),
-        "--input", str(tmp_path / "archive"), "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = _submit(address, env, ["jobs/score.py", "--model", str(run / "model"), "--input",
+                                  str(tmp_path / "archive"), "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "scored 6 images" in proc.stdout
     df = read_predictions(str(out))
