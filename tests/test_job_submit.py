@@ -51,7 +51,8 @@ def local_head(tmp_path):
         "--min-worker-port", str(worker_base), "--max-worker-port", str(worker_base + 200),
         "--num-cpus", "4", "--temp-dir", str(temp_dir), "--disable-usage-stats",
     ]
-    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (closed when the head is stopped)
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
@@ -61,11 +62,13 @@ def local_head(tmp_path):
                 break
             except OSError:
                 if time.time() > deadline or head.poll() is not None:
-                    raise RuntimeError("the local Ray head did not come up") from None
+                    tail = (tmp_path / "head.log").read_text()[-3000:]
+                    raise RuntimeError(f"the local Ray head did not come up:\n{tail}") from None
                 time.sleep(1)
         yield address, env
     finally:
         _stop(head, temp_dir)
+        log.close()
 
 
 def _stop(head: subprocess.Popen, temp_dir: Path) -> None:

@@ -68,21 +68,21 @@ def test_ddp_two_workers_on_cpu(ray_cluster, mura_dataset, tmp_path):
 class _KillWorkerAfterFirstEpoch:
     """Driver-side callback that SIGKILLs the training worker once, right after epoch 1 is reported."""
 
-    def __new__(cls):
+    def __new__(cls, gcs_address: str, marker: Path):
         import ray.train
 
         class Killer(ray.train.UserCallback):
-            killed = False
-
             def after_report(self, run_context, metrics, checkpoint):  # noqa: ARG002
-                if Killer.killed or metrics[0]["epoch"] != 1:
+                if marker.exists() or metrics[0]["epoch"] != 1:
                     return
                 from ray.util.state import list_actors
 
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = list_actors(address=gcs_address,
+                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 for actor in workers:
                     os.kill(actor.pid, signal.SIGKILL)
-                Killer.killed = bool(workers)
+                if workers:
+                    marker.write_text(",".join(str(a.pid) for a in workers))
 
         return Killer()
 
@@ -94,9 +94,10 @@ def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     cfg = TrainConfig(data=mura_dataset, out=str(tmp_path / "crash"), backbone="custom_cnn", image_size=32,
                       epochs=3, batch_size=16, max_failures=2)
     run = prepare_run(cfg)
-    killer = _KillWorkerAfterFirstEpoch()
+    marker = tmp_path / "killed"
+    killer = _KillWorkerAfterFirstEpoch(ray_cluster.get_runtime_context().gcs_address, marker)
     result = build_trainer(run, callbacks=[killer]).fit()
-    assert type(killer).killed, "the worker was never killed"
+    assert marker.exists(), "the worker was never killed"
     epochs = [int(e) for e in result.metrics_dataframe["epoch"]]
     # The restarted worker group resumed at epoch 2 from the checkpoint; epoch 1 was not trained again.
     assert epochs == [1, 2, 3]
@@ -111,7 +112,8 @@ import sys
 sys.path.insert(0, {jobs!r})
 import ray
 from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2, "include_dashboard": True}})
+cluster = Cluster(initialize_head=True,
+                  head_node_args={{"num_cpus": 2, "include_dashboard": True, "dashboard_port": {port}}})
 cluster.add_node(num_cpus=2)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
@@ -127,7 +129,12 @@ print("RC", rc)
 
 @pytest.mark.slow
 def test_two_node_cluster(mura_dataset, tmp_path):
-    script = _TWO_NODES.format(jobs=str(REPO / "jobs"), data=mura_dataset, out=str(tmp_path / "multi"))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = _TWO_NODES.format(jobs=str(REPO / "jobs"), data=mura_dataset, out=str(tmp_path / "multi"), port=port)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert "RC 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
