@@ -35,6 +35,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Keep idle workers a while: restarting a Python worker per Ray Data task dominates on small machines.
+        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
         cpus = num_cpus or max(4, os.cpu_count() or 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, log_to_driver=True,
                  _node_ip_address="127.0.0.1")

@@ -21,6 +21,9 @@ os.environ.pop("RAY_ADDRESS", None)
 # Bind every test Ray to 127.0.0.1 (without this, Ray resolves 127.0.0.1 to the machine's address). Read by Ray at
 # import time, so it is set before anything imports ray.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Keep idle workers for a while instead of killing them after 1 s: on 2 cores, restarting a Python worker for
+# every Ray Data task costs more than the task.
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("MURA_RAY_CACHE", str(Path(tempfile.gettempdir()) / "mura_ray_test_cache"))

@@ -89,7 +89,7 @@ class _KillWorkerAfterFirstEpoch:
 
 @pytest.mark.slow
 def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
-    from mura_ray.train import build_trainer, prepare_run
+    from mura_ray.train import best_state, build_trainer, prepare_run
 
     cfg = TrainConfig(data=mura_dataset, out=str(tmp_path / "crash"), backbone="custom_cnn", image_size=32,
                       epochs=3, batch_size=16, max_failures=2)
@@ -99,12 +99,14 @@ def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     result = build_trainer(run, callbacks=[killer]).fit()
     assert marker.exists(), "the worker was never killed"
     epochs = [int(e) for e in result.metrics_dataframe["epoch"]]
-    # The restarted worker group resumed at epoch 2 from the checkpoint; epoch 1 was not trained again.
-    assert epochs == [1, 2, 3]
+    # The restarted worker group resumed at epoch 2 from epoch 1's checkpoint: epoch 1 was not trained again.
+    assert epochs == [2, 3]
 
-    # Re-running the same run directory resumes a finished run instead of starting over.
+    # Re-running the same run directory resumes the finished run: nothing is trained again.
+    checkpoints = sorted(p.name for p in (tmp_path / "crash").glob("checkpoint_*") if p.is_dir())
     again = build_trainer(prepare_run(cfg)).fit()
-    assert [int(e) for e in again.metrics_dataframe["epoch"]] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "crash").glob("checkpoint_*") if p.is_dir()) == checkpoints
+    assert best_state(again)["epoch"] == best_state(result)["epoch"]
 
 
 _TWO_NODES = """
