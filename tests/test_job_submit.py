@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def local_head(tmp_path):
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:
+                break  # the dashboard answers (401 without the auth token): the head is up
             except OSError:
                 if time.time() > deadline or head.poll() is not None:
                     tail = (tmp_path / "head.log").read_text()[-3000:]

@@ -403,14 +403,15 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         if rows.empty:
             continue
         columns = [c for c in SCHEMA.names if c != "image"] + ["uri"]
-        split_blocks = max(1, min(len(rows) // max(1, cfg.rows_per_file // 4), 512))
+        # One task per block, one Parquet file per task, written batch by batch: memory stays at a few batches
+        # per task however large the archive (no min_rows_per_file, which would buffer rows across blocks).
+        split_blocks = -(-len(rows) // cfg.rows_per_file)
         (
             ray.data.from_pandas(_chunks(rows[columns], split_blocks))
             .map_batches(attach_bytes, batch_format="pandas", batch_size=64)
             .write_parquet(
                 storage.resolve(storage.join(cfg.out, split))[1],
                 filesystem=fs,
-                min_rows_per_file=min(cfg.rows_per_file, len(rows)),
             )
         )
         logger.info("Wrote %d %s images to %s", len(rows), split, storage.join(cfg.out, split))
