@@ -47,9 +47,9 @@ _VIEWS_PER_STUDY = (0.08, 0.37, 0.40, 0.15)  # P(1, 2, 3, 4 images)
 _RGB_RATE = 0.1
 _UINT16_RATE = 0.1
 
-LesionKind = Literal["fracture", "fragment", "hardware"]
-_LESION_KINDS: tuple[LesionKind, ...] = ("fracture", "fragment", "hardware")
-_LESION_WEIGHTS = (0.45, 0.2, 0.35)
+LesionKind = Literal["fracture", "butterfly", "avulsion", "hardware"]
+_LESION_KINDS: tuple[LesionKind, ...] = ("fracture", "butterfly", "avulsion", "hardware")
+_LESION_WEIGHTS = (0.45, 0.14, 0.06, 0.35)
 
 Point = tuple[float, float]
 
@@ -389,8 +389,25 @@ def _fracture(layer: np.ndarray, bone: _Bone, t: float, rng: np.random.Generator
     return np.maximum(proximal, distal)
 
 
-def _fragment(layer: np.ndarray, bone: _Bone, at_far_end: bool, rng: np.random.Generator) -> np.ndarray:
-    """Chip a corner off one end of the bone and displace it (avulsion)."""
+def _butterfly(layer: np.ndarray, bone: _Bone, t: float, rng: np.random.Generator) -> np.ndarray:
+    """Break a wedge out of the shaft, its base on one cortex, and push it away from the bone."""
+    u, nrm = _axes(bone)
+    side = rng.choice((-1.0, 1.0))
+    centre = bone.p0 + t * (bone.p1 - bone.p0)
+    x, y = _grid(layer.shape[0])
+    along = (x - centre[0]) * u[0] + (y - centre[1]) * u[1]
+    across = ((x - centre[0]) * nrm[0] + (y - centre[1]) * nrm[1]) * side
+    half = rng.uniform(0.05, 0.09)  # half the wedge's base, on the cortex
+    gap = rng.uniform(0.025, 0.04)
+    edge = half * (across + 0.6 * bone.width) / (1.1 * bone.width) - np.abs(along)  # > 0 inside the wedge
+    wedge = np.where(edge > gap / 2, layer, 0.0).astype(np.float32)
+    rest = np.where(edge > -gap / 2, 0.0, layer)
+    wedge = _move(wedge, centre, rng.uniform(-0.4, 0.4), nrm * side * rng.uniform(0.04, 0.07))
+    return np.maximum(rest, wedge)
+
+
+def _avulsion(layer: np.ndarray, bone: _Bone, at_far_end: bool, rng: np.random.Generator) -> np.ndarray:
+    """Chip a corner off one end of the bone and displace it."""
     u, nrm = _axes(bone)
     end, outward = (bone.p1, u) if at_far_end else (bone.p0, -u)
     side = rng.choice((-1.0, 1.0))
@@ -498,9 +515,11 @@ def _render(body_part: str, lesion: _Lesion | None, size: int, rng: np.random.Ge
         site = bone.p0 + t * (bone.p1 - bone.p0)
         if lesion.kind == "fracture":
             layer = _fracture(layer, bone, t, rng, displaced=rng.random() < 0.85)
-        elif lesion.kind == "fragment":
+        elif lesion.kind == "butterfly":
+            layer = _butterfly(layer, bone, t, rng)
+        elif lesion.kind == "avulsion":
             site = bone.p1 if lesion.position < 0.5 else bone.p0
-            layer = _fragment(layer, bone, lesion.position < 0.5, rng)
+            layer = _avulsion(layer, bone, lesion.position < 0.5, rng)
         else:
             if rng.random() < 0.4:  # fixation of a still-visible fracture
                 layer = _fracture(layer, bone, t, rng, displaced=False)
@@ -512,9 +531,9 @@ def _render(body_part: str, lesion: _Lesion | None, size: int, rng: np.random.Ge
             tissue = tissue + rng.uniform(0.6, 1.2) * np.exp(-((x - site[0]) ** 2 + (y - site[1]) ** 2) / radius**2)
 
     texture = 1.0 + 0.08 * _smooth_noise(rng, (size, size), max(2, size // 24))
-    canvas = rng.uniform(0.15, 0.25) * tissue + rng.uniform(0.42, 0.58) * bones * texture
+    canvas = rng.uniform(0.15, 0.23) * tissue + rng.uniform(0.38, 0.52) * bones * texture
     if metal is not None:
-        canvas = np.maximum(canvas, rng.uniform(0.95, 1.05) * metal)
+        canvas = np.maximum(canvas, rng.uniform(1.0, 1.1) * metal)
 
     # Pose: rotate, zoom, shift and mirror the whole canvas into a not-quite-square film.
     width, height = (round(size * rng.uniform(0.8, 1.0)) for _ in range(2))
@@ -539,7 +558,7 @@ def _render(body_part: str, lesion: _Lesion | None, size: int, rng: np.random.Ge
     image = image * (1.0 + ramp) + rng.uniform(0.02, 0.1)
     image = np.maximum(image, rng.uniform(0.85, 1.0) * _marker((height, width), rng))
     image = _blur(image, rng.uniform(0.4, 1.2) * size / 256)
-    low, high = rng.uniform(-0.05, 0.06), rng.uniform(0.85, 1.15)
+    low, high = rng.uniform(-0.05, 0.06), rng.uniform(0.95, 1.15)
     image = np.clip((image - low) / (high - low), 0.0, 1.0) ** rng.uniform(0.7, 1.4)
     grain = rng.normal(0.0, rng.uniform(0.008, 0.025), (height, width))
     mottle = rng.uniform(0.0, 0.025) * _smooth_noise(rng, (height, width), max(2, size // 32))
@@ -612,7 +631,7 @@ def _study_lesions(study: _Study) -> list[_Lesion | None]:
     if not study.abnormal:
         return [None] * study.n_views
     rng = np.random.default_rng([study.seed, 0])
-    lesion = _Lesion(_LESION_KINDS[rng.choice(3, p=_LESION_WEIGHTS)], rng.random(), rng.random())
+    lesion = _Lesion(_LESION_KINDS[rng.choice(len(_LESION_KINDS), p=_LESION_WEIGHTS)], rng.random(), rng.random())
     visible = rng.random(study.n_views) < _VISIBLE_RATE
     if not visible.any():
         visible[rng.integers(study.n_views)] = True
