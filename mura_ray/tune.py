@@ -1,0 +1,617 @@
+"""Hyper-parameter search on Ray Tune: every trial is the training job's own TorchTrainer; ASHA stops weak trials.
+
+The three layers Ray documents for Tune over Train V2: `run_trial` is the Tune function trainable (sampled options
+→ TrainConfig → `prepare_run` / `build_trainer` → fit) whose Train workers report each epoch to Tune through
+`TuneReportCallback`; `tune(cfg)` runs the Tuner (a new one, or the interrupted one found in OUT, restored), then
+writes the leaderboard, exports the best trial like jobs/train.py does and compares the best trial of each backbone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import ray.data
+import ray.tune
+import yaml
+
+from mura_ray import storage
+from mura_ray.config import DEMO_TRAIN_DEFAULTS, TrainConfig, TuneConfig, UserError, replace_from
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPACE = str(Path(__file__).with_name("tune_space.yaml"))
+DOMAINS = ("choice", "grid", "uniform", "loguniform")
+SET_BY_FLAGS = {
+    "data": "--data", "out": "--out", "epochs": "--epochs", "workers": "--workers-per-trial", "gpu": "--gpu",
+    "cpus_per_worker": "--cpus-per-worker", "demo_images": "--demo-images", "seed": "--seed",
+}
+"""Training options the search fixes for every trial from its own flags, so a space may not set them."""
+MODES = {"val_auc": "max", "val_kappa": "max", "val_loss": "min"}
+TRIALS_DIR = "trials"
+"""OUT/trials/<trial id>/ is each trial's Train run directory (its checkpoints)."""
+SEARCH_FILE = "search.json"
+
+DEMO_TUNE_DEFAULTS: dict[str, Any] = {
+    "backbones": ("custom_cnn", "resnet18"),
+    "num_samples": 2,
+    "epochs": 3,
+    "image_size": 48,
+    "max_concurrent": 2,
+    "demo_images": 600,
+}
+"""Defaults when no --data is given: 4 small trials over 2 backbones that finish in minutes on 2 CPU cores."""
+
+STOPPED_BY_ASHA = "stopped by ASHA"
+STOPPED_BY_PATIENCE = "stopped by patience"
+
+
+# ---------------------------------------------------------------------------------------------------- search space
+def load_space(path: str | None = None) -> dict[str, Any]:
+    """Read and check a search-space YAML (default: the shipped one): {option: fixed value or {domain: args}}."""
+    path = path or DEFAULT_SPACE
+    source = f"--space {path}"
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise UserError(f"{source}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{source}: expected a mapping of training options to values or domains, "
+                        "e.g. `lr: {loguniform: [1.0e-4, 3.0e-3]}`")
+    return check_space({str(k).replace("-", "_"): v for k, v in raw.items()}, source=source)
+
+
+def check_space(spec: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Validate every key and every value a trial could get; returns the space with values typed like TrainConfig.
+
+    Raises one UserError listing every problem, each naming its option.
+    """
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    searchable = sorted(set(types) - set(SET_BY_FLAGS))
+    problems: list[str] = []
+    checked: dict[str, Any] = {}
+    for name, value in spec.items():
+        if name in SET_BY_FLAGS:
+            problems.append(f"{name} is set by {SET_BY_FLAGS[name]}, not by the search space")
+        elif name not in types:
+            close = difflib.get_close_matches(name, searchable, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; options: {', '.join(searchable)}"
+            problems.append(f"unknown option {name!r}{hint}")
+        else:
+            try:
+                checked[name] = _check_entry(name, value, types[name])
+            except ValueError as e:
+                problems.append(f"{name}: {e}")
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))
+    return checked
+
+
+def _check_entry(name: str, value: Any, ftype: str) -> Any:
+    if not isinstance(value, dict):
+        fixed = _coerce(value, ftype)
+        _check_value(name, fixed)
+        return fixed
+    if len(value) != 1 or next(iter(value)) not in DOMAINS:
+        raise ValueError(f"a searched option is a mapping with one key of {', '.join(DOMAINS)}, got {value!r}")
+    ((kind, args),) = value.items()
+    if not isinstance(args, list) or not args:
+        raise ValueError(f"{kind} needs a non-empty list, got {args!r}")
+    if kind in ("uniform", "loguniform"):
+        if ftype != "float":
+            raise ValueError(f"{kind} draws floats but {name} is {ftype}; use choice or grid")
+        if len(args) != 2:
+            raise ValueError(f"{kind} needs [low, high], got {args!r}")
+        low, high = (_coerce(a, "float") for a in args)
+        if not low < high:
+            raise ValueError(f"{kind} needs low < high, got {args!r}")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"loguniform needs 0 < low, got {args!r}")
+        values = [low, high]
+    else:
+        values = [_coerce(a, ftype) for a in args]
+    for v in values:
+        _check_value(name, v)
+    return {kind: values}
+
+
+def _coerce(value: Any, ftype: str) -> Any:
+    if ftype == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 (no dot) or 1.0e4 (no exponent sign) as a string
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if ftype == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected an integer, got {value!r}")
+    if ftype == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if value is None and "None" in ftype:
+        return None
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {value!r}")
+
+
+def _check_value(name: str, value: Any) -> None:
+    """The training job's own validation of one value (and, for a backbone, that timm knows it)."""
+    import timm
+
+    from mura_ray.models import CUSTOM_CNN, build_trunk
+
+    try:
+        TrainConfig(**{name: value}).validate()
+        if name == "backbone" and value != CUSTOM_CNN and not timm.is_model(value):
+            build_trunk(value)  # raises the UserError that names the closest timm model
+    except UserError as e:
+        raise ValueError(f"{value!r}: {e}") from None
+
+
+def resolve_space(cfg: TuneConfig) -> dict[str, Any]:
+    """The space file with the command line's overrides: --backbones as a grid, --image-size fixed."""
+    spec = load_space(cfg.space)
+    overrides: dict[str, Any] = {}
+    if cfg.backbones:
+        overrides["backbone"] = {"grid": list(cfg.backbones)}
+    if cfg.image_size is not None:
+        overrides["image_size"] = cfg.image_size
+    return {**spec, **check_space(overrides, source="command line")}
+
+
+def to_param_space(spec: dict[str, Any]) -> dict[str, Any]:
+    """Tune's param_space for a checked space."""
+    def domain(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        ((kind, args),) = value.items()
+        if kind == "choice":
+            return ray.tune.choice(args)
+        if kind == "grid":
+            return ray.tune.grid_search(args)
+        if kind == "uniform":
+            return ray.tune.uniform(*args)
+        return ray.tune.loguniform(*args)
+
+    return {name: domain(value) for name, value in spec.items()}
+
+
+def count_trials(spec: dict[str, Any], num_samples: int) -> int:
+    """Trials a search runs: --num-samples for every grid point."""
+    return num_samples * math.prod(len(v["grid"]) for v in spec.values() if isinstance(v, dict) and "grid" in v)
+
+
+def varied_options(spec: dict[str, Any]) -> list[str]:
+    """Options that differ between trials (the leaderboard's hyper-parameter columns), backbone first."""
+    names = [k for k, v in spec.items() if isinstance(v, dict) and len(next(iter(v.values()))) > 1]
+    return ["backbone", *[n for n in names if n != "backbone"]]
+
+
+def trial_config(search: TuneConfig, params: dict[str, Any], *, data: str | None, out: str) -> TrainConfig:
+    """A trial's training options: training defaults (the demo's without --data), `extra`, the sampled space,
+    then what the search fixes for every trial."""
+    cfg = TrainConfig()
+    if search.data is None:
+        cfg = replace_from(cfg, DEMO_TRAIN_DEFAULTS, source="demo defaults")
+    cfg = replace_from(cfg, search.extra, source="extra training options")
+    cfg = replace_from(cfg, params, source="search space")
+    return replace(
+        cfg, data=data, out=out, epochs=search.epochs, workers=search.workers_per_trial, gpu=search.gpu,
+        cpus_per_worker=search.cpus_per_worker, demo_images=search.demo_images, seed=search.seed,
+    )
+
+
+def trial_run_dir(out: str, trial_id: str) -> str:
+    return storage.join(out, TRIALS_DIR, trial_id)
+
+
+# ---------------------------------------------------------------------------------------------------- trial
+def run_trial(params: dict[str, Any], *, search: TuneConfig, data: str) -> None:
+    """Tune function trainable: one run of the training job with the sampled options, reporting every epoch.
+
+    The trial's Train run directory is named by the trial id, so a trial restarted by a resumed search continues
+    from its own last checkpoint.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mura_ray.train import build_trainer, prepare_run
+
+    # A trial runs in a Ray actor, never at a terminal: keep Ray Data's progress bars out of the search's log.
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    trial_id = ray.tune.get_context().get_trial_id()
+    run = prepare_run(trial_config(search, params, data=data, out=trial_run_dir(search.out, trial_id)))
+    build_trainer(run, callbacks=[TuneReportCallback()]).fit()
+
+
+def trial_status(last: dict[str, Any], *, error: bool, max_epochs: int) -> str:
+    """How a trial ended: completed, stopped by ASHA or by patience (both early), error, or unfinished."""
+    if error:
+        return "error"
+    if not last.get("done"):
+        return "unfinished"
+    if int(last.get("epoch", 0)) >= max_epochs:
+        return "completed"
+    return STOPPED_BY_PATIENCE if last.get("stopped_early") else STOPPED_BY_ASHA
+
+
+class _TrialLogger(ray.tune.Callback):
+    """One log line per finished trial (Tune's own progress tables are off outside a terminal)."""
+
+    def __init__(self, metric: str, epochs: int, total: int, varied: list[str]):
+        self.metric, self.epochs, self.total, self.varied = metric, epochs, total, varied
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._log(trials, trial, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        lines = [ln for ln in str(trial.get_error() or "").splitlines() if ln.strip()]
+        self._log(trials, trial, error=lines[-1].strip() if lines else "unknown error")
+
+    def _log(self, trials: list, trial: Any, error: str | None) -> None:
+        finished = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+        last = trial.last_result or {}
+        status = trial_status({**last, "done": True}, error=error is not None, max_epochs=self.epochs)
+        options = " ".join(f"{k}={_fmt_value(k, trial.config.get(k))}" for k in self.varied)
+        shown = dict.fromkeys([self.metric, "val_auc", "val_kappa", "val_loss"])  # the search's metric first
+        scores = "  ".join(f"{k} {_fmt_value(k, last[k])}" for k in shown if k in last)
+        logger.info("trial %d/%d %s %s after %d/%d epochs (%.0f s): %s | %s%s", finished, self.total,
+                    trial.trial_id, status,
+                    int(last.get("epoch", 0)), self.epochs, float(last.get("time_total_s", 0.0)), options,
+                    scores or "no epoch finished", f" | {error}" if error else "")
+
+
+class _MlflowLogger(ray.tune.Callback):
+    """One MLflow run per trial: its training options as params, rank 0's metrics every epoch (step = epoch).
+
+    It runs in the search driver, where TuneReportCallback delivers rank 0's reports, so a `file://` store is
+    written on the machine the user launched from; a resumed trial keeps logging into its own run.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, search: TuneConfig, data: str):
+        self.uri, self.experiment_id, self.search, self.data = uri, experiment_id, search, data
+        self._client: Any = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None, "_runs": {}}  # Tune stores its callbacks with the search
+
+    def _run_id(self, trial: Any) -> str:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        if trial.trial_id not in self._runs:
+            found = self._client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`mura_ray.trial_id` = '{trial.trial_id}'", max_results=1
+            )
+            if found:
+                run_id = found[0].info.run_id
+            else:
+                run_id = self._client.create_run(
+                    self.experiment_id, run_name=trial.trial_id,
+                    tags={"mura_ray.trial_id": trial.trial_id, "mura_ray.search": self.search.out},
+                ).info.run_id
+                cfg = trial_config(self.search, trial.config, data=self.data,
+                                   out=trial_run_dir(self.search.out, trial.trial_id))
+                self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in asdict(cfg).items()])
+            self._runs[trial.trial_id] = run_id
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        from mlflow.entities import Metric
+        from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
+
+        skip = {*AUTO_RESULT_KEYS, *DEBUG_METRICS, "done", "epoch"}
+        step, now = int(result.get("epoch", 0)), int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        run_id = self._run_id(trial)
+        self._client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        status = trial_status({**(trial.last_result or {}), "done": True}, error=False, max_epochs=self.search.epochs)
+        run_id = self._run_id(trial)
+        self._client.set_tag(run_id, "mura_ray.status", status)
+        self._client.set_terminated(run_id, "FINISHED" if status == "completed" else "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        self._client.set_tag(run_id, "mura_ray.status", "error")
+        self._client.set_terminated(run_id, "FAILED")
+
+
+def mlflow_experiment(uri: str, name: str) -> str:
+    """The id of MLflow experiment `name` at `uri`, created when new; fails fast on a missing package or bad store."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise UserError("--mlflow-uri needs MLflow: pip install 'mura_ray[mlflow]'") from None
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses its file store unless told otherwise; giving a file-store URI is the user telling it.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(name)
+        return found.experiment_id if found else client.create_experiment(name)
+    except MlflowException as e:
+        raise UserError(f"--mlflow-uri {uri}: {str(e).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- leaderboard
+SCORE_COLUMNS = ("best_val_auc", "best_val_kappa", "best_val_loss")
+
+
+def summarize_trial(trial_id: str, params: dict[str, Any], history: list[dict[str, Any]], *,
+                    last: dict[str, Any], error: bool, max_epochs: int) -> dict[str, Any]:
+    """One leaderboard row: the trial's options, its best validation scores over the epochs it ran, how it ended."""
+    def best(key: str, pick: Any) -> float:
+        values = [float(h[key]) for h in history if h.get(key) is not None and not math.isnan(float(h[key]))]
+        return pick(values) if values else math.nan
+
+    status = trial_status(last, error=error, max_epochs=max_epochs)
+    return {
+        "trial_id": trial_id, **params,
+        "best_val_auc": best("val_auc", max), "best_val_kappa": best("val_kappa", max),
+        "best_val_loss": best("val_loss", min),
+        "epochs": max((int(h.get("epoch") or 0) for h in history), default=0),
+        "stopped_early": status in (STOPPED_BY_ASHA, STOPPED_BY_PATIENCE), "status": status,
+        "wall_time_s": float(last.get("time_total_s", math.nan)),
+    }
+
+
+def rank_trials(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Rows sorted best first by the trial's best `metric`, numbered from 1; trials without a score come last."""
+    key, sign = f"best_{metric}", (-1.0 if MODES[metric] == "max" else 1.0)
+    ordered = sorted(rows, key=lambda r: (math.isnan(r[key]), 0.0 if math.isnan(r[key]) else sign * r[key]))
+    return [{"rank": i, **r} for i, r in enumerate(ordered, start=1)]
+
+
+def render_leaderboard(rows: list[dict[str, Any]], columns: list[str], metric: str) -> str:
+    better = "higher" if MODES[metric] == "max" else "lower"
+    lines = [
+        "# Search leaderboard", "",
+        f"{len(rows)} trials ranked by their best validation {metric.removeprefix('val_')} ({better} is better); "
+        "scores are the best over the epochs each trial ran.", "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt_value(c, r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(rows: list[dict[str, Any]], out: str, *, metric: str, varied: list[str]) -> str:
+    """OUT/leaderboard.csv and OUT/leaderboard.md; returns the Markdown."""
+    import pandas as pd
+
+    columns = ["rank", "trial_id", *varied, *SCORE_COLUMNS, "epochs", "stopped_early", "status", "wall_time_s"]
+    csv = pd.DataFrame(rows, columns=columns).to_csv(index=False)
+    storage.write_bytes(storage.join(out, "leaderboard.csv"), csv.encode("utf-8"))
+    markdown = render_leaderboard(rows, columns, metric)
+    storage.write_bytes(storage.join(out, "leaderboard.md"), markdown.encode("utf-8"))
+    return markdown
+
+
+def _fmt_value(name: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if name in ("lr", "weight_decay"):
+            return f"{value:.2e}"
+        return f"{value:.0f}" if name == "wall_time_s" else f"{value:.4f}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def _absolute(uri: str) -> str:
+    """Trials run in other processes (and working directories): local paths must not be relative."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def _search_record(cfg: TuneConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    config = {k: v for k, v in asdict(cfg).items() if k != "space"}
+    return json.loads(json.dumps({"config": config, "space": spec}))
+
+
+def _check_same_search(out: str, record: dict[str, Any]) -> None:
+    """A resumed search keeps its stored settings, so refuse flags that would be silently ignored."""
+    uri = storage.join(out, SEARCH_FILE)
+    if not storage.exists(uri):
+        return
+    stored = storage.read_json(uri)
+    changed = [f"--{k.replace('_', '-')} {stored['config'].get(k)!r} there, {v!r} now"
+               for k, v in record["config"].items() if stored["config"].get(k) != v]
+    if stored.get("space") != record["space"]:
+        changed.append("the search space differs")
+    if changed:
+        raise UserError(f"--out {out} holds a search with other settings ({'; '.join(changed)}); run the same "
+                        "command to resume it, or choose a new --out")
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: str) -> dict[str, Any]:
+    """Export a trial's best checkpoint (lowest validation loss, as jobs/train.py does) to dest/model/ and report
+    on the test split in dest/report/; skipped when dest already holds this trial."""
+    import ray.train
+
+    from mura_ray.train import best_state, finish_run, prepare_run
+
+    marker = storage.join(dest, "trial.json")
+    if storage.exists(marker) and storage.read_json(marker).get("trial_id") == trial_id:
+        logger.info("%s already holds trial %s", dest, trial_id)
+        return storage.read_json(marker)["result"]
+    source = trial_run_dir(cfg.out, trial_id)
+    fs, path = storage.resolve(source)
+    state = best_state(ray.train.Result.from_path(path, storage_filesystem=fs))
+    logger.info("Exporting trial %s (epoch %d) to %s", trial_id, state["epoch"] + 1, dest)
+    result = finish_run(prepare_run(trial_config(cfg, params, data=cfg.data, out=dest)), state)
+    storage.write_json(marker, {"trial_id": trial_id, "source": source, "params": params, "result": result})
+    return result
+
+
+def tune(cfg: TuneConfig) -> dict[str, Any]:
+    """Run the search in cfg.out (or resume the one there), then leaderboard, best model and comparison.
+
+    Writes OUT/leaderboard.{csv,md}, OUT/best/ (model/ and the test report/, as a jobs/train.py run directory),
+    OUT/comparison.md (best trial of each backbone on the test split) and, for the backbones other than the
+    winner's, OUT/best_per_backbone/<backbone>/.
+    """
+    from mura_ray.runtime import init_ray
+    from mura_ray.train import resolve_data
+
+    cfg = cfg.validate()
+    cfg = replace(cfg, out=_absolute(cfg.out), data=_absolute(cfg.data) if cfg.data else None)
+    spec = resolve_space(cfg)
+    varied = varied_options(spec)
+    experiment_id = mlflow_experiment(cfg.mlflow_uri, cfg.out) if cfg.mlflow_uri else None
+    record = _search_record(cfg, spec)
+    fs, path = storage.resolve(cfg.out)
+    resuming = ray.tune.Tuner.can_restore(path, storage_filesystem=fs)
+    if resuming:
+        _check_same_search(cfg.out, record)
+
+    init_ray()
+    if not cfg.data:
+        logger.info("No --data given: searching on the built-in SYNTHETIC demo radiographs (not MURA).")
+    # Resolved once here, so concurrent trials never race to build the demo set.
+    data = _absolute(resolve_data(TrainConfig(data=cfg.data, demo_images=cfg.demo_images)))
+    # The trial only drives its TorchTrainer, which reserves the workers' resources itself; a whole CPU per trial
+    # would starve those workers on small clusters. Tune refuses an empty request, hence 0.01.
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, search=cfg, data=data), {"cpu": 0.01})
+    if resuming:
+        logger.info("Resuming the search in %s: finished trials are kept, unfinished ones continue", cfg.out)
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        storage.write_json(storage.join(cfg.out, SEARCH_FILE), record)
+        tuner = _new_tuner(cfg, spec, trainable, data=data, experiment_id=experiment_id)
+    start = time.time()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        grid = tuner.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            # Tune leaves its Ctrl+C handler installed unless a signal came: restore ours so that Ctrl+C during the
+            # export below stops the job instead of being swallowed.
+            signal.signal(signal.SIGINT, sigint)
+
+    rows, configs = _summarize_grid(grid, cfg, varied)
+    markdown = write_leaderboard(rows, cfg.out, metric=cfg.metric, varied=varied)
+    summary: dict[str, Any] = {"out": cfg.out, "leaderboard": rows, "leaderboard_md": markdown,
+                               "resumed": resuming, "interrupted": False}
+    # A finished trial's last result says done (ASHA's stops included); after Ctrl+C Tune marks the trials it cut
+    # short as terminated, so their results are the only record that they are not finished.
+    unfinished = sum(r["status"] == "unfinished" for r in rows)
+    if unfinished:
+        logger.warning("Search interrupted with %d of %d trials unfinished; its state is saved in %s: run the same "
+                       "command again to resume it", unfinished, len(rows), cfg.out)
+        return {**summary, "interrupted": True}
+    logger.info("Search finished in %.0f s: %d trials, %d stopped early, %d failed", time.time() - start, len(rows),
+                sum(r["stopped_early"] for r in rows), grid.num_errors)
+    return {**summary, **_export_best(cfg, rows, configs)}
+
+
+def _new_tuner(cfg: TuneConfig, spec: dict[str, Any], trainable: Any, *, data: str,
+               experiment_id: str | None) -> ray.tune.Tuner:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    total, varied = count_trials(spec, cfg.num_samples), varied_options(spec)
+    logger.info("Search in %s: %d trials (%d per grid point), up to %d at a time with %d worker(s) each, %d epochs "
+                "max; ASHA on %s (%s) from epoch %d, reduction factor %d", cfg.out, total, cfg.num_samples,
+                cfg.max_concurrent, cfg.workers_per_trial, cfg.epochs, cfg.metric, MODES[cfg.metric],
+                cfg.grace_period, cfg.reduction_factor)
+    callbacks: list[ray.tune.Callback] = [_TrialLogger(cfg.metric, cfg.epochs, total, varied)]
+    if experiment_id is not None and cfg.mlflow_uri is not None:
+        callbacks.append(_MlflowLogger(cfg.mlflow_uri, experiment_id, cfg, data))
+    fs, path = storage.resolve(cfg.out)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=to_param_space(spec),
+        tune_config=ray.tune.TuneConfig(
+            metric=cfg.metric, mode=MODES[cfg.metric], num_samples=cfg.num_samples,
+            search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent, random_state=cfg.seed),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
+                                    reduction_factor=cfg.reduction_factor),
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=os.path.basename(path), storage_path=os.path.dirname(path), storage_filesystem=fs,
+            callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 0,
+        ),
+    )
+
+
+def _summarize_grid(grid: Any, cfg: TuneConfig, varied: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Ranked leaderboard rows, and every trial's sampled options by trial id."""
+    configs: dict[str, dict[str, Any]] = {}
+    rows = []
+    for result in grid:
+        trial_id = os.path.basename(result.path.rstrip("/"))
+        configs[trial_id] = dict(result.config)
+        trial_cfg = trial_config(cfg, configs[trial_id], data=cfg.data, out=trial_run_dir(cfg.out, trial_id))
+        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        rows.append(summarize_trial(trial_id, {k: getattr(trial_cfg, k) for k in varied}, history,
+                                    last=result.metrics or {}, error=result.error is not None,
+                                    max_epochs=cfg.epochs))
+    return rank_trials(rows, cfg.metric), configs
+
+
+def _export_best(cfg: TuneConfig, rows: list[dict[str, Any]], configs: dict[str, Any]) -> dict[str, Any]:
+    """Export the best trial to OUT/best and compare the best trial of each backbone on the test split."""
+    from mura_ray.report import write_comparison
+
+    usable = [r for r in rows if r["epochs"] > 0]
+    if not usable:
+        raise RuntimeError(f"every trial failed before finishing an epoch; see the errors above and {cfg.out}")
+    best = usable[0]
+    best_dir = storage.join(cfg.out, "best")
+    best_result = export_trial(cfg, best["trial_id"], configs[best["trial_id"]], best_dir)
+    out: dict[str, Any] = {"best": {"trial_id": best["trial_id"], **best_result}}
+    if "report_dir" not in best_result:
+        logger.info("The dataset has no test split: no test report and no comparison across backbones")
+        return out
+    compared = []
+    for backbone in dict.fromkeys(r["backbone"] for r in usable):
+        top = next(r for r in usable if r["backbone"] == backbone)
+        if top is best:
+            compared.append(best_dir)
+        else:
+            dest = storage.join(cfg.out, "best_per_backbone", _safe_name(backbone))
+            export_trial(cfg, top["trial_id"], configs[top["trial_id"]], dest)
+            compared.append(dest)
+    write_comparison(compared, cfg.out)
+    return {**out, "comparison": storage.join(cfg.out, "comparison.md")}
