@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -37,8 +38,16 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # Keep idle workers a while: restarting a Python worker per Ray Data task dominates on small machines.
         os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+        # Worker groups can take more than Train's default 60 s to start on a busy laptop.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
         cpus = num_cpus or max(4, os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, log_to_driver=True,
+        # Name this Ray's API server: Train's placement-group cleaner and Tune use the State API, which cannot
+        # choose between several Ray instances on one machine and would leak the CPUs of stopped trials.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_port=port, log_to_driver=True,
                  _node_ip_address="127.0.0.1")
     ctx = ray.data.DataContext.get_current()
     if not sys.stderr.isatty():

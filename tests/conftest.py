@@ -24,6 +24,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Keep idle workers for a while instead of killing them after 1 s: on 2 cores, restarting a Python worker for
 # every Ray Data task costs more than the task.
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+# Worker groups can take more than Train's default 60 s to start on a loaded 2-core machine.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("MURA_RAY_CACHE", str(Path(tempfile.gettempdir()) / "mura_ray_test_cache"))
@@ -38,9 +40,13 @@ def ray_cluster(s3_server):
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    # Name this cluster's API server explicitly: Ray Train's placement-group cleaner and Tune use the State API,
+    # which cannot choose between several Ray instances on one machine (e.g. while a test runs its own head).
+    dashboard_port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
-        address="local", num_cpus=6, include_dashboard=True, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-        log_to_driver=True,
+        address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard_port,
+        _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -137,7 +137,8 @@ def test_two_node_cluster(mura_dataset, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = _TWO_NODES.format(jobs=str(REPO / "jobs"), data=mura_dataset, out=str(tmp_path / "multi"), port=port)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert "RC 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "multi" / "model" / "model.safetensors").exists()
