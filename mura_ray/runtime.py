@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import math
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Callable
 
 from mura_ray.config import UserError
@@ -21,11 +24,44 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def quiet_worker_logs() -> None:
+    """Ray `worker_process_setup_hook`: the same log policy in every Ray worker process as on the driver.
+
+    Ray Train's controller runs the per-epoch callback, so mura_ray's own INFO lines get a handler there (Ray
+    forwards them to the driver's log); Ray Data's per-execution summaries ("Dataset ... execution finished"),
+    Train's "Reporting training result" records and the progress-bar notice stay in the session's log files.
+    """
+    import ray.data  # noqa: F401 - configures the ray.data logger; adjusted below, after that
+
+    own = logging.getLogger("mura_ray")
+    if not own.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        own.addHandler(handler)
+        own.setLevel(logging.INFO)
+        own.propagate = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console one; the session log file keeps everything
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train's execution context names its logger by file path (`getLogger(__file__)`), outside "ray.train",
+    # so RunConfig's LoggingConfig does not reach its per-report INFO record.
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.*is deprecated")
+
+
+WORKER_SETUP_HOOK = "mura_ray.runtime.quiet_worker_logs"
+
+
+def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
     """Attach to the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray.
 
-    A local Ray gets at least 4 logical CPUs: on a 2-core laptop one Train worker plus one decode stage would
-    otherwise take every CPU and the Parquet reads would never be scheduled.
+    A local Ray gets at least 4 logical CPUs, and 2 more than the Train workers reserve (`train_cpus`): on a
+    2-core laptop the Train workers would otherwise take every CPU and the Parquet reads and decode tasks that
+    feed them would never be scheduled.
     """
     import ray
 
@@ -34,13 +70,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     else:
         # Keep idle workers a while: restarting a Python worker per Ray Data task dominates on small machines.
         os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
         # Worker groups can take more than Train's default 60 s to start on a busy laptop.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        cpus = num_cpus or max(4, os.cpu_count() or 1)
+        cpus = num_cpus or max(4, os.cpu_count() or 1, math.ceil(train_cpus) + 2)
         # Name this Ray's API server: Train's placement-group cleaner and Tune use the State API, which cannot
         # choose between several Ray instances on one machine and would leak the CPUs of stopped trials.
         with socket.socket() as s:
@@ -48,7 +84,7 @@ def init_ray(num_cpus: int | None = None) -> None:
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_port=port, log_to_driver=True,
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     ctx = ray.data.DataContext.get_current()
     if not sys.stderr.isatty():
         # Progress bars are for terminals; in `ray job` logs and CI they are walls of carriage returns.
@@ -56,6 +92,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
     for noisy in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,

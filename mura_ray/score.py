@@ -26,7 +26,7 @@ import torch
 from mura_ray import storage
 from mura_ray.config import ScoreConfig, UserError
 from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
-from mura_ray.data.pipeline import body_part_indices, resize_pad
+from mura_ray.data.pipeline import body_part_indices, read_parquet, resize_pad
 from mura_ray.labels import BODY_PARTS
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def _chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
     if chunk.parquet_files:
         fs, _ = storage.resolve(chunk.parquet_files[0])
         paths = [storage.resolve(f)[1] for f in chunk.parquet_files]
-        ds = ray.data.read_parquet(paths, filesystem=fs)
+        ds = read_parquet(paths, fs)
         names = ds.schema().names
         missing = [c for c in ("image_id", "image") if c not in names]
         if missing:

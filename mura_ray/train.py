@@ -336,7 +336,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     probe = build_model(cfg.backbone, pretrained=False, freeze=cfg.freeze, multitask=cfg.multitask,
                         body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout)
     mean, std = trunk_normalization(probe.trunk)
-    init_ray()
+    init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
     if not cfg.data:
         logger.info("No --data given: training on the built-in SYNTHETIC demo radiographs (not MURA). "
                     "To train on MURA: jobs/ingest.py --source mura --root MURA-v1.1 --out DEST, then --data DEST.")

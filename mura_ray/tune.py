@@ -504,7 +504,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     if resuming:
         _check_same_search(cfg.out, record)
 
-    init_ray()
+    init_ray(train_cpus=cfg.max_concurrent * cfg.workers_per_trial * cfg.cpus_per_worker)
     if not cfg.data:
         logger.info("No --data given: searching on the built-in SYNTHETIC demo radiographs (not MURA).")
     # Resolved once here, so concurrent trials never race to build the demo set.

@@ -89,6 +89,21 @@ def trained_run(ray_cluster, mura_dataset, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory) -> Path:
+    """A randomly initialised custom CNN exported like training exports one (for tests of the plumbing, not of
+    what a model learned: they need no training run)."""
+    import torch
+
+    from mura_ray.models import ModelSpec, build_model, export_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("exported") / "model"
+    spec = ModelSpec(backbone="custom_cnn", image_size=32, mean=0.5, std=0.25)
+    export_model(build_model("custom_cnn").eval(), spec, str(out), {"backbone": "custom_cnn", "note": "random"})
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -146,17 +146,19 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_score_s3_in_and_out(trained_run, mura_dataset, s3_bucket):
-    from mura_ray.data.ingest import SUMMARY_FILE  # noqa: F401  (the dataset layout the input follows)
+def test_score_s3_in_and_out(exported_model, mura_dataset, s3_bucket):
+    """Model, input split and output all on the S3 test server (a random model: this tests the storage paths)."""
     from mura_ray.storage import resolve
 
     fs, _ = resolve(f"s3://{s3_bucket}/x")
     local = Path(mura_dataset) / "test"
-    for f in local.glob("*.parquet"):
-        with fs.open_output_stream(f"{s3_bucket}/in/test/{f.name}") as out:
+    uploads = [(f, f"in/test/{f.name}") for f in local.glob("*.parquet")]
+    uploads += [(f, f"models/m/{f.name}") for f in exported_model.iterdir()]
+    for f, key in uploads:
+        with fs.open_output_stream(f"{s3_bucket}/{key}") as out:
             out.write(f.read_bytes())
     dest = f"s3://{s3_bucket}/scored"
-    assert score_job.main(["--model", str(trained_run / "model"), "--input", f"s3://{s3_bucket}/in/test",
+    assert score_job.main(["--model", f"s3://{s3_bucket}/models/m", "--input", f"s3://{s3_bucket}/in/test",
                            "--out", dest, "--bootstrap", "0"]) == 0
     df = score_lib.read_predictions(dest)
     assert len(df) == pq.read_table(local).num_rows and df["image_id"].is_unique

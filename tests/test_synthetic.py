@@ -91,6 +91,8 @@ def test_patients_and_body_parts(dataset: pathlib.Path) -> None:
 def test_same_seed_is_byte_identical_and_other_seed_differs(dataset: pathlib.Path, tmp_path: pathlib.Path) -> None:
     again = generate_mura(tmp_path / "again", n_images=N_IMAGES, image_size=SIZE, seed=3)
     assert _fingerprint(again) == _fingerprint(dataset)
+    in_two_processes = generate_mura(tmp_path / "parallel", n_images=N_IMAGES, image_size=SIZE, seed=3, workers=2)
+    assert _fingerprint(in_two_processes) == _fingerprint(dataset)
     other = generate_mura(tmp_path / "other", n_images=N_IMAGES, image_size=SIZE, seed=4)
     assert _fingerprint(other) != _fingerprint(dataset)
 

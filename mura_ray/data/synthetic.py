@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import multiprocessing
 import os
 import pathlib
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -638,6 +640,17 @@ def _study_lesions(study: _Study) -> list[_Lesion | None]:
     return [lesion if v else None for v in visible]
 
 
+def _write_studies(root: str, studies: list[_Study], image_size: int) -> None:
+    """Render and save every view of some studies (a unit of work for the process pool)."""
+    for study in studies:
+        folder = pathlib.Path(root) / study.path
+        folder.mkdir(parents=True)
+        for view, lesion in enumerate(_study_lesions(study), start=1):
+            rng = np.random.default_rng([study.seed, view])
+            image = _render(study.body_part, lesion, image_size, rng)
+            _encode(image, rng).save(folder / f"image{view}.png")
+
+
 def generate_mura(
     root: str | os.PathLike,
     *,
@@ -645,11 +658,13 @@ def generate_mura(
     image_size: int = 256,
     seed: int = 0,
     valid_fraction: float = 0.15,
+    workers: int = 1,
 ) -> pathlib.Path:
     """Write a synthetic MURA-v1.1 tree under root; returns root/'MURA-v1.1'.
 
-    Deterministic by seed (same seed → byte-identical files). `n_images` is met to within a few images, except
-    that the first patients always cover all seven body parts.
+    Deterministic by seed (same seed → byte-identical files, whatever `workers`: every image draws from its own
+    generator, seeded by its study and view). `n_images` is met to within a few images, except that the first
+    patients always cover all seven body parts. `workers` > 1 renders studies in that many processes.
     """
     problems = []
     if n_images < 1:
@@ -670,19 +685,19 @@ def generate_mura(
     logger.info("Writing %d synthetic images in %d studies to %s", n_total, len(plan), dataset)
     image_lines: dict[str, list[str]] = {"train": [], "valid": []}
     study_lines: dict[str, list[str]] = {"train": [], "valid": []}
-    done = 0
     for study in plan:
-        folder = pathlib.Path(root) / study.path
-        folder.mkdir(parents=True)
         study_lines[study.split].append(f"{study.path},{int(study.abnormal)}\n")
-        for view, lesion in enumerate(_study_lesions(study), start=1):
-            rng = np.random.default_rng([study.seed, view])
-            image = _render(study.body_part, lesion, image_size, rng)
-            _encode(image, rng).save(folder / f"image{view}.png")
-            image_lines[study.split].append(f"{study.path}image{view}.png\n")
-            done += 1
-            if done % 500 == 0:
-                logger.debug("%d / %d images", done, n_total)
+        image_lines[study.split] += [f"{study.path}image{view}.png\n" for view in range(1, study.n_views + 1)]
+    batches = [plan[i : i + 16] for i in range(0, len(plan), 16)]
+    if workers > 1 and len(batches) > 1:
+        # Spawned, not forked: the caller may hold threads (a Ray driver does).
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(batches)), mp_context=context) as pool:
+            for _ in pool.map(_write_studies, [str(root)] * len(batches), batches, [image_size] * len(batches)):
+                pass
+    else:
+        for batch in batches:
+            _write_studies(str(root), batch, image_size)
     for split in ("train", "valid"):
         (dataset / f"{split}_image_paths.csv").write_text("".join(image_lines[split]))
         (dataset / f"{split}_labeled_studies.csv").write_text("".join(study_lines[split]))
@@ -713,7 +728,7 @@ def demo_dataset_root(n_images: int = 2000, image_size: int = 256, seed: int = 0
     cache.mkdir(parents=True, exist_ok=True)
     building = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
     try:
-        generate_mura(building, n_images=n_images, image_size=image_size, seed=seed)
+        generate_mura(building, n_images=n_images, image_size=image_size, seed=seed, workers=os.cpu_count() or 1)
         try:
             os.replace(building, final)
         except OSError:
