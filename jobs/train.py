@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help="run directory, local or s3:// (default runs/<backbone>-<time>); re-using one resumes it")
     a("--backbone", help="any timm model name (efficientnet_b0, resnet50, densenet169, ...) or custom_cnn "
       "(default efficientnet_b0; custom_cnn for the demo)")
-    a("--epochs", type=int, help="maximum epochs (default 30; 8 for the demo)")
+    a("--epochs", type=int, help="maximum epochs (default 30; 10 for the demo)")
     a("--batch-size", type=int, help="images per worker per step (default 32)")
     a("--lr", type=float, help="peak AdamW learning rate, cosine schedule after warm-up (default 1e-3)")
     a("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--workers", type=int, help="data-parallel workers, one GPU each when GPUs are used (default 1)")
     a("--gpu", choices=["auto", "yes", "no"], help="use GPUs: auto when the cluster has them (default auto); "
       "use yes on autoscaling clusters whose GPU nodes start from zero")
-    a("--cpus-per-worker", type=float, help="CPUs reserved per Train worker (default 1)")
+    a("--cpus-per-worker", type=float, help="CPUs reserved per Train worker, also its torch threads on CPU "
+      "(default 1; 2 for the demo)")
     a("--amp", action=_BOOL, help="mixed precision on GPU (default on)")
     a("--pretrained", action=_BOOL, help="load timm's ImageNet weights from the hub")
     a("--pretrained-file", help="load weights from a local .safetensors/.pth file (air-gapped clusters)")
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=["bce", "weighted", "focal"], help="abnormality loss (default bce)")
     a("--focal-gamma", type=float, help="focal loss gamma (default 2)")
     a("--patience", type=int, help="early stopping: epochs without a better val loss (default 5)")
-    a("--num-to-keep", type=int, help="checkpoints kept, best by val loss (default 2)")
+    a("--num-to-keep", type=int, help="checkpoints kept, the best by --select-metric (default 2)")
+    a("--select-metric", choices=["val_loss", "val_auc", "val_kappa"],
+      help="validation metric that picks the kept and the exported checkpoint (default val_loss)")
     a("--max-failures", type=int, help="worker-group restarts allowed, resuming from the last checkpoint (default 2)")
     a("--threshold", type=float, help="operating threshold stored with the model (default 0.5)")
     a("--seed", type=int, help="random seed (default 0)")

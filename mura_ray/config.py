@@ -25,6 +25,9 @@ GpuMode = Literal["auto", "yes", "no"]
 FreezePolicy = Literal["none", "all", "all-but-last"]
 LossName = Literal["bce", "weighted", "focal"]
 Source = Literal["mura", "folder", "images"]
+SelectMetric = Literal["val_loss", "val_auc", "val_kappa"]
+METRIC_MODES: dict[str, Literal["min", "max"]] = {"val_loss": "min", "val_auc": "max", "val_kappa": "max"}
+"""Validation metrics that rank checkpoints and trials, and their direction."""
 
 
 def _flag(name: str) -> str:
@@ -162,7 +165,10 @@ class TrainConfig:
     patience: int = 5
     """Stop after this many epochs without a better validation loss."""
     num_to_keep: int = 2
-    """Checkpoints kept (best by validation loss)."""
+    """Checkpoints kept (the best by `select_metric`)."""
+    select_metric: SelectMetric = "val_loss"
+    """Validation metric that ranks checkpoints: which are kept and which is exported (val_loss lower is better,
+    val_auc and val_kappa higher). Early stopping always watches the validation loss."""
     max_failures: int = 2
     """Worker-group restarts allowed; training resumes from the last checkpoint."""
     seed: int = 0
@@ -176,6 +182,7 @@ class TrainConfig:
         _check_choice(problems, self, "gpu", ("auto", "yes", "no"))
         _check_choice(problems, self, "freeze", ("none", "all", "all-but-last"))
         _check_choice(problems, self, "loss", ("bce", "weighted", "focal"))
+        _check_choice(problems, self, "select_metric", tuple(METRIC_MODES))
         _check_positive(problems, self, "epochs", "batch_size", "lr", "image_size", "workers", "cpus_per_worker")
         _check_positive(problems, self, "patience", "num_to_keep", "demo_images")
         _check_positive(problems, self, "weight_decay", "warmup_epochs", "max_failures", "focal_gamma",
@@ -267,7 +274,7 @@ class TuneConfig:
     epochs: int = 10
     workers_per_trial: int = 1
     max_concurrent: int = 2
-    metric: Literal["val_auc", "val_loss", "val_kappa"] = "val_auc"
+    metric: SelectMetric = "val_auc"
     image_size: int | None = None
     """Fix the image size of every trial (overrides the space)."""
     mlflow_uri: str | None = None

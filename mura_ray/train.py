@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mura_ray import __version__, storage
-from mura_ray.config import TrainConfig, UserError
+from mura_ray.config import METRIC_MODES, TrainConfig, UserError
 from mura_ray.data.pipeline import build_input
 from mura_ray.labels import BODY_PARTS
 from mura_ray.models import ModelSpec, build_model, export_model, trunk_normalization
@@ -369,7 +369,8 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         storage_path=os.path.dirname(storage_path.rstrip("/")),
         storage_filesystem=storage_fs,
         checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            num_to_keep=cfg.num_to_keep, checkpoint_score_attribute=cfg.select_metric,
+            checkpoint_score_order=METRIC_MODES[cfg.select_metric],
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         callbacks=callbacks if callbacks is not None else [_EpochLogger(cfg.epochs)],
@@ -387,9 +388,9 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     )
 
 
-def best_state(result) -> dict[str, Any]:
-    """The training state saved with the best (lowest validation loss) checkpoint of a finished run."""
-    best = result.get_best_checkpoint("val_loss", "min")
+def best_state(result, metric: str = "val_loss") -> dict[str, Any]:
+    """The training state saved with the best checkpoint of a finished run by `metric` (see METRIC_MODES)."""
+    best = result.get_best_checkpoint(metric, METRIC_MODES[metric])
     if best is None:
         raise RuntimeError("training finished without a checkpoint")
     return load_checkpoint_state(best)
@@ -400,7 +401,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     run = prepare_run(cfg)
     logger.info("Run directory: %s", run.cfg.out)
     result = build_trainer(run).fit()
-    result_dict = finish_run(run, best_state(result))
+    result_dict = finish_run(run, best_state(result, run.cfg.select_metric))
     logger.info("Run directory: %s", run.cfg.out)
     return result_dict
 

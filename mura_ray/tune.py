@@ -217,6 +217,7 @@ def trial_config(search: TuneConfig, params: dict[str, Any], *, data: str | None
     return replace(
         cfg, data=data, out=out, epochs=search.epochs, workers=search.workers_per_trial, gpu=search.gpu,
         cpus_per_worker=search.cpus_per_worker, demo_images=search.demo_images, seed=search.seed,
+        select_metric=search.metric,
     )
 
 
@@ -464,8 +465,8 @@ def _safe_name(name: str) -> str:
 
 
 def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: str) -> dict[str, Any]:
-    """Export a trial's best checkpoint (lowest validation loss, as jobs/train.py does) to dest/model/ and report
-    on the test split in dest/report/; skipped when dest already holds this trial."""
+    """Export a trial's best checkpoint by the search's metric (the epoch its leaderboard score comes from) to
+    dest/model/ and report on the test split in dest/report/; skipped when dest already holds this trial."""
     import ray.train
 
     from mura_ray.train import best_state, finish_run, prepare_run
@@ -476,7 +477,7 @@ def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: s
         return storage.read_json(marker)["result"]
     source = trial_run_dir(cfg.out, trial_id)
     fs, path = storage.resolve(source)
-    state = best_state(ray.train.Result.from_path(path, storage_filesystem=fs))
+    state = best_state(ray.train.Result.from_path(path, storage_filesystem=fs), cfg.metric)
     logger.info("Exporting trial %s (epoch %d) to %s", trial_id, state["epoch"] + 1, dest)
     result = finish_run(prepare_run(trial_config(cfg, params, data=cfg.data, out=dest)), state)
     storage.write_json(marker, {"trial_id": trial_id, "source": source, "params": params, "result": result})

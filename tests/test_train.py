@@ -32,9 +32,16 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
         assert key in report["image_level"]
     assert 0.0 <= report["body_part"]["accuracy"] <= 1.0
     assert (trained_run / "report" / "report.html").exists()
-    # Best-k checkpoints are kept (k = 2 by default), each with the full training state.
+    # The best k = 2 of 3 checkpoints by --select-metric val_auc are kept, each with the full training state, and
+    # the exported model is the one with the highest validation AUC.
     checkpoints = sorted(c for c in trained_run.glob("checkpoint_*") if c.is_dir())
-    assert 1 <= len(checkpoints) <= 2 and all((c / "state.pt").exists() for c in checkpoints)
+    assert len(checkpoints) == 2 and all((c / "state.pt").exists() for c in checkpoints)
+    import torch
+
+    states = [torch.load(c / "state.pt", map_location="cpu", weights_only=True) for c in checkpoints]
+    best = max(states, key=lambda st: st["metrics"]["val_auc"])
+    assert card["training"]["best_epoch"] == best["epoch"] + 1
+    assert card["metrics"]["validation"]["val_auc"] == pytest.approx(best["metrics"]["val_auc"])
 
 
 def test_bad_flags_are_one_line_errors(capsys):

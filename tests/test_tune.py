@@ -86,6 +86,7 @@ def test_space_grammar(tmp_path):
     assert count_trials(resolved, 3) == 12
     trial = trial_config(cfg, {"backbone": "resnet18", "lr": 1e-3, "loss": "focal"}, data="d", out="o/t/x")
     assert (trial.backbone, trial.lr, trial.loss, trial.epochs, trial.out) == ("resnet18", 1e-3, "focal", 3, "o/t/x")
+    assert trial.select_metric == "val_auc"  # the trial keeps and exports the checkpoint its score comes from
 
 
 def test_space_errors_name_every_bad_option(tmp_path):
