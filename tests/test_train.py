@@ -59,6 +59,10 @@ def test_recipes_load(tmp_path):
         args = train_job.build_parser().parse_args(["--config", str(recipe)])
         cfg = train_job.build_config(args)
         assert isinstance(cfg, TrainConfig)
+    # The demo recipe is what `python jobs/train.py` runs without --data: the two must not drift apart.
+    from mura_ray.config import DEMO_TRAIN_DEFAULTS, load_yaml
+
+    assert load_yaml(str(REPO / "jobs" / "configs" / "demo.yaml")) == DEMO_TRAIN_DEFAULTS
 
 
 @pytest.mark.slow
