@@ -17,11 +17,20 @@ from mura_ray.config import UserError
 logger = logging.getLogger("mura_ray")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Plain one-line log records for people following a job; libraries' chatter kept at warnings."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"
+
+
+def _quiet_libraries() -> None:
+    """Libraries' chatter kept at warnings (Ray Data's progress-bar notice, a warning itself, hidden too)."""
     for noisy in ("ray.data", "ray.train", "ray.tune", "timm", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain one-line log records for people following a job; libraries' chatter kept at warnings."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
+    _quiet_libraries()
 
 
 def quiet_worker_logs() -> None:
@@ -36,15 +45,14 @@ def quiet_worker_logs() -> None:
     own = logging.getLogger("mura_ray")
     if not own.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt=LOG_DATEFMT))
         own.addHandler(handler)
         own.setLevel(logging.INFO)
         own.propagate = False
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):  # the console one; the session log file keeps everything
             handler.setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_libraries()
     # Ray Train's execution context names its logger by file path (`getLogger(__file__)`), outside "ray.train",
     # so RunConfig's LoggingConfig does not reach its per-report INFO record.
     spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
@@ -90,9 +98,7 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
         # Progress bars are for terminals; in `ray job` logs and CI they are walls of carriage returns.
         ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    for noisy in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    _quiet_libraries()
 
 
 def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
