@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=["bce", "weighted", "focal"], help="abnormality loss (default bce)")
     a("--focal-gamma", type=float, help="focal loss gamma (default 2)")
     a("--patience", type=int, help="early stopping: epochs without a better val loss (default 5)")
-    a("--num-to-keep", type=int, help="checkpoints kept, the best by --select-metric (default 2), plus the latest for resuming")
+    a("--num-to-keep", type=int,
+      help="checkpoints kept, the best by --select-metric (default 2), plus the latest for resuming")
     a("--select-metric", choices=["val_loss", "val_auc", "val_kappa"],
       help="validation metric that picks the kept and the exported checkpoint (default val_loss)")
     a("--max-failures", type=int, help="worker-group restarts allowed, resuming from the last checkpoint (default 2)")
