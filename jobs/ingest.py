@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit non-zero when more than this share of images is unusable (default 0.01)")
     p.add_argument("--body-part", default=None, help="body part of every image of a --source folder set, e.g. WRIST")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--file-mb", type=int, default=64,
+                   help="most image MiB per Parquet file (default 64); each writing CPU holds one file in memory")
     return p
 
 
@@ -39,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = IngestConfig(
         source=args.source, root=args.root, out=args.out, val_fraction=args.val_fraction, seed=args.seed,
         max_error_rate=args.max_error_rate, body_part=args.body_part, overwrite=args.overwrite,
+        file_mb=args.file_mb,
     ).validate()
     init_ray()
     try:

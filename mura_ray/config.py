@@ -102,7 +102,10 @@ class IngestConfig:
     max_pixels: int = 64_000_000
     """Images with more pixels are refused as decompression bombs."""
     rows_per_file: int = 2000
-    """Target rows per Parquet file."""
+    """Most rows per Parquet file."""
+    file_mb: int = 64
+    """Most image bytes (MiB) per Parquet file. A write task holds its whole file in memory, so this, times the
+    CPUs writing at once, bounds the memory of an ingest however large the archive."""
 
     def validate(self) -> IngestConfig:
         problems: list[str] = []
@@ -116,7 +119,7 @@ class IngestConfig:
                 problems.append("--body-part only applies to --source folder")
             elif self.body_part.upper().removeprefix("XR_") not in BODY_PARTS:
                 problems.append(f"--body-part {self.body_part!r} is not one of {', '.join(BODY_PARTS)}")
-        _check_positive(problems, self, "max_pixels", "rows_per_file")
+        _check_positive(problems, self, "max_pixels", "rows_per_file", "file_mb")
         _raise_if(problems)
         return self
 

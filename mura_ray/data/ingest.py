@@ -275,28 +275,49 @@ def list_source(cfg: IngestConfig) -> Listing:
 
 def inspect_images(batch: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
     """Ray Data task: read and fully decode each image once; width/height, or the reason it is unusable."""
-    widths, heights, errors = [], [], []
+    widths, heights, sizes, errors = [], [], [], []
     for uri in batch["uri"]:
         try:
-            img = open_radiograph(storage.read_bytes(uri), max_pixels)
-            widths.append(img.width)
-            heights.append(img.height)
-            errors.append(None)
+            data = storage.read_bytes(uri)
+            img = open_radiograph(data, max_pixels)
+            widths.append(img.width), heights.append(img.height), sizes.append(len(data)), errors.append(None)
         except DecodeError as e:
-            widths.append(0), heights.append(0), errors.append(str(e))
+            widths.append(0), heights.append(0), sizes.append(0), errors.append(str(e))
         except FileNotFoundError:
-            widths.append(0), heights.append(0), errors.append("listed but missing on disk")
+            widths.append(0), heights.append(0), sizes.append(0), errors.append("listed but missing on disk")
         except OSError as e:
-            widths.append(0), heights.append(0), errors.append(f"cannot read file: {e}")
-    return pd.DataFrame({"image_id": batch["image_id"], "width": widths, "height": heights, "error": errors})
+            widths.append(0), heights.append(0), sizes.append(0), errors.append(f"cannot read file: {e}")
+    return pd.DataFrame(
+        {"image_id": batch["image_id"], "width": widths, "height": heights, "nbytes": sizes, "error": errors}
+    )
 
 
 def attach_bytes(batch: pd.DataFrame) -> pa.Table:
-    """Ray Data task: add the original, unmodified file bytes and cast to the dataset schema."""
+    """The rows with their original, unmodified file bytes, cast to the dataset schema."""
     columns = {name: batch[name].tolist() for name in SCHEMA.names if name != "image"}
     columns["image"] = [storage.read_bytes(uri) for uri in batch["uri"]]
     columns["label"] = [None if pd.isna(v) else int(v) for v in batch["label"]]
     return pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
+
+
+ROWS_PER_GROUP = 64
+"""Images per Parquet row group: what a writing task holds in memory at once."""
+
+
+def write_file(block: pd.DataFrame, directory: str) -> pd.DataFrame:
+    """Ray Data task: write one Parquet file (`block` is one file's rows, `file` its number), row group by row group.
+
+    Ray's own Parquet writer holds a task's whole output before writing it; this one holds one row group, so a
+    writing CPU needs a few tens of MB however large its file. A retried task rewrites the same file name.
+    """
+    import pyarrow.parquet as pq
+
+    name = f"part-{int(block['file'].iloc[0]):05d}.parquet"
+    fs, path = storage.resolve(storage.join(directory, name))
+    with fs.open_output_stream(path) as stream, pq.ParquetWriter(stream, SCHEMA, compression="snappy") as writer:
+        for start in range(0, len(block), ROWS_PER_GROUP):
+            writer.write_table(attach_bytes(block.iloc[start : start + ROWS_PER_GROUP]))
+    return pd.DataFrame({"file": [name], "rows": [len(block)]})
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
@@ -363,6 +384,19 @@ def _chunks(df: pd.DataFrame, n: int) -> list[pd.DataFrame]:
     return [df.iloc[i : i + step] for i in range(0, len(df), step)]
 
 
+def _file_chunks(df: pd.DataFrame, max_rows: int, max_bytes: int) -> list[pd.DataFrame]:
+    """`df` (with an `nbytes` column) in contiguous blocks of at most `max_rows` rows and, past its first row, at
+    most `max_bytes` of image bytes, numbered in a `file` column: one block per Parquet file."""
+    bounds, start, size = [], 0, 0
+    for i, nbytes in enumerate(df["nbytes"].tolist()):
+        if i > start and (i - start >= max_rows or size + nbytes > max_bytes):
+            bounds.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    bounds.append((start, len(df)))
+    return [df.iloc[a:b].assign(file=k) for k, (a, b) in enumerate(bounds)]
+
+
 def ingest(cfg: IngestConfig) -> dict[str, Any]:
     """Run the whole ingestion; returns the summary written to `ingest_summary.json`."""
     import ray
@@ -402,18 +436,18 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         rows = good[good["split"] == split].sort_values("path")
         if rows.empty:
             continue
-        columns = [c for c in SCHEMA.names if c != "image"] + ["uri"]
-        # One task per block, one Parquet file per task, written batch by batch: memory stays at a few batches
-        # per task however large the archive (no min_rows_per_file, which would buffer rows across blocks).
-        split_blocks = -(-len(rows) // cfg.rows_per_file)
-        (
-            ray.data.from_pandas(_chunks(rows[columns], split_blocks))
-            .map_batches(attach_bytes, batch_format="pandas", batch_size=64)
-            .write_parquet(
-                storage.resolve(storage.join(cfg.out, split))[1],
-                filesystem=fs,
-            )
+        columns = [c for c in SCHEMA.names if c != "image"] + ["uri", "nbytes"]
+        # One task per file, each file bounded by --file-mb and written a row group at a time: memory stays at
+        # (CPUs writing) x (one row group) however large the archive.
+        directory = storage.join(cfg.out, split)
+        fs.create_dir(storage.resolve(directory)[1], recursive=True)
+        written = (
+            ray.data.from_pandas(_file_chunks(rows[columns], cfg.rows_per_file, cfg.file_mb * 2**20))
+            .map_batches(write_file, batch_format="pandas", batch_size=None, fn_kwargs={"directory": directory})
+            .to_pandas()
         )
+        if int(written["rows"].sum()) != len(rows):  # never a silent loss
+            raise RuntimeError(f"{split}: wrote {int(written['rows'].sum())} of {len(rows)} rows")
         logger.info("Wrote %d %s images to %s", len(rows), split, storage.join(cfg.out, split))
 
     summary = {
