@@ -88,7 +88,10 @@ class local_ray:  # noqa: N801 - used like a function: `with local_ray(4):`
     def __enter__(self) -> local_ray:
         import ray
 
+        from mura_ray.runtime import local_ray_environment
+
         os.environ.pop("RAY_ADDRESS", None)
+        local_ray_environment()  # the jobs' local Ray settings: measure what they run
         self.temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
         for attempt in range(1, 4):
             try:

@@ -264,7 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (1 CPU each)")
     p.add_argument("--loader-workers", type=int, default=n_cores, help="DataLoader worker processes (cores)")
     p.add_argument("--ray-cpus", type=int, default=max(4, n_cores + 2), help="logical CPUs of the local Ray")
-    p.add_argument("--decode-cpus", type=float, default=0.5, help="num_cpus per decode task (build_input's)")
+    p.add_argument("--decode-cpus", type=float, default=1.0,
+                   help="num_cpus per decode task (default 1, build_input's as training runs it)")
     p.add_argument("--map-batch-size", type=int, default=32, help="rows per decode batch (build_input's)")
     p.add_argument("--prefetch-batches", type=int, default=4, help="iter_torch_batches prefetch (training's)")
     p.add_argument("--rows-per-block", type=int, default=0,

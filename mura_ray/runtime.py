@@ -64,6 +64,16 @@ def quiet_worker_logs() -> None:
 WORKER_SETUP_HOOK = "mura_ray.runtime.quiet_worker_logs"
 
 
+def local_ray_environment() -> None:
+    """Settings a local Ray must start with (environment defaults; an explicit setting wins). Benchmarks use it too,
+    so that they measure what the jobs run."""
+    # Keep idle workers a while: Ray kills idle workers beyond one per CPU after 1 s, so every epoch would start
+    # (and import into) fresh Python workers for its decode tasks, seconds per epoch on a small machine.
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+    # Worker groups can take more than Train's default 60 s to start on a busy laptop.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
 def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
     """Attach to the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray.
 
@@ -80,10 +90,7 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     else:
-        # Keep idle workers a while: restarting a Python worker per Ray Data task dominates on small machines.
-        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
-        # Worker groups can take more than Train's default 60 s to start on a busy laptop.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+        local_ray_environment()
         cpus = num_cpus or max(4, os.cpu_count() or 1, math.ceil(train_cpus) + 2)
         # Name this Ray's API server: Train's placement-group cleaner and Tune use the State API, which cannot
         # choose between several Ray instances on one machine and would leak the CPUs of stopped trials.
