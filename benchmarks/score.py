@@ -41,6 +41,18 @@ def export_random_model(out: str, backbone: str, image_size: int) -> str:
     return out
 
 
+def rewrite_as_files(split_dir: str, out: str, n_files: int) -> str:
+    """The split's rows as `n_files` Parquet files of equal row counts, in order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(split_dir)
+    os.makedirs(out)
+    step = -(-table.num_rows // n_files)
+    for i in range(n_files):
+        pq.write_table(table.slice(i * step, step), os.path.join(out, f"part-{i:04d}.parquet"))
+    return out
+
+
 def run_baseline(split_dir: str, model_dir: str, out_dir: str, batch_size: int, threads: int) -> dict[str, float]:
     """Read → Predictor per batch → write, in this process, torch using `threads` threads."""
     import pyarrow as pa
@@ -58,14 +70,16 @@ def run_baseline(split_dir: str, model_dir: str, out_dir: str, batch_size: int, 
     return {"images": len(rows), "seconds": time.perf_counter() - started}
 
 
-def run_job(split_dir: str, model_dir: str, out_dir: str, batch_size: int, concurrency: int) -> dict[str, float]:
+def run_job(split_dir: str, model_dir: str, out_dir: str, batch_size: int, concurrency: int,
+            chunk_images: int | None = None) -> dict[str, float]:
     """The scoring job as `jobs/score.py` runs it (report off), into a fresh output directory."""
     from mura_ray.config import ScoreConfig
     from mura_ray.score import score
 
+    chunking = {"chunk_images": chunk_images} if chunk_images else {}
     started = time.perf_counter()
     summary = score(ScoreConfig(models=(model_dir,), input=split_dir, out=out_dir, batch_size=batch_size,
-                                concurrency=concurrency, gpu="no", report=False))
+                                concurrency=concurrency, gpu="no", report=False, **chunking))
     return {"images": summary["scored"] + summary["failed"], "seconds": time.perf_counter() - started,
             "job_seconds": summary["seconds"]}
 
@@ -103,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="images per Predictor call (ScoreConfig default)")
     p.add_argument("--concurrency", type=int, default=n_cores, help="scoring actors, 1 CPU each (ours)")
     p.add_argument("--baseline-threads", type=int, default=n_cores, help="torch threads of the plain loop")
+    p.add_argument("--chunk-images", type=int, default=None,
+                   help="images per committed chunk of the job (default: ScoreConfig's, one chunk here)")
+    p.add_argument("--files", type=int, default=0,
+                   help="rewrite the split as this many Parquet files first (a many-file input); 0 = as ingested")
     p.add_argument("--repeats", type=int, default=2, help="measured runs of each side (plus a warm-up)")
     p.add_argument("--ray-cpus", type=int, default=max(4, n_cores + 2), help="logical CPUs of the local Ray")
     p.add_argument("--with-map-batches", action="store_true",
@@ -121,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     job: list[dict[str, float]] = []
     bare: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        if args.files:
+            split_dir = rewrite_as_files(split_dir, os.path.join(tmp, "input"), args.files)
         model_dir = export_random_model(os.path.join(tmp, "model"), args.backbone, args.image_size)
         for i in range(args.repeats + 1):
             out = tempfile.mkdtemp(dir=tmp)
@@ -129,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         with local_ray(args.ray_cpus):
             for i in range(args.repeats + 1):
                 job.append(run_job(split_dir, model_dir, os.path.join(tmp, f"job-{i}"), args.batch_size,
-                                   args.concurrency))
+                                   args.concurrency, args.chunk_images))
                 logger.info("job run %d: %.1f img/s", i, job[-1]["images"] / job[-1]["seconds"])
             for i in range(args.repeats + 1 if args.with_map_batches else 0):
                 bare.append(run_map_batches(split_dir, model_dir, args.batch_size, args.concurrency))
@@ -146,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "images": baseline[0]["images"], "split": args.split, "backbone": args.backbone,
         "image_size": args.image_size, "source_size": args.source_size, "batch_size": args.batch_size,
-        "concurrency": args.concurrency, "baseline_threads": args.baseline_threads, "cores": cores(),
+        "concurrency": args.concurrency, "chunk_images": args.chunk_images, "files": args.files,
+        "baseline_threads": args.baseline_threads, "cores": cores(),
         "ray_cpus": args.ray_cpus, "load_1m_start": load_start, "load_1m_end": load_1m(),
         "seconds": round(time.perf_counter() - started, 1),
         "runs": {"job": job, "map_batches": bare, "baseline": baseline},

@@ -1,7 +1,8 @@
 """Scoring driver memory: peak RSS of the `jobs/score.py` driver process scoring N and then 4N raw images.
 
-Bulk scoring of an archive must not hold per-image state on the driver: the input is listed and committed chunk by
-chunk, the already-scored set lives in a Ray task, predictions go from the scoring actors straight to Parquet. Each
+Bulk scoring of an archive must not hold per-image state on the driver: raw paths are listed at most 200,000 ahead,
+the already-scored set lives in a Ray task, predictions stream through the driver and are committed chunk by
+chunk (the sizes here stay below the listing bound). Each
 size runs `jobs/score.py` in a fresh process (its own local Ray) with the same chunk size, so 4N images means 4x
 the chunks; a thread samples the driver's resident memory (the driver only, not the Ray workers). Prints one JSON
 line with both peaks and their ratio (target: no growth beyond noise, ratio close to 1).

@@ -1,7 +1,9 @@
 """Batch scoring on Ray Data: a Predictor actor per model copy, resumable chunked commits, a report when labelled.
 
 Output under DEST: `predictions/part-*.parquet`, `manifest.json` (the committed parts; written after each chunk, so
-readers trust only what it lists), `report/` when the input carries labels. A re-run skips every image already in a
+readers trust only what it lists), `report/` when the input carries labels. One Ray Data execution scores the whole
+input (raw folders: runs of 200,000 paths), so the model actors start once; the driver cuts the stream of
+predictions into chunks and commits each. A re-run skips every image already in a
 committed part (the anti-filter runs inside the Ray Data tasks against a set built by a Ray task, so the driver
 never holds per-image state), which makes nightly scoring of an archive safe to repeat after an interruption.
 """
@@ -226,6 +228,28 @@ def _drop_done(batch: pd.DataFrame, done: Any) -> pd.DataFrame:
     return batch[~np.isin(image_key(batch["image_id"]), done)]
 
 
+RAW_IMAGES_PER_EXECUTION = 200_000
+"""Raw image paths listed ahead on the driver (~20 MB): bounds its memory on archives of any size."""
+
+
+def _executions(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """Listed chunks merged into the inputs of Ray Data executions: every Parquet file in one, raw images in runs
+    of about RAW_IMAGES_PER_EXECUTION paths."""
+    pending: list[Chunk] = []
+    for chunk in chunks:
+        pending.append(chunk)
+        if chunk.image_files and sum(len(c.image_files) for c in pending) >= RAW_IMAGES_PER_EXECUTION:
+            yield _merge(pending)
+            pending = []
+    if pending:
+        yield _merge(pending)
+
+
+def _merge(chunks: list[Chunk]) -> Chunk:
+    return Chunk(parquet_files=tuple(f for c in chunks for f in c.parquet_files),
+                 image_files=tuple(f for c in chunks for f in c.image_files), root=chunks[0].root)
+
+
 def _chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
     import ray
 
@@ -244,7 +268,7 @@ def _chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
                 ds = ds.add_column(column, lambda b: pd.Series([None] * len(b)), batch_format="pandas")
     else:
         listing = pd.DataFrame({"path": list(chunk.image_files)})
-        blocks = max(1, min(len(listing) // 64, 200))
+        blocks = max(1, min(len(listing) // 64, 4096))  # tasks read ~64 images each (bounded blocks)
         step = -(-len(listing) // blocks)
         ds = ray.data.from_pandas([listing.iloc[i : i + step] for i in range(0, len(listing), step)])
         ds = ds.map_batches(_raw_rows, batch_format="pandas", fn_kwargs={"root": chunk.root}, num_cpus=read_cpus)
@@ -315,6 +339,67 @@ def _commit_chunk(out: str, staging: str, seq: int) -> tuple[list[str], int]:
     return names, len(ids)
 
 
+class _Committer:
+    """Cuts the stream of prediction tables into committed chunks of exactly `chunk_images` rows (the last one
+    smaller), staged as Parquet parts of at most `rows_per_file` rows, then moved and listed in the manifest."""
+
+    def __init__(self, out: str, manifest: dict[str, Any], seq: int, chunk_images: int, rows_per_file: int):
+        self.out, self.manifest, self.seq = out, manifest, seq
+        self.chunk_images, self.rows_per_file = chunk_images, rows_per_file
+        self.buffer: list[pa.Table] = []
+        self.buffered = self.chunk_rows = self.chunk_errors = self.scored = self.failed = 0
+        self.staging = self._new_staging()
+        self.staged = 0
+
+    def _new_staging(self) -> str:
+        return storage.join(self.out, "_staging", uuid.uuid4().hex)
+
+    def add(self, table: pa.Table) -> None:
+        import pyarrow.compute as pc
+
+        while table.num_rows:
+            head = table.slice(0, min(self.chunk_images - self.chunk_rows, self.rows_per_file - self.buffered))
+            table = table.slice(head.num_rows)
+            self.buffer.append(head)
+            self.buffered += head.num_rows
+            self.chunk_rows += head.num_rows
+            self.chunk_errors += int(pc.sum(pc.is_valid(head["error"])).as_py() or 0)
+            if self.buffered >= self.rows_per_file:
+                self._stage()
+            if self.chunk_rows >= self.chunk_images:
+                self.commit()
+
+    def _stage(self) -> None:
+        import pyarrow.parquet as pq
+
+        if not self.buffered:
+            return
+        fs, path = storage.resolve(storage.join(self.staging, f"part-{self.staged:04d}.parquet"))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            pq.write_table(pa.concat_tables(self.buffer).cast(PREDICTION_SCHEMA), f)
+        self.buffer, self.buffered, self.staged = [], 0, self.staged + 1
+
+    def commit(self) -> None:
+        self._stage()
+        names, rows = _commit_chunk(self.out, self.staging, self.seq)
+        if names:
+            if rows != self.chunk_rows:
+                raise RuntimeError(f"chunk {self.seq}: staged {rows} rows, expected {self.chunk_rows}")
+            for name in names:
+                self.manifest["parts"][name] = {"chunk": self.seq}
+            self.manifest["n_rows"] = self.manifest.get("n_rows", 0) + rows
+            self.manifest["n_errors"] = self.manifest.get("n_errors", 0) + self.chunk_errors
+            self.manifest["updated_at"] = datetime.now(timezone.utc).isoformat()
+            # The manifest is the commit: a part becomes visible to readers only once listed here.
+            storage.write_json(storage.join(self.out, MANIFEST), self.manifest)
+            self.scored += rows - self.chunk_errors
+            self.failed += self.chunk_errors
+            self.seq += 1
+        self.staging, self.staged = self._new_staging(), 0
+        self.chunk_rows = self.chunk_errors = 0
+
+
 def _resolve_gpu(mode: str) -> bool:
     import ray
 
@@ -366,12 +451,16 @@ def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
     done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(manifest["parts"]))
 
     predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold}
-    scored = failed = total = 0
     started = time.perf_counter()
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
-    for chunk in iter_chunks(cfg.input, cfg.chunk_images, chunk_files):
-        ds = _chunk_dataset(chunk, done_ref, read_cpus=1.0)
-        predictions = ds.map_batches(
+    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file)
+    total = 0
+    # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw
+    # image paths held on the driver): the scoring actors start (import torch, load the model, initialise CUDA) once
+    # per execution, not once per committed chunk; commits are cut from the stream of predictions.
+    for run in _executions(iter_chunks(cfg.input, cfg.chunk_images, chunk_files)):
+        total += _chunk_rows(run)
+        predictions = _chunk_dataset(run, done_ref, read_cpus=1.0).map_batches(
             Predictor,
             fn_constructor_args=(list(cfg.models),),
             fn_constructor_kwargs=predictor_args,
@@ -381,23 +470,10 @@ def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
             num_gpus=1 if use_gpu else 0,
             num_cpus=cfg.cpus_per_actor,
         )
-        staging = storage.join(cfg.out, "_staging", uuid.uuid4().hex)
-        fs, staging_path = storage.resolve(staging)
-        predictions.write_parquet(staging_path, filesystem=fs, min_rows_per_file=cfg.rows_per_file)
-        names, rows = _commit_chunk(cfg.out, staging, seq)
-        if names:
-            errors = _count_errors(cfg.out, names)
-            for name in names:
-                manifest["parts"][name] = {"chunk": seq}
-            manifest["n_rows"] = manifest.get("n_rows", 0) + rows
-            manifest["n_errors"] = manifest.get("n_errors", 0) + errors
-            manifest["updated_at"] = datetime.now(timezone.utc).isoformat()
-            # The manifest is the commit: a part becomes visible to readers only once listed here.
-            storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
-            scored += rows - errors
-            failed += errors
-            seq += 1
-        total += _chunk_rows(chunk)
+        for table in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.add(table)
+    committer.commit()
+    scored, failed = committer.scored, committer.failed
     skipped = total - scored - failed
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
@@ -413,17 +489,6 @@ def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
             summary["report"] = report_dir
             summary["report_summary"] = made
     return summary
-
-
-def _count_errors(out: str, names: list[str]) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    n = 0
-    for name in names:
-        fs, path = storage.resolve(storage.join(out, PREDICTIONS, name))
-        n += int(pc.sum(pc.is_valid(pq.read_table(path, filesystem=fs, columns=["error"])["error"])).as_py() or 0)
-    return n
 
 
 def _chunk_rows(chunk: Chunk) -> int:

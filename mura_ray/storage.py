@@ -80,12 +80,18 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file, atomically: readers see the old content or the new, never a torn file (object stores
+    publish an upload only when it completes; a local file is written aside and renamed over)."""
     fs, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = f"{path}.tmp-{os.getpid()}" if local else path
+    with fs.open_output_stream(target) as f:
         f.write(data)
+    if local:
+        os.replace(target, path)
 
 
 def read_json(uri: str) -> Any:

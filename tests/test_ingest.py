@@ -279,3 +279,23 @@ def test_ingest_streams_memory_does_not_grow_with_images(tmp_path):
     print(f"ingest peak memory above the warm baseline: 256 images {small / 2**20:.0f} MiB, "
           f"1024 images {large / 2**20:.0f} MiB")
     assert large <= small * 1.25, f"peak grew from {small / 2**20:.0f} MiB to {large / 2**20:.0f} MiB"
+
+
+def test_local_writes_replace_whole_files(tmp_path, monkeypatch):
+    """A local write lands whole or not at all: the old content stays until the new one is complete."""
+    from mura_ray import storage
+
+    target = tmp_path / "d" / "manifest.json"
+    storage.write_json(str(target), {"parts": {"a": 1}})
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((json.loads(target.read_text()), Path(src).read_text()))  # old content still in place
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", replace)
+    storage.write_json(str(target), {"parts": {"a": 1, "b": 2}})
+    assert seen and seen[0][0] == {"parts": {"a": 1}} and json.loads(seen[0][1]) == {"parts": {"a": 1, "b": 2}}
+    assert json.loads(target.read_text()) == {"parts": {"a": 1, "b": 2}}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["manifest.json"]

@@ -165,3 +165,16 @@ def test_score_s3_in_and_out(exported_model, mura_dataset, s3_bucket):
     from mura_ray.storage import exists
 
     assert exists(f"{dest}/report/report.json") and exists(f"{dest}/manifest.json")
+
+
+def test_executions_merge_chunks(monkeypatch):
+    """Parquet files go to one Ray Data execution; raw images to runs bounded by RAW_IMAGES_PER_EXECUTION."""
+    from mura_ray.score import Chunk, _executions
+
+    parquet = [Chunk(parquet_files=(f"s3://b/p{i}.parquet",)) for i in range(5)]
+    assert [c.parquet_files for c in _executions(iter(parquet))] == [tuple(f"s3://b/p{i}.parquet" for i in range(5))]
+    monkeypatch.setattr(score_lib, "RAW_IMAGES_PER_EXECUTION", 5)
+    raw = [Chunk(image_files=tuple(f"{k}/{i}.png" for i in range(3)), root="/a") for k in range(5)]
+    runs = list(_executions(iter(raw)))
+    assert [len(r.image_files) for r in runs] == [6, 6, 3] and all(r.root == "/a" for r in runs)
+    assert sum((r.image_files for r in runs), ()) == sum((c.image_files for c in raw), ())
