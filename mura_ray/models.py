@@ -123,8 +123,7 @@ def build_trunk(
                 f"cannot download pretrained weights for {backbone} ({str(e).splitlines()[0]}); "
                 "on an air-gapped cluster pass --pretrained-file PATH instead"
             ) from None
-    else:
-        logger.info("No pretrained weights given: %s starts from random initialisation", backbone)
+    else:  # random initialisation (training says so once per run; loading an exported model lands here too)
         trunk = timm.create_model(backbone, pretrained=False, **kwargs)
     return trunk
 

@@ -20,11 +20,25 @@ logger = logging.getLogger("mura_ray")
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"
 
 
+class _DropRoutineCleanup(logging.Filter):
+    """Ray Train's placement-group cleaner warns whenever a Train controller ends before its placement group is
+    removed, which is how every Tune trial of Train V2 ends: routine there, and a dead run is reported anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Detected that the Ray Train controller actor")
+
+
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
 def _quiet_libraries() -> None:
     """Libraries' chatter kept at warnings (Ray Data's progress-bar notice, a warning itself, hidden too)."""
     for noisy in ("ray.data", "ray.train", "ray.tune", "timm", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    cleaner = logging.getLogger(_CLEANER_LOGGER)
+    if not any(isinstance(f, _DropRoutineCleanup) for f in cleaner.filters):
+        cleaner.addFilter(_DropRoutineCleanup())
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -336,6 +336,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     probe = build_model(cfg.backbone, pretrained=False, freeze=cfg.freeze, multitask=cfg.multitask,
                         body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout)
     mean, std = trunk_normalization(probe.trunk)
+    if cfg.backbone != "custom_cnn" and not (cfg.pretrained or cfg.pretrained_file):
+        logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
     init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
     if not cfg.data:
         logger.info("No --data given: training on the built-in SYNTHETIC demo radiographs (not MURA). "
