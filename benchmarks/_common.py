@@ -5,6 +5,7 @@ Each benchmark prints exactly one JSON line on stdout (its last line); progress 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -48,6 +49,13 @@ def cache_dir(explicit: str | None) -> pathlib.Path:
         return pathlib.Path(explicit)
     base = os.environ.get("MURA_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mura_ray")
     return pathlib.Path(base) / "benchmarks"
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """The synthetic dataset options shared by the benchmarks that read an ingested split (one cached set)."""
+    p.add_argument("--images", type=int, default=1200, help="synthetic images generated (train split ~68%%)")
+    p.add_argument("--source-size", type=int, default=256, help="side of the generated PNGs in pixels")
+    p.add_argument("--cache", default=None, help="dataset cache (default ~/.cache/mura_ray/benchmarks)")
 
 
 def synthetic_dataset(cache: pathlib.Path, n_images: int, source_size: int) -> str:

@@ -23,7 +23,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from _common import cache_dir, cores, emit, load_1m, local_ray, median, setup_logging, synthetic_dataset
+from _common import (
+    add_dataset_args,
+    cache_dir,
+    cores,
+    emit,
+    load_1m,
+    local_ray,
+    median,
+    setup_logging,
+    synthetic_dataset,
+)
 
 logger = logging.getLogger("benchmarks.input_pipeline")
 
@@ -253,8 +263,7 @@ def run_ours(data: str, args: argparse.Namespace, mean: float, std: float) -> di
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n_cores = cores()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1200, help="synthetic images generated (train split ~68%%)")
-    p.add_argument("--source-size", type=int, default=256, help="side of the generated PNGs in pixels")
+    add_dataset_args(p)
     p.add_argument("--image-size", type=int, default=128, help="training input side in pixels")
     p.add_argument("--batch-size", type=int, default=32, help="images per training batch")
     p.add_argument("--input-epochs", type=int, default=2, help="measured delivery-only epochs (plus a warm-up)")
@@ -271,7 +280,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows-per-block", type=int, default=0,
                    help="what-if: split read blocks to this many rows before decoding; 0 = build_input as is")
     p.add_argument("--skip-baseline", action="store_true", help="measure only the Ray side")
-    p.add_argument("--cache", default=None, help="dataset cache (default ~/.cache/mura_ray/benchmarks)")
     return p.parse_args(argv)
 
 

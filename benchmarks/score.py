@@ -22,7 +22,17 @@ import tempfile
 import time
 from typing import Any
 
-from _common import cache_dir, cores, emit, load_1m, local_ray, median, setup_logging, synthetic_dataset
+from _common import (
+    add_dataset_args,
+    cache_dir,
+    cores,
+    emit,
+    load_1m,
+    local_ray,
+    median,
+    setup_logging,
+    synthetic_dataset,
+)
 
 logger = logging.getLogger("benchmarks.score")
 
@@ -109,8 +119,7 @@ def _rate(runs: list[dict[str, float]]) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n_cores = cores()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1200, help="synthetic images generated (shared with input_pipeline)")
-    p.add_argument("--source-size", type=int, default=256, help="side of the generated PNGs in pixels")
+    add_dataset_args(p)
     p.add_argument("--split", default="train", help="ingested split scored")
     p.add_argument("--backbone", default="custom_cnn", help="exported model (random weights)")
     p.add_argument("--image-size", type=int, default=128, help="model input side in pixels")
@@ -125,7 +134,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-cpus", type=int, default=max(4, n_cores + 2), help="logical CPUs of the local Ray")
     p.add_argument("--with-map-batches", action="store_true",
                    help="also time the bare read_parquet → map_batches(Predictor) path, without the job's commits")
-    p.add_argument("--cache", default=None, help="dataset cache (default ~/.cache/mura_ray/benchmarks)")
     return p.parse_args(argv)
 
 

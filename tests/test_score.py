@@ -52,6 +52,13 @@ def test_score_ingested_split_with_report(trained_run, mura_dataset, tmp_path):
     assert report["n_images"] == len(test) and "study_level" in report and "per_body_part" in report
 
 
+def _predictor_actors() -> int:
+    """Scoring actors (alive or dead) this Ray session has created so far."""
+    from ray.util.state import list_actors
+
+    return sum("Predictor" in a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False))
+
+
 def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_path, monkeypatch, capsys):
     src = _raw_folder(tmp_path / "archive", 13)
     out = tmp_path / "bulk"
@@ -68,7 +75,11 @@ def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_pa
         return real_commit(*a, **k)
 
     monkeypatch.setattr(score_lib, "_commit_chunk", crash_on_third)
+    predictors_before = _predictor_actors()
     assert score_job.main(args) == 130
+    # Two chunks committed by one Ray Data execution: the model was loaded by one actor (--concurrency 1), once,
+    # not by a new actor pool per chunk.
+    assert _predictor_actors() - predictors_before == 1
     committed = json.loads((out / "manifest.json").read_text())
     first = _predictions(out)
     assert 0 < len(first) < 14 and first["image_id"].is_unique
