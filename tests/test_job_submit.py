@@ -36,10 +36,19 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _ephemeral_low() -> int:
+    """Lowest port the kernel hands out for port 0 (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 @pytest.fixture
 def local_head(tmp_path):
     gcs, dash, client, agent_listen, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
-    worker_base = 20000 + (os.getpid() % 2000) * 10
+    # Worker ports below the kernel's ephemeral range, where the free ports above come from: the two never collide.
+    worker_base = 10000 + (os.getpid() % max(1, (_ephemeral_low() - 10200) // 10)) * 10
     temp_dir = Path(f"/tmp/rj{os.getpid() % 100000}")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
