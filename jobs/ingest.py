@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-part", default=None, help="body part of every image of a --source folder set, e.g. WRIST")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--file-mb", type=int, default=64,
-                   help="most image MiB per Parquet file (default 64); each writing CPU holds one file in memory")
+                   help="most image MiB per Parquet file (default 64); files are written 64 images at a time")
     return p
 
 
