@@ -64,11 +64,12 @@ def synthetic_dataset(cache: pathlib.Path, n_images: int, source_size: int) -> s
     A Ray is started for the ingest only when the set is not cached yet, and stopped again, so that a benchmark's
     plain-PyTorch side never runs beside an idle Ray.
     """
-    out = cache / f"mura-n{n_images}-px{source_size}-seed{DATASET_SEED}-parquet"
+    from mura_ray.config import IngestConfig
+    from mura_ray.data.ingest import LAYOUT_VERSION, ingest
+
+    out = cache / f"mura-n{n_images}-px{source_size}-seed{DATASET_SEED}-layout{LAYOUT_VERSION}-parquet"
     if (out / "ingest_summary.json").is_file():
         return str(out)
-    from mura_ray.config import IngestConfig
-    from mura_ray.data.ingest import ingest
     from mura_ray.data.synthetic import generate_mura
 
     cache.mkdir(parents=True, exist_ok=True)

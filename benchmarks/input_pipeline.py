@@ -219,8 +219,8 @@ def build_dataset(data: str, args: argparse.Namespace, mean: float, std: float):
                                     num_cpus=args.decode_cpus, batch_size=args.map_batch_size)
     # What-if: cut the read blocks before the shuffle and the decode,
     # so a one-file split is decoded by many tasks and its first batch does not wait for the whole file.
-    ds = pipeline.read_split(data, "train", pipeline.TRAIN_COLUMNS)
-    ds = ds.repartition(target_num_rows_per_block=args.rows_per_block).randomize_block_order()
+    ds = pipeline.read_split(data, "train", pipeline.TRAIN_COLUMNS, shuffle_seed=0)
+    ds = ds.repartition(target_num_rows_per_block=args.rows_per_block)
     return ds.map_batches(
         pipeline.preprocess_batch, batch_format="numpy", batch_size=args.map_batch_size, num_cpus=args.decode_cpus,
         fn_kwargs={"image_size": args.image_size, "mean": mean, "std": std, "train": True},

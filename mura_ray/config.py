@@ -92,7 +92,7 @@ class IngestConfig:
     val_fraction: float = 0.2
     """Share of MURA train patients moved to the `val` split."""
     seed: int = 0
-    """Seed of the patient-level train/val split."""
+    """Seed of the patient-level train/val split and of the train split's row order."""
     max_error_rate: float = 0.01
     """Fail (exit 1) when more than this share of images is skipped."""
     body_part: str | None = None
@@ -101,11 +101,12 @@ class IngestConfig:
     """Replace an existing dataset at `out`."""
     max_pixels: int = 64_000_000
     """Images with more pixels are refused as decompression bombs."""
-    rows_per_file: int = 2000
-    """Most rows per Parquet file."""
+    rows_per_file: int = 256
+    """Most rows per Parquet file. Training shuffles by reading a split's files in a new order each epoch, so a
+    split needs many files: MURA's train split makes ~145."""
     file_mb: int = 64
-    """Most image bytes (MiB) per Parquet file. A write task holds its whole file in memory, so this, times the
-    CPUs writing at once, bounds the memory of an ingest however large the archive."""
+    """Most image bytes (MiB) per Parquet file. Files are written one 64-image row group at a time, so a writing
+    CPU holds one row group, not a file."""
 
     def validate(self) -> IngestConfig:
         problems: list[str] = []

@@ -327,7 +327,7 @@ class PreparedRun:
 
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Validate, fail fast on a bad backbone, start or attach Ray, and resolve (or build) the dataset."""
-    from mura_ray.data.ingest import read_summary
+    from mura_ray.data.ingest import LAYOUT_VERSION, read_summary
     from mura_ray.runtime import init_ray
 
     cfg = cfg.validate()
@@ -347,6 +347,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     for split in ("train", "val"):
         if split not in summary["splits"]:
             raise UserError(f"--data {data}: has no {split} split; training needs train and val")
+    if summary.get("layout_version", 1) < LAYOUT_VERSION:
+        logger.warning("--data %s was ingested by an older mura_ray, in path order: epochs are shuffled only within "
+                       "a local buffer. Re-run jobs/ingest.py with --overwrite for a fully shuffled train split.", data)
     return PreparedRun(cfg, data, summary, mean, std)
 
 
@@ -362,7 +365,7 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     assert cfg.out is not None
     datasets = {
         split: build_input(run.data, split, image_size=cfg.image_size, mean=run.mean, std=run.std,
-                           train=(split == "train"), batch_size=cfg.batch_size)
+                           train=(split == "train"), batch_size=cfg.batch_size, seed=cfg.seed)
         for split in ("train", "val")
     }
     storage_fs, storage_path = storage.resolve(cfg.out)

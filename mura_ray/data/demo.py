@@ -7,7 +7,7 @@ import os
 
 from mura_ray import storage
 from mura_ray.config import IngestConfig
-from mura_ray.data.ingest import SUMMARY_FILE, ingest
+from mura_ray.data.ingest import LAYOUT_VERSION, SUMMARY_FILE, ingest
 from mura_ray.data.synthetic import demo_dataset_root
 
 logger = logging.getLogger(__name__)
@@ -17,7 +17,8 @@ def demo_dataset(n_images: int = 2000, image_size: int = 256, seed: int = 0) -> 
     """Path of the ingested synthetic demo set; generates and ingests it on first use (through the real ingest)."""
     root = demo_dataset_root(n_images=n_images, image_size=image_size, seed=seed)
     out = os.path.join(os.path.dirname(root), f"{os.path.basename(root)}-parquet")
-    if not storage.exists(os.path.join(out, SUMMARY_FILE)):
+    summary = os.path.join(out, SUMMARY_FILE)
+    if not storage.exists(summary) or storage.read_json(summary).get("layout_version") != LAYOUT_VERSION:
         logger.info("Ingesting the synthetic demo set into %s (once)", out)
         ingest(IngestConfig(source="mura", root=str(root), out=out, overwrite=True))
     return out

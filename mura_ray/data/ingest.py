@@ -31,6 +31,9 @@ from mura_ray.labels import BODY_PARTS, parse_body_part, parse_class_folder, par
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "ingest_summary.json"
+LAYOUT_VERSION = 2
+"""Version of the written layout, in the summary as `layout_version`. 2: the train split's rows are in a seeded
+random order over files of at most `IngestConfig.rows_per_file` rows (1: path order, up to 2,000 rows a file)."""
 ERRORS_FILE = "errors.jsonl"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MURA_DIR = "MURA-v1.1"
@@ -436,6 +439,10 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         rows = good[good["split"] == split].sort_values("path")
         if rows.empty:
             continue
+        if split == "train":
+            # Seeded random row order, so that training can shuffle by reading these files in a new order each
+            # epoch (plus a local buffer) instead of an all-to-all shuffle; val and test stay in path order.
+            rows = rows.sample(frac=1.0, random_state=cfg.seed)
         columns = [c for c in SCHEMA.names if c != "image"] + ["uri", "nbytes"]
         # One task per file, each file bounded by --file-mb and written a row group at a time: memory stays at
         # (CPUs writing) x (one row group) however large the archive.
@@ -453,6 +460,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     summary = {
         "source": cfg.source,
         "root": cfg.root,
+        "layout_version": LAYOUT_VERSION,
         "n_images": int(len(good)),
         "n_errors": int(len(bad)),
         "n_ignored": len(listing.ignored),

@@ -22,7 +22,7 @@ TENSOR_COLUMNS: tuple[str, ...] = ("image", "label", "body_part", "ok")
 """Columns the preprocessing emits for training and evaluation."""
 
 
-def read_parquet(paths: str | list[str], filesystem: Any):
+def read_parquet(paths: str | list[str], filesystem: Any, shuffle: Any = None):
     """`ray.data.read_parquet` through Ray Data's block-splitting Parquet datasource.
 
     Ray 2.60 reads Parquet through a new (V2) datasource by default, which makes one block of each file: a split
@@ -30,25 +30,32 @@ def read_parquet(paths: str | list[str], filesystem: Any):
     spends seconds in a file-listing task. The file-based datasource splits files into row blocks that stream
     through parallel decode tasks: on the 1,406-image demo split one epoch of input took 3.1 s instead of 9-11 s,
     the first batch 1 s instead of 8-13 s (docs/benchmarks.md). The choice is scoped to this call.
+    `shuffle` is read_parquet's file-order shuffle (None, "files" or a `FileShuffleConfig`).
     """
     import ray
 
     ctx = ray.data.DataContext.get_current()
     if not hasattr(ctx, "use_datasource_v2"):
-        return ray.data.read_parquet(paths, filesystem=filesystem)
+        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
     previous = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(paths, filesystem=filesystem)
+        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
     finally:
         ctx.use_datasource_v2 = previous
 
 
-def read_split(data: str, split: str, columns: tuple[str, ...] | None = None):
-    """A lazy Ray Dataset over one split of an ingested dataset (local or s3://)."""
+def read_split(data: str, split: str, columns: tuple[str, ...] | None = None, *, shuffle_seed: int | None = None):
+    """A lazy Ray Dataset over one split of an ingested dataset (local or s3://).
+
+    With `shuffle_seed`, every execution (every epoch) reads the split's files in a new order drawn from that seed.
+    """
+    from ray.data import FileShuffleConfig
+
     uri = storage.join(data, split)
     fs, path = storage.resolve(uri)
-    ds = read_parquet(path, fs)
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    ds = read_parquet(path, fs, shuffle=shuffle)
     return ds.select_columns(list(columns)) if columns else ds
 
 
@@ -126,11 +133,15 @@ def preprocess_batch(
 
 
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
-                num_cpus: float = 1.0, batch_size: int = 32):
-    """The streaming dataset a Train worker consumes for `split`."""
-    ds = read_split(data, split, TRAIN_COLUMNS)
-    if train:
-        ds = ds.randomize_block_order()
+                num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0):
+    """The streaming dataset a Train worker consumes for `split`.
+
+    The training split is shuffled without an all-to-all step: ingest writes its rows in a seeded random order
+    across many small files (`IngestConfig.rows_per_file`), each epoch reads those files in a new order (`seed`),
+    and the consumer mixes rows in a local shuffle buffer (`mura_ray.train`). `randomize_block_order`, used before,
+    waits for the whole split to be read into the object store every epoch before the first image is decoded.
+    """
+    ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=seed if train else None)
     return ds.map_batches(
         preprocess_batch,
         batch_format="numpy",
