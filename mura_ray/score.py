@@ -161,14 +161,13 @@ def _is_parquet_input(src: str) -> bool:
     return bool(storage.list_files(src, ".parquet")) if storage.is_dir(src) else src.endswith(".parquet")
 
 
-def iter_chunks(src: str, chunk_images: int, chunk_files: int) -> Iterator[Chunk]:
-    """Chunks of the input, listed lazily: Parquet files in groups, raw images folder by folder."""
+def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
+    """The input, listed lazily: every Parquet file of a split in one chunk; raw images folder by folder, in chunks
+    of at least `chunk_images` paths (whole folders)."""
     if not storage.exists(src):
         raise UserError(f"--input {src}: no such file or folder")
     if _is_parquet_input(src):
-        files = storage.list_files(src, ".parquet") if storage.is_dir(src) else [src]
-        for i in range(0, len(files), chunk_files):
-            yield Chunk(parquet_files=tuple(files[i : i + chunk_files]))
+        yield Chunk(parquet_files=tuple(storage.list_files(src, ".parquet") if storage.is_dir(src) else [src]))
         return
     if not storage.is_dir(src):
         raise UserError(f"--input {src}: expected an ingested Parquet split or a folder of PNG/JPEG images")
@@ -416,8 +415,7 @@ def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
     return [m[2] for m in loaded], float(np.mean([m[1].threshold for m in loaded]))
 
 
-def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
-          report_dir: str | None = None) -> dict[str, Any]:
+def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None = None) -> dict[str, Any]:
     """Score `cfg.input` into `cfg.out`; returns the summary (scored, skipped, failed, report path).
 
     The report goes to `report_dir` (default `OUT/report`).
@@ -458,7 +456,7 @@ def score(cfg: ScoreConfig, *, chunk_files: int = 8, overwrite: bool = False,
     # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw
     # image paths held on the driver): the scoring actors start (import torch, load the model, initialise CUDA) once
     # per execution, not once per committed chunk; commits are cut from the stream of predictions.
-    for run in _executions(iter_chunks(cfg.input, cfg.chunk_images, chunk_files)):
+    for run in _executions(iter_chunks(cfg.input, cfg.chunk_images)):
         total += _chunk_rows(run)
         predictions = _chunk_dataset(run, done_ref, read_cpus=1.0).map_batches(
             Predictor,
