@@ -103,7 +103,7 @@ class IngestConfig:
     """Images with more pixels are refused as decompression bombs."""
     rows_per_file: int = 256
     """Most rows per Parquet file. Training shuffles by reading a split's files in a new order each epoch, so a
-    split needs many files: MURA's train split makes ~145."""
+    split needs many files: MURA's train split makes over 100."""
     file_mb: int = 64
     """Most image bytes (MiB) per Parquet file. Files are written one 64-image row group at a time, so a writing
     CPU holds one row group, not a file."""
