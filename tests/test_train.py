@@ -103,6 +103,25 @@ class _KillWorkerAfterFirstEpoch:
         return Killer()
 
 
+def test_dataset_of_an_older_ingest_layout_trains_with_a_warning(ray_cluster, mura_dataset, tmp_path, caplog):
+    import logging
+
+    from mura_ray.train import prepare_run
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for split in ("train", "val", "test"):
+        (old / split).symlink_to(Path(mura_dataset) / split, target_is_directory=True)
+    summary = json.loads((Path(mura_dataset) / "ingest_summary.json").read_text())
+    assert summary.pop("layout_version") >= 2
+    (old / "ingest_summary.json").write_text(json.dumps(summary))
+    with caplog.at_level(logging.WARNING, logger="mura_ray.train"):
+        prepare_run(TrainConfig(data=mura_dataset, out=str(tmp_path / "new-run"), backbone="custom_cnn"))
+        assert "older mura_ray" not in caplog.text
+        prepare_run(TrainConfig(data=str(old), out=str(tmp_path / "old-run"), backbone="custom_cnn"))
+    assert "was ingested by an older mura_ray" in caplog.text and "--overwrite" in caplog.text
+
+
 @pytest.mark.slow
 def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     from mura_ray.train import best_state, build_trainer, prepare_run
