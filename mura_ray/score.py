@@ -146,7 +146,8 @@ class Predictor:
 # ---------------------------------------------------------------------------------------------------- input
 @dataclass(frozen=True)
 class Chunk:
-    """A unit of committed work: some input Parquet files, or some raw image files."""
+    """A unit of listed input: the Parquet files of a split, or some raw image files (commits are cut from the
+    prediction stream, not per chunk)."""
 
     parquet_files: tuple[str, ...] = ()
     image_files: tuple[str, ...] = ()
