@@ -25,13 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination dataset folder (local or s3://)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of MURA train patients moved to the val split (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level train/val split (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the patient-level train/val split and of the train split's row order (default 0)")
     p.add_argument("--max-error-rate", type=float, default=0.01,
                    help="exit non-zero when more than this share of images is unusable (default 0.01)")
     p.add_argument("--body-part", default=None, help="body part of every image of a --source folder set, e.g. WRIST")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--file-mb", type=int, default=64,
                    help="most image MiB per Parquet file (default 64); files are written 64 images at a time")
+    p.add_argument("--rows-per-file", type=int, default=256,
+                   help="most images per Parquet file (default 256). Training shuffles by reading the train split's "
+                   "files in a new order each epoch, so a split wants many files: lower it for small sets")
     return p
 
 
@@ -41,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = IngestConfig(
         source=args.source, root=args.root, out=args.out, val_fraction=args.val_fraction, seed=args.seed,
         max_error_rate=args.max_error_rate, body_part=args.body_part, overwrite=args.overwrite,
-        file_mb=args.file_mb,
+        file_mb=args.file_mb, rows_per_file=args.rows_per_file,
     ).validate()
     init_ray()
     try:

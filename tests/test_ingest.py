@@ -199,7 +199,7 @@ def test_raw_images_source(ray_cluster, tmp_path):
 
 
 def test_train_rows_are_shuffled_over_files_and_each_epoch_reads_them_in_a_new_order(ray_cluster, mura_root,
-                                                                                     tmp_path):
+                                                                                     tmp_path, capsys):
     import ray
 
     from mura_ray.config import IngestConfig
@@ -207,7 +207,11 @@ def test_train_rows_are_shuffled_over_files_and_each_epoch_reads_them_in_a_new_o
     from mura_ray.data.pipeline import read_split
 
     out = str(tmp_path / "mura")
-    summary = ingest(IngestConfig(source="mura", root=str(mura_root), out=out, rows_per_file=16))
+    args = ["--source", "mura", "--root", str(mura_root), "--out", out, "--rows-per-file"]
+    assert ingest_job.main([*args, "0"]) == 2
+    assert "--rows-per-file must be > 0, got 0" in capsys.readouterr().err
+    assert ingest_job.main([*args, "16"]) == 0
+    summary = json.loads((tmp_path / "mura" / "ingest_summary.json").read_text())
     assert summary["layout_version"] == LAYOUT_VERSION
     files = sorted((tmp_path / "mura" / "train").glob("*.parquet"))
     n_train = summary["splits"]["train"]["images"]
