@@ -217,7 +217,7 @@ def build_dataset(data: str, args: argparse.Namespace, mean: float, std: float):
     if not args.rows_per_block:
         return pipeline.build_input(data, "train", image_size=args.image_size, mean=mean, std=std, train=True,
                                     num_cpus=args.decode_cpus, batch_size=args.map_batch_size)
-    # What-if: cut the read blocks before the shuffle and the decode,
+    # What-if: cut the read blocks before the decode,
     # so a one-file split is decoded by many tasks and its first batch does not wait for the whole file.
     ds = pipeline.read_split(data, "train", pipeline.TRAIN_COLUMNS, shuffle_seed=0)
     ds = ds.repartition(target_num_rows_per_block=args.rows_per_block)
