@@ -17,19 +17,21 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
-import torch
 
 from mura_ray import storage
 from mura_ray.config import ScoreConfig, UserError
 from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
 from mura_ray.data.pipeline import body_part_indices, read_parquet, resize_pad
 from mura_ray.labels import BODY_PARTS
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class Predictor:
     """
 
     def __init__(self, model_uris: list[str], *, use_gpu: bool, tta: bool, threshold: float | None):
+        import torch
+
         from mura_ray.models import load_model
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -88,14 +92,23 @@ class Predictor:
         self.draft = max(s.image_size for s in specs)
 
     def _inputs(self, arrays: list[np.ndarray | None], size: int, mean: float, std: float) -> torch.Tensor:
+        import torch
+
         out = np.zeros((len(arrays), 1, size, size), dtype=np.float32)
         for i, arr in enumerate(arrays):
             if arr is not None:
                 out[i, 0] = (np.asarray(resize_pad(arr, size), dtype=np.float32) / 255.0 - mean) / std
         return torch.from_numpy(out).to(self.device)
 
-    @torch.inference_mode()
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        import torch
+
+        with torch.inference_mode():
+            return self._predict(batch)
+
+    def _predict(self, batch: pd.DataFrame) -> pa.Table:
+        import torch
+
         n = len(batch)
         arrays: list[np.ndarray | None] = []
         errors: list[str | None] = []

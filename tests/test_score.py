@@ -189,3 +189,14 @@ def test_executions_merge_chunks(monkeypatch):
     runs = list(_executions(iter(raw)))
     assert [len(r.image_files) for r in runs] == [6, 6, 3] and all(r.root == "/a" for r in runs)
     assert sum((r.image_files for r in runs), ()) == sum((c.image_files for c in raw), ())
+
+
+def test_scoring_module_leaves_torch_to_the_predictor():
+    """Raw-folder read tasks and the already-scored task run functions of `mura_ray.score` in pooled Ray workers:
+    importing the module must not import torch there (here: 0.9 s and 110 MiB instead of 3.1 s and 581 MiB)."""
+    import subprocess
+    import sys
+
+    code = "import sys, mura_ray.score; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
