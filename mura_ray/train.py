@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -91,6 +92,37 @@ def _iter_batches(shard, batch_size: int, shuffle: bool, device):
         prefetch_batches=4,
         local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
     )
+
+
+class _StartedEpoch:
+    """An epoch's batches whose first batch is pulled in a background thread as soon as this is made.
+
+    Each epoch is a new Ray Data execution: its read and decode tasks start, and the local shuffle buffer fills,
+    before the first batch arrives (seconds). Made before validation, the next training epoch does that while the
+    model is being validated, and the loop's first `next` only waits for what is still missing. Iterate it once.
+    """
+
+    def __init__(self, batches):
+        self._it = iter(batches)
+        self._first: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._pull, name="next-epoch-input", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first = (True, next(self._it, None))
+        except BaseException as e:  # re-raised in the training loop's thread
+            self._first = (False, e)
+
+    def __iter__(self):
+        self._thread.join()
+        ok, first = self._first
+        if not ok:
+            raise first
+        if first is None:
+            return
+        yield first
+        yield from self._it
 
 
 def evaluate(model: nn.Module, batches, device: torch.device, amp: bool, loss_kwargs: dict[str, Any],
@@ -180,6 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
+    started: _StartedEpoch | None = None
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             break
@@ -187,7 +220,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t_start = time.perf_counter()
         wait = 0.0
         seen, skipped, loss_sum = 0, 0, 0.0
-        it = iter(_iter_batches(train_shard, cfg.batch_size, True, device))
+        it = iter(started or _iter_batches(train_shard, cfg.batch_size, True, device))
+        started = None
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -224,6 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data_stall_share": wait / max(elapsed, 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
         }
+        if epoch + 1 < cfg.epochs:  # every worker starts its next epoch's input now, to arrive during validation
+            started = _StartedEpoch(_iter_batches(train_shard, cfg.batch_size, True, device))
         if rank == 0:
             val = evaluate(raw_model, _iter_batches(val_shard, cfg.batch_size * 2, False, device), device,
                            cfg.amp, loss_kwargs, cfg.threshold)

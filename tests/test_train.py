@@ -47,6 +47,34 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
     best = max(states, key=lambda st: st["metrics"]["val_auc"])
     assert card["training"]["best_epoch"] == best["epoch"] + 1
     assert card["metrics"]["validation"]["val_auc"] == pytest.approx(best["metrics"]["val_auc"])
+    # Epochs 2 and 3 start their input during the previous epoch's validation: none loses or repeats a batch.
+    assert {st["metrics"]["train_images"] for st in states} == {card["training"]["counts"]["train"]}
+
+
+def test_started_epoch_pulls_its_first_batch_ahead_and_yields_everything_once():
+    import threading
+
+    from mura_ray.train import _StartedEpoch
+
+    pulled_in = []
+
+    def batches(n):
+        for i in range(n):
+            pulled_in.append(threading.current_thread().name)
+            yield i
+
+    started = _StartedEpoch(batches(3))
+    started._thread.join(timeout=10)
+    assert pulled_in == ["next-epoch-input"]  # the first batch was fetched before the loop asked for it
+    assert list(started) == [0, 1, 2] and len(pulled_in) == 3
+    assert list(_StartedEpoch(batches(0))) == []
+
+    def broken():
+        raise OSError("object store lost")
+        yield
+
+    with pytest.raises(OSError, match="object store lost"):
+        list(_StartedEpoch(broken()))
 
 
 def test_bad_flags_are_one_line_errors(capsys):
