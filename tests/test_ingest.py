@@ -306,8 +306,8 @@ def test_ingest_streams_memory_does_not_grow_with_images(tmp_path):
 
     The peak is the whole job's: the driver and the Ray processes it starts, as a user's container would see it. The
     images are large enough that a writer holding a split's bytes shows (Ray's own `write_parquet`, which ingest
-    used before, peaked 1.5x higher at 4x the images here); a job whose Ray starts one more worker process in one run
-    does not (an extra idle worker is under 10% of the job).
+    used before, peaked 1.5x higher at 4x the images here); one more Ray worker process in one of the runs
+    (~40-180 MiB seen here, at most ~17% of the job) does not.
     """
     from mura_ray.data.synthetic import generate_mura
 
