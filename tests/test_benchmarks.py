@@ -40,6 +40,9 @@ def test_input_pipeline_benchmark(cache):
     assert result["ratio"] == pytest.approx(result["ours_images_per_s"] / result["baseline_images_per_s"], rel=1e-2)
     assert 0 <= result["stall_share"] <= 1
     assert result["images_per_epoch"] > 0
+    for side in ("ours", "baseline"):  # input: a warm-up epoch + 1 measured; train: warm-up steps, 1 measured epoch
+        assert len(result[side]["input"]["epochs"]) == 2, side
+        assert len(result[side]["train"]["epochs"]) == 1, side
 
 
 @pytest.mark.slow
