@@ -51,11 +51,19 @@ def multitask_loss(
     out: dict[str, Tensor], labels: Tensor, body_parts: Tensor, *, kind: str, pos_weight: float | None,
     gamma: float, body_part_weight: float,
 ) -> tuple[Tensor, Tensor]:
-    """(total loss, abnormality loss); body-part cross-entropy ignores rows whose body part is unknown."""
+    """(total loss, abnormality loss); body-part cross-entropy ignores rows whose body part is unknown.
+
+    Every output stays in the graph: when the body-part term is left out (weight 0, or no row with a known body part,
+    as in a fracture set without body parts) the head is added at zero weight, so it still gets a (zero) gradient —
+    DistributedDataParallel fails the next step when a trained parameter got none on some worker.
+    """
     ab = abnormal_loss(out["abnormal"], labels, kind=kind, pos_weight=pos_weight, gamma=gamma)
     total = ab
-    if "body_part" in out and body_part_weight > 0 and bool((body_parts >= 0).any()):
-        total = total + body_part_weight * F.cross_entropy(out["body_part"].float(), body_parts, ignore_index=-1)
+    if "body_part" in out:
+        if body_part_weight > 0 and bool((body_parts >= 0).any()):
+            total = total + body_part_weight * F.cross_entropy(out["body_part"].float(), body_parts, ignore_index=-1)
+        else:
+            total = total + out["body_part"].float().sum() * 0.0
     return total, ab
 
 
@@ -77,10 +85,16 @@ def compute_val_metrics(
 
 
 # ---------------------------------------------------------------------------------------------------- worker loop
+def amp_dtype() -> torch.dtype:
+    """Mixed precision on this GPU: bfloat16 where the hardware has it (Ampere and later), else float16 with a
+    GradScaler. torch's `is_bf16_supported()` also says yes where bfloat16 is only emulated (T4, V100): slow, and
+    cuDNN has no bfloat16 convolutions there."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=amp_dtype())
     return torch.autocast(device.type, enabled=False)
 
 
@@ -205,7 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    use_scaler = cfg.amp and device.type == "cuda" and amp_dtype() == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
                    "body_part_weight": cfg.body_part_weight if cfg.multitask else 0.0}
@@ -219,7 +233,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.train()
         t_start = time.perf_counter()
         wait = 0.0
-        seen, skipped, loss_sum = 0, 0, 0.0
+        seen, skipped, left_out, loss_sum = 0, 0, 0, 0.0
         it = iter(started or _iter_batches(train_shard, cfg.batch_size, True, device))
         started = None
         while True:
@@ -228,6 +242,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wait += time.perf_counter() - t0
             if batch is None:
                 break
+            if len(batch["ok"]) < 2:
+                # BatchNorm cannot train on one row: a last batch of one is left out. The shards are equal, so every
+                # worker leaves it out together, and the per-epoch shuffle makes it a different image each epoch.
+                left_out += 1
+                continue
             ok = batch["ok"] > 0
             skipped += int((~ok).sum())
             # Every worker steps on every batch (even an all-failed one) so DDP's collectives stay in lockstep.
@@ -254,6 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(seen, 1),
             "train_images": seen,
             "skipped_images": skipped,
+            "left_out_images": left_out,
             "images_per_s": seen / max(elapsed, 1e-9),
             "data_stall_share": wait / max(elapsed, 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
