@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -232,13 +233,23 @@ def _raw_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
 
 
 def _drop_done(batch: pd.DataFrame, done: Any) -> pd.DataFrame:
-    """Ray Data task: drop rows whose image is already in a committed part (`done`: ObjectRef of sorted keys)."""
+    """Ray Data task: drop rows whose image is already in a committed part (`done`: ObjectRef of sorted keys).
+
+    Rows of a raw-folder listing carry only `path`: their ids come from it, so done images are dropped before their
+    bytes are read (a nightly re-run over a growing archive reads only the new images).
+    """
     import ray
 
     done = ray.get(done[0])
     if len(done) == 0:
         return batch
-    return batch[~np.isin(image_key(batch["image_id"]), done)]
+    if "image_id" in batch:
+        ids = batch["image_id"]
+    else:
+        from mura_ray.data.ingest import image_id_for
+
+        ids = [image_id_for(p) for p in batch["path"]]
+    return batch[~np.isin(image_key(ids), done)]
 
 
 RAW_IMAGES_PER_EXECUTION = 200_000
@@ -284,7 +295,8 @@ def _chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
         blocks = max(1, min(len(listing) // 64, 4096))  # tasks read ~64 images each (bounded blocks)
         step = -(-len(listing) // blocks)
         ds = ray.data.from_pandas([listing.iloc[i : i + step] for i in range(0, len(listing), step)])
-        ds = ds.map_batches(_raw_rows, batch_format="pandas", fn_kwargs={"root": chunk.root}, num_cpus=read_cpus)
+        ds = ds.map_batches(_drop_done, batch_format="pandas", fn_kwargs={"done": [done_ref]}, num_cpus=read_cpus)
+        return ds.map_batches(_raw_rows, batch_format="pandas", fn_kwargs={"root": chunk.root}, num_cpus=read_cpus)
     return ds.map_batches(_drop_done, batch_format="pandas", fn_kwargs={"done": [done_ref]}, num_cpus=read_cpus)
 
 
@@ -421,6 +433,11 @@ def _resolve_gpu(mode: str) -> bool:
     return mode == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def _same_input(uri: str) -> str:
+    """An input as compared between runs: remote URIs without a trailing slash, local paths absolute."""
+    return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(uri)
+
+
 def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
     """Load each model once on the driver (a bad --model fails before any cluster work): ids, mean threshold."""
     from mura_ray.models import load_model
@@ -457,8 +474,11 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     if manifest["model_ids"] != model_ids:
         raise UserError(f"--out {cfg.out}: holds predictions of other model(s) {manifest['model_ids']}; "
                         "use a new --out for a new model")
-    if manifest["input"] != cfg.input:
-        logger.info("Adding predictions for %s to %s (earlier input: %s)", cfg.input, cfg.out, manifest["input"])
+    if _same_input(manifest["input"]) != _same_input(cfg.input):
+        # Image ids are paths relative to the input (raw folders) or to the ingested archive: another input's
+        # images could share ids with the ones here and would be skipped as already scored.
+        raise UserError(f"--out {cfg.out} holds predictions for --input {manifest['input']}; re-run with that "
+                        "input to score what is new there, or give this input its own --out")
     _clean_uncommitted(cfg.out, set(manifest["parts"]))
     done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(manifest["parts"]))
 

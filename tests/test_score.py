@@ -108,6 +108,27 @@ def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_pa
     assert "scored 0 images, skipped 14 already done" in capsys.readouterr().out
     assert len(_predictions(out)) == 14
 
+    # Another archive with the same layout has the same relative paths, hence the same image ids: scored into this
+    # --out it would be skipped as already done. It is refused instead (the same input with a trailing slash is not).
+    other = _raw_folder(tmp_path / "archive2", 13)
+    assert score_job.main([*args[:2], "--input", str(other), *args[4:]]) == 2
+    assert "give this input its own --out" in capsys.readouterr().err
+    assert score_job.main([*args[:2], "--input", f"{src}/", *args[4:]]) == 0
+    assert len(_predictions(out)) == 14
+
+
+def test_done_images_of_a_raw_listing_are_dropped_before_their_bytes_are_read(ray_cluster):
+    import ray
+
+    from mura_ray.data.ingest import image_id_for
+
+    paths = ["night1/a.png", "night1/b.png", "night1/c.png"]
+    done = ray.put(np.sort(score_lib.image_key([image_id_for(paths[1])])))
+    listing = pd.DataFrame({"path": paths})  # a listing row has no bytes and no image_id yet
+    assert score_lib._drop_done(listing, [done])["path"].tolist() == ["night1/a.png", "night1/c.png"]
+    ingested = pd.DataFrame({"image_id": ["x", image_id_for(paths[1])], "path": ["p", "q"]})
+    assert score_lib._drop_done(ingested, [done])["path"].tolist() == ["p"]
+
 
 def test_ensemble_averages_members(trained_run, mura_dataset, tmp_path):
     model = str(trained_run / "model")
