@@ -435,7 +435,7 @@ def _resolve_gpu(mode: str) -> bool:
 
 def _same_input(uri: str) -> str:
     """An input as compared between runs: remote URIs without a trailing slash, local paths absolute."""
-    return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(uri)
+    return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
