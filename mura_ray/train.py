@@ -128,6 +128,14 @@ class _StartedEpoch:
         except BaseException as e:  # re-raised in the training loop's thread
             self._first = (False, e)
 
+    def close(self) -> None:
+        """Drop the epoch unread (early stopping): closing the batch iterator ends this worker's part of the epoch's
+        Ray Data execution now, instead of leaving it running until the workers are torn down."""
+        self._thread.join()
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
     def __iter__(self):
         self._thread.join()
         ok, first = self._first
@@ -298,6 +306,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             bad_epochs += 1
         metrics["best_val_loss"] = best_val_loss
         metrics["stopped_early"] = bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
+        if started is not None and metrics["stopped_early"]:  # every worker decides alike (rank 0's val loss)
+            started.close()
+            started = None
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
             if rank == 0:

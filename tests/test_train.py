@@ -80,6 +80,19 @@ def test_started_epoch_pulls_its_first_batch_ahead_and_yields_everything_once():
     with pytest.raises(OSError, match="object store lost"):
         list(_StartedEpoch(broken()))
 
+    # Early stopping drops a started epoch: its iterator is closed (Ray's ends the worker's part of the execution).
+    closed = []
+
+    def held():
+        try:
+            yield from range(5)
+        finally:
+            closed.append(True)
+
+    unread = _StartedEpoch(held())
+    unread.close()
+    assert closed == [True]
+
 
 @pytest.mark.parametrize("known_parts, weight", [(False, 1.0), (True, 0.0)])
 def test_multitask_loss_gives_every_trained_parameter_a_gradient(known_parts, weight):
