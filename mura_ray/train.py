@@ -87,8 +87,8 @@ def compute_val_metrics(
 # ---------------------------------------------------------------------------------------------------- worker loop
 def amp_dtype() -> torch.dtype:
     """Mixed precision on this GPU: bfloat16 where the hardware has it (Ampere and later), else float16 with a
-    GradScaler. torch's `is_bf16_supported()` also says yes where bfloat16 is only emulated (T4, V100): slow, and
-    cuDNN has no bfloat16 convolutions there."""
+    GradScaler. torch's `is_bf16_supported()` also says yes where bfloat16 is only emulated (T4, V100): slow there,
+    and cuDNN is reported to lack bfloat16 convolutions below compute capability 8.0."""
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
