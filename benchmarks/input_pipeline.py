@@ -284,7 +284,8 @@ def run_ours(data: str, args: argparse.Namespace, mean: float, std: float) -> di
                         100 * e["wait_s"] / e["seconds"])
         out[phase] = summarize(merged, warmup=PHASE_WARM_UP_EPOCHS[phase])
         out[phase]["per_worker_images_per_s"] = [
-            median([e["images"] / e["seconds"] for e in w[phase][1:] or w[phase]]) for w in per_worker
+            median([e["images"] / e["seconds"] for e in w[phase][PHASE_WARM_UP_EPOCHS[phase]:] or w[phase]])
+            for w in per_worker
         ]
     return out
 

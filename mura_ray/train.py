@@ -92,9 +92,10 @@ def amp_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=amp_dtype())
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` (from `amp_dtype`, chosen once per worker), or none when it is None."""
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype)
     return torch.autocast(device.type, enabled=False)
 
 
@@ -147,7 +148,7 @@ class _StartedEpoch:
         yield from self._it
 
 
-def evaluate(model: nn.Module, batches, device: torch.device, amp: bool, loss_kwargs: dict[str, Any],
+def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype | None, loss_kwargs: dict[str, Any],
              threshold: float) -> dict[str, float]:
     """Loss and metrics over every row of a validation iterator (rows that failed to decode are skipped)."""
     model.eval()
@@ -227,8 +228,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    use_scaler = cfg.amp and device.type == "cuda" and amp_dtype() == torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    amp = amp_dtype() if cfg.amp and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
                    "body_part_weight": cfg.body_part_weight if cfg.multitask else 0.0}
     train_shard = ray.train.get_dataset_shard("train")
@@ -259,7 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             skipped += int((~ok).sum())
             # Every worker steps on every batch (even an all-failed one) so DDP's collectives stay in lockstep.
             image, label, body_part = batch["image"], batch["label"], batch["body_part"]
-            with _autocast(device, cfg.amp):
+            with _autocast(device, amp):
                 out = model(image, body_part)
             keep = ok & (label >= 0)
             out_kept = {k: v[keep] for k, v in out.items()}
@@ -290,7 +291,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             started = _StartedEpoch(_iter_batches(train_shard, cfg.batch_size, True, device))
         if rank == 0:
             val = evaluate(raw_model, _iter_batches(val_shard, cfg.batch_size * 2, False, device), device,
-                           cfg.amp, loss_kwargs, cfg.threshold)
+                           amp, loss_kwargs, cfg.threshold)
         else:
             val = None
         if world > 1:
