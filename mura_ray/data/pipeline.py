@@ -6,6 +6,7 @@ A row that cannot be decoded keeps its place with `ok = 0` so the consumer can s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ TENSOR_COLUMNS: tuple[str, ...] = ("image", "label", "body_part", "ok")
 """Columns the preprocessing emits for training and evaluation."""
 
 
-def read_parquet(paths: str | list[str], filesystem: Any, shuffle: Any = None):
+def read_parquet(paths: str | list[str], filesystem: Any, shuffle: Any = None, **read_args: Any):
     """`ray.data.read_parquet` through Ray Data's block-splitting Parquet datasource.
 
     Ray 2.60 reads Parquet through a new (V2) datasource by default, which makes one block of each file: a split
@@ -30,32 +31,42 @@ def read_parquet(paths: str | list[str], filesystem: Any, shuffle: Any = None):
     spends seconds in a file-listing task. The file-based datasource splits files into row blocks that stream
     through parallel decode tasks: on the 1,406-image demo split one epoch of input took 3.1 s instead of 9-11 s,
     the first batch 1 s instead of 8-13 s (docs/benchmarks.md). The choice is scoped to this call.
-    `shuffle` is read_parquet's file-order shuffle (None, "files" or a `FileShuffleConfig`).
+    `shuffle` is read_parquet's file-order shuffle (None, "files" or a `FileShuffleConfig`); `read_args` go to
+    `ray.data.read_parquet` (such as `override_num_blocks`).
     """
     import ray
 
     ctx = ray.data.DataContext.get_current()
     if not hasattr(ctx, "use_datasource_v2"):
-        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
+        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle, **read_args)
     previous = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
+        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle, **read_args)
     finally:
         ctx.use_datasource_v2 = previous
 
 
-def read_split(data: str, split: str, columns: tuple[str, ...] | None = None, *, shuffle_seed: int | None = None):
+def read_split(data: str, split: str, columns: tuple[str, ...] | None = None, *, shuffle_seed: int | None = None,
+               task_per_file: bool = False):
     """A lazy Ray Dataset over one split of an ingested dataset (local or s3://).
 
     With `shuffle_seed`, every execution (every epoch) reads the split's files in a new order drawn from that seed.
+    With `task_per_file`, a split of several files is read by one task per file (one block each), so that a map
+    that follows without a batch size runs inside the read tasks (see `build_input`).
     """
     from ray.data import FileShuffleConfig
 
     uri = storage.join(data, split)
     fs, path = storage.resolve(uri)
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    ds = read_parquet(path, fs, shuffle=shuffle)
+    read_args: dict[str, Any] = {}
+    if task_per_file:
+        files = storage.list_files(uri, ".parquet")
+        if len(files) > 1:
+            path = [storage.resolve(f)[1] for f in files]
+            read_args = {"override_num_blocks": len(files)}
+    ds = read_parquet(path, fs, shuffle=shuffle, **read_args)
     return ds.select_columns(list(columns)) if columns else ds
 
 
@@ -132,20 +143,45 @@ def preprocess_batch(
     }
 
 
+def preprocess_slices(
+    batch: dict[str, np.ndarray], *, rows: int, image_size: int, mean: float, std: float, train: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    """`preprocess_batch` over a block `rows` rows at a time, each slice yielded as soon as it is decoded.
+
+    The block may be a whole file of image bytes: slicing keeps one slice of decoded float32 images in memory and
+    lets the first rows leave the task before the file's last image is decoded. For training the block's rows are
+    first put in a new random order, so that slices (and the batches they end in) differ from epoch to epoch.
+    """
+    n = len(batch["image"])
+    order = np.random.default_rng().permutation(n) if train else np.arange(n)
+    for start in range(0, n, rows):
+        take = order[start : start + rows]
+        yield preprocess_batch({k: np.asarray(v)[take] for k, v in batch.items()},
+                               image_size=image_size, mean=mean, std=std, train=train)
+
+
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
                 num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0):
-    """The streaming dataset a Train worker consumes for `split`.
+    """The streaming dataset a Train worker consumes for `split`, in blocks of `batch_size` rows.
+
+    Decoding runs inside the read tasks: a split of several files (ingest writes at most
+    `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is read one task per file, and the decode, a
+    `map_batches` without a batch size that slices each file itself (`preprocess_slices`), is fused by Ray Data
+    into those read tasks, together with the re-blocking into `batch_size` rows. Before, Ray cut each file into
+    more blocks than files, which keeps a read from fusing with the map after it, so every block went through a read
+    task, the object store and a decode task: an epoch of 842 images came ~1.3x faster fused, its first batch ~0.5 s
+    sooner (docs/benchmarks.md). A one-file split is still cut into blocks and decoded by parallel tasks.
 
     The training split is shuffled without an all-to-all step: ingest writes its rows in a seeded random order
-    across many small files (`IngestConfig.rows_per_file`), each epoch reads those files in a new order (`seed`),
-    and the consumer mixes rows in a local shuffle buffer (`mura_ray.train`). `randomize_block_order`, used before,
-    waits for the whole split to be read into the object store every epoch before the first image is decoded.
+    across many small files, each epoch reads those files in a new order (`seed`), and the consumer mixes rows in a
+    local shuffle buffer (`mura_ray.train`). `randomize_block_order`, used before, waits for the whole split to be
+    read into the object store every epoch before the first image is decoded.
     """
-    ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=seed if train else None)
+    ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=seed if train else None, task_per_file=True)
     return ds.map_batches(
-        preprocess_batch,
+        preprocess_slices,
         batch_format="numpy",
-        batch_size=batch_size,
+        batch_size=None,
         num_cpus=num_cpus,
-        fn_kwargs={"image_size": image_size, "mean": mean, "std": std, "train": train},
-    )
+        fn_kwargs={"rows": batch_size, "image_size": image_size, "mean": mean, "std": std, "train": train},
+    ).repartition(target_num_rows_per_block=batch_size)

@@ -1,0 +1,70 @@
+"""The training input (`mura_ray.data.pipeline`): decoding fused into the read tasks, blocks of the batch size,
+every row delivered once, per-epoch row order within a file."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mura_ray.data.pipeline import build_input, preprocess_slices
+
+
+def _png(value: int, size: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (size, size), value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _batch(n: int) -> dict[str, np.ndarray]:
+    """`n` uniform square images of grey level 3*i, labelled i (so a row can be told from its label), then a
+    corrupt one labelled n."""
+    return {
+        "image": np.array([_png(3 * i) for i in range(n)] + [b"not an image"], dtype=object),
+        "label": np.arange(n + 1),
+        "body_part": np.array(["WRIST"] * (n + 1), dtype=object),
+    }
+
+
+def test_slices_keep_every_row_in_order_for_evaluation():
+    slices = list(preprocess_slices(_batch(70), rows=32, image_size=16, mean=0.0, std=1.0, train=False))
+    assert [len(s["image"]) for s in slices] == [32, 32, 7]
+    labels = np.concatenate([s["label"] for s in slices])
+    assert labels.tolist() == list(range(71))
+    ok = np.concatenate([s["ok"] for s in slices])
+    assert ok[:70].all() and ok[70] == 0  # the corrupt image keeps its row, flagged
+    images = np.concatenate([s["image"] for s in slices])
+    assert images.shape == (71, 1, 16, 16)
+    np.testing.assert_allclose(images[:70].mean(axis=(1, 2, 3)), 3 * np.arange(70) / 255.0, atol=1e-6)
+    assert not images[70].any()
+
+
+def test_training_slices_take_the_rows_in_a_new_order_each_time():
+    batch = _batch(70)
+    orders = []
+    for _ in range(2):
+        slices = list(preprocess_slices(batch, rows=32, image_size=16, mean=0.0, std=1.0, train=True))
+        assert [len(s["image"]) for s in slices] == [32, 32, 7]
+        labels = np.concatenate([s["label"] for s in slices]).astype(int)
+        ok = np.concatenate([s["ok"] for s in slices])
+        assert sorted(labels.tolist()) == list(range(71))
+        assert ok[labels == 70].tolist() == [0.0] and ok[labels != 70].all()
+        orders.append(labels.tolist())
+    assert orders[0] != orders[1] and orders[0] != list(range(71))
+
+
+def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_cluster, mura_dataset):
+    summary = json.loads(Path(mura_dataset, "ingest_summary.json").read_text())
+    assert len(list(Path(mura_dataset, "train").glob("*.parquet"))) > 1
+    for split, train in (("train", True), ("val", False)):
+        ds = build_input(mura_dataset, split, image_size=32, mean=0.5, std=0.25, train=train, batch_size=8)
+        blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        assert sum(len(b["image"]) for b in blocks) == summary["splits"][split]["images"]
+        assert max(len(b["image"]) for b in blocks) <= 8
+        assert all(b["ok"].all() and b["image"].shape[1:] == (1, 32, 32) for b in blocks)
+        if train:
+            # One operator: each task reads a whole file and decodes it (no read → object store → decode hop).
+            assert "ReadParquet->MapBatches(preprocess_slices)" in ds.stats()
