@@ -225,6 +225,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, best_val_loss, bad_epochs = state["epoch"] + 1, state["best_val_loss"], state["bad_epochs"]
         if rank == 0:
             print(f"Resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+        if start_epoch >= cfg.epochs or bad_epochs >= cfg.patience:
+            # The run had already ended (e.g. a search was interrupted while this run wrote its last checkpoint):
+            # report its last epoch again, so that the caller (Tune) learns how it ended instead of getting nothing.
+            last = dict(state["metrics"])  # saved as floats
+            last.update({k: int(last[k]) for k in ("epoch", "train_images", "skipped_images", "left_out_images")
+                         if k in last})
+            last["stopped_early"] = bool(last.get("stopped_early"))
+            ray.train.report(last, checkpoint=None)
+            return
 
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

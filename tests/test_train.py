@@ -183,6 +183,20 @@ class _KillWorkerAfterFirstEpoch:
         return Killer()
 
 
+class _RecordReports:
+    """Driver-side callback that appends each report's epoch (and whether it came with a checkpoint) to a file."""
+
+    def __new__(cls, log: Path):
+        import ray.train
+
+        class Recorder(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):  # noqa: ARG002
+                with log.open("a") as f:
+                    f.write(f"{metrics[0]['epoch']} {checkpoint is not None} {metrics[0]['stopped_early']}\n")
+
+        return Recorder()
+
+
 def test_dataset_of_an_older_ingest_layout_trains_with_a_warning(ray_cluster, mura_dataset, tmp_path, caplog):
     import logging
 
@@ -217,10 +231,13 @@ def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     # The restarted worker group resumed at epoch 2 from epoch 1's checkpoint: epoch 1 was not trained again.
     assert epochs == [2, 3]
 
-    # Re-running the same run directory resumes the finished run: nothing is trained again.
+    # Re-running the same run directory resumes the finished run: nothing is trained again, and the run reports
+    # its last epoch once more, without a new checkpoint (a resumed Tune search learns from it how the trial ended).
     checkpoints = sorted(p.name for p in (tmp_path / "crash").glob("checkpoint_*") if p.is_dir())
-    again = build_trainer(prepare_run(cfg)).fit()
+    reports = tmp_path / "reports.txt"
+    again = build_trainer(prepare_run(cfg), callbacks=[_RecordReports(reports)]).fit()
     assert sorted(p.name for p in (tmp_path / "crash").glob("checkpoint_*") if p.is_dir()) == checkpoints
+    assert reports.read_text().splitlines() == ["3 False False"]
     assert best_state(again)["epoch"] == best_state(result)["epoch"]
 
 
