@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mura_ray.data.pipeline import build_input, preprocess_slices
+from mura_ray.data.pipeline import build_input, preprocess_slices, split_files
 
 
 def _png(value: int, size: int = 40) -> bytes:
@@ -56,15 +56,30 @@ def test_training_slices_take_the_rows_in_a_new_order_each_time():
     assert orders[0] != orders[1] and orders[0] != list(range(71))
 
 
+def test_split_files_skips_hidden_files_as_rays_reader_does(tmp_path):
+    split = tmp_path / "data" / "train"
+    for name in ("part-1.parquet", "part-0.parquet", ".part-2.parquet", "_temporary/part-3.parquet",
+                 "notes.txt", "sub/part-4.parquet"):
+        (split / name).parent.mkdir(parents=True, exist_ok=True)
+        (split / name).write_bytes(b"")
+    assert [Path(f).relative_to(split).as_posix() for f in split_files(str(tmp_path / "data"), "train")] == \
+        ["part-0.parquet", "part-1.parquet", "sub/part-4.parquet"]
+
+
 def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_cluster, mura_dataset):
     summary = json.loads(Path(mura_dataset, "ingest_summary.json").read_text())
-    assert len(list(Path(mura_dataset, "train").glob("*.parquet"))) > 1
+    assert len(split_files(mura_dataset, "train")) > 1 and len(split_files(mura_dataset, "val")) == 1
     for split, train in (("train", True), ("val", False)):
         ds = build_input(mura_dataset, split, image_size=32, mean=0.5, std=0.25, train=train, batch_size=8)
         blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         assert sum(len(b["image"]) for b in blocks) == summary["splits"][split]["images"]
-        assert max(len(b["image"]) for b in blocks) <= 8
         assert all(b["ok"].all() and b["image"].shape[1:] == (1, 32, 32) for b in blocks)
+        stats = ds.stats()
         if train:
-            # One operator: each task reads a whole file and decodes it (no read → object store → decode hop).
-            assert "ReadParquet->MapBatches(preprocess_slices)" in ds.stats()
+            # One operator: each task reads a whole file, decodes it slice by slice and re-blocks the slices
+            # (no read → object store → decode hop); blocks of at most the batch size.
+            assert "ReadParquet->MapBatches(preprocess_slices)->StreamingRepartition" in stats
+            assert max(len(b["image"]) for b in blocks) <= 8
+        else:
+            # A one-file split: read blocks decoded by parallel tasks.
+            assert "ReadParquet->MapBatches" not in stats and "MapBatches(preprocess_batch)" in stats

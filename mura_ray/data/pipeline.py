@@ -49,26 +49,33 @@ def read_parquet(paths: str | list[str], filesystem: Any, shuffle: Any = None, *
 
 
 def read_split(data: str, split: str, columns: tuple[str, ...] | None = None, *, shuffle_seed: int | None = None,
-               task_per_file: bool = False):
+               files: list[str] | None = None, **read_args: Any):
     """A lazy Ray Dataset over one split of an ingested dataset (local or s3://).
 
     With `shuffle_seed`, every execution (every epoch) reads the split's files in a new order drawn from that seed.
-    With `task_per_file`, a split of several files is read by one task per file (one block each), so that a map
-    that follows without a batch size runs inside the read tasks (see `build_input`).
+    `files` (from `split_files`) reads those paths instead of listing the directory; `read_args` go to
+    `ray.data.read_parquet`.
     """
     from ray.data import FileShuffleConfig
 
-    uri = storage.join(data, split)
-    fs, path = storage.resolve(uri)
+    fs, path = storage.resolve(storage.join(data, split))
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    read_args: dict[str, Any] = {}
-    if task_per_file:
-        files = storage.list_files(uri, ".parquet")
-        if len(files) > 1:
-            path = [storage.resolve(f)[1] for f in files]
-            read_args = {"override_num_blocks": len(files)}
-    ds = read_parquet(path, fs, shuffle=shuffle, **read_args)
+    ds = read_parquet(files if files is not None else path, fs, shuffle=shuffle, **read_args)
     return ds.select_columns(list(columns)) if columns else ds
+
+
+def split_files(data: str, split: str) -> list[str]:
+    """The Parquet files of a split, as paths inside its filesystem, skipping hidden ones as Ray's reader does."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(storage.join(data, split))
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    root = path.rstrip("/") + "/"
+    return sorted(
+        info.path for info in infos
+        if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+        and not any(part.startswith((".", "_")) for part in info.path.removeprefix(root).split("/"))
+    )
 
 
 def resize_pad(img: np.ndarray, size: int, scale: float = 1.0) -> Image.Image:
@@ -149,9 +156,9 @@ def preprocess_slices(
 ) -> Iterator[dict[str, np.ndarray]]:
     """`preprocess_batch` over a block `rows` rows at a time, each slice yielded as soon as it is decoded.
 
-    The block may be a whole file of image bytes: slicing keeps one slice of decoded float32 images in memory and
-    lets the first rows leave the task before the file's last image is decoded. For training the block's rows are
-    first put in a new random order, so that slices (and the batches they end in) differ from epoch to epoch.
+    Whatever the size of the block the reader hands over, at most one slice of decoded float32 images is held at
+    once (with `build_input`'s block-size target each then leaves the task right away). For training the block's
+    rows are first put in a new random order, so that slices (and the batches they end in) vary from epoch to epoch.
     """
     n = len(batch["image"])
     order = np.random.default_rng().permutation(n) if train else np.arange(n)
@@ -163,27 +170,37 @@ def preprocess_slices(
 
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
                 num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0):
-    """The streaming dataset a Train worker consumes for `split`, in blocks of `batch_size` rows.
+    """The streaming dataset a Train worker consumes for `split`, in blocks of at most `batch_size` rows.
 
-    Decoding runs inside the read tasks: a split of several files (ingest writes at most
-    `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is read one task per file, and the decode, a
-    `map_batches` without a batch size that slices each file itself (`preprocess_slices`), is fused by Ray Data
-    into those read tasks, together with the re-blocking into `batch_size` rows. Before, Ray cut each file into
-    more blocks than files, which keeps a read from fusing with the map after it, so every block went through a read
-    task, the object store and a decode task: fused, a Train worker got 1.16x the images/s and its first batch
-    0.36 s sooner (842 images, 2 cores; docs/benchmarks.md). A one-file split is still cut into blocks, decoded by
-    parallel tasks.
+    A split of several files (ingest writes at most `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is
+    decoded inside its read tasks: one read task per file, the decode a `map_batches` without a batch size that
+    slices what it is given itself (`preprocess_slices`), then re-blocking into `batch_size` rows; Ray Data fuses
+    the three into one operator. The dataset's block-size target is one decoded slice, so every slice leaves the
+    task as soon as it is decoded (with Ray's default of 128 MiB a task held back all of a file's images until the
+    file was done) and the raw blocks read are as small. Before, Ray cut each file into more blocks than files,
+    which keeps a read from fusing with the map after it, so every block went read task → object store → decode
+    task: fused, a Train worker got 1.33x the images/s (842 images, 2 cores, back to back; docs/benchmarks.md).
+    Decoding then runs at most one task per file at a time: the file count (`--rows-per-file` at ingest) bounds its
+    parallelism.
+    A one-file split is cut into blocks decoded by parallel tasks, `batch_size` rows at a time.
 
     The training split is shuffled without an all-to-all step: ingest writes its rows in a seeded random order
     across many small files, each epoch reads those files in a new order (`seed`), and the consumer mixes rows in a
     local shuffle buffer (`mura_ray.train`). `randomize_block_order`, used before, waits for the whole split to be
     read into the object store every epoch before the first image is decoded.
     """
-    ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=seed if train else None, task_per_file=True)
+    kwargs = {"image_size": image_size, "mean": mean, "std": std, "train": train}
+    shuffle_seed = seed if train else None
+    files = split_files(data, split)
+    if len(files) <= 1:
+        ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=shuffle_seed)
+        return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
+                              fn_kwargs=kwargs)
+    # The read's CPUs are the decode's: operators with different resources would not fuse.
+    ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=shuffle_seed, files=files,
+                    override_num_blocks=len(files), ray_remote_args={"num_cpus": num_cpus})
+    ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
     return ds.map_batches(
-        preprocess_slices,
-        batch_format="numpy",
-        batch_size=None,
-        num_cpus=num_cpus,
-        fn_kwargs={"rows": batch_size, "image_size": image_size, "mean": mean, "std": std, "train": train},
+        preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=num_cpus,
+        fn_kwargs={"rows": batch_size, **kwargs},
     ).repartition(target_num_rows_per_block=batch_size)
