@@ -7,10 +7,12 @@ into flat arguments at its builder functions, so models, losses and metrics neve
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -54,13 +56,77 @@ def _raise_if(problems: list[str]) -> None:
         raise UserError("; ".join(problems))
 
 
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` of a config field, or ValueError saying what was expected.
+
+    YAML recipes are loosely typed: `lr: 1e-3` is a string to YAML 1.1, `epochs: 10.0` a float, `gpu: yes` a bool.
+    """
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(value, hint)
+    if origin is Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        quote = " (YAML reads yes/no/on/off as true/false: quote it)" if isinstance(value, bool) else ""
+        raise ValueError(f"must be one of {', '.join(map(str, args))}, got {value!r}{quote}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"must be a whole number, got {value!r}")
+    if hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"must be a list of strings, got {value!r}")
+    if origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ValueError(f"must be a mapping, got {value!r}")
+    return value
+
+
 def replace_from(cfg: Any, values: Mapping[str, Any], *, source: str) -> Any:
-    """A copy of `cfg` with `values` applied; unknown keys are a UserError naming `source`."""
+    """A copy of `cfg` with `values` applied, each checked (and converted) against its field's type.
+
+    Unknown keys and values of the wrong type are one UserError naming `source` and every bad option.
+    """
     known = {f.name for f in fields(cfg)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return dataclasses.replace(cfg, **dict(values))
+    hints = get_type_hints(type(cfg))
+    checked, problems = {}, []
+    for name, value in values.items():
+        try:
+            checked[name] = _coerce(value, hints[name])
+        except ValueError as e:
+            problems.append(f"{name} {e}")
+    if problems:
+        raise UserError(f"{source}: {'; '.join(problems)}")
+    return dataclasses.replace(cfg, **checked)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -199,6 +265,8 @@ class TrainConfig:
             problems.append(f"--image-size must be at least 16, got {self.image_size}")
         if self.pretrained and self.pretrained_file:
             problems.append("give --pretrained or --pretrained-file, not both")
+        if self.backbone == "custom_cnn" and (self.pretrained or self.pretrained_file):
+            problems.append("custom_cnn is trained from scratch: --pretrained and --pretrained-file do not apply")
         if self.pretrained_file and not (self.pretrained_file.startswith("s3://") or
                                          os.path.isfile(self.pretrained_file)):
             problems.append(f"--pretrained-file {self.pretrained_file}: no such file")

@@ -84,7 +84,10 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError for a corrupt or truncated file, OSError for an unreadable one
+            raise UserError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for unsafe or corrupt files
@@ -95,6 +98,36 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state dict")
     return state
+
+
+class _KeyMismatches(list):
+    """Missing or unexpected keys of timm's pretrained load, collected while in the `with` block.
+
+    timm loads non-strictly once it drops the classifier (`num_classes=0`) and only logs the keys it could not
+    match, so a weight file for another architecture would leave part of the trunk at random init without an
+    error. Its log records are the only report of that; they are collected here (and not shown) instead.
+    """
+
+    _logger = logging.getLogger("timm.models._builder")
+
+    def __enter__(self) -> _KeyMismatches:
+        self._handler = logging.Handler(logging.INFO)
+        self._handler.emit = self._collect  # type: ignore[method-assign]
+        self._saved = self._logger.level, self._logger.propagate
+        self._logger.setLevel(logging.INFO)
+        self._logger.propagate = False
+        self._logger.addHandler(self._handler)
+        return self
+
+    def _collect(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("Missing keys", "Unexpected keys")):
+            self.append(message)
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
 
 
 def build_trunk(
@@ -111,9 +144,17 @@ def build_trunk(
     if pretrained_file:
         state_dict = load_state_dict_file(pretrained_file)
         logger.info("Loading weights for %s from %s", backbone, pretrained_file)
-        trunk = timm.create_model(
-            backbone, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
-        )
+        try:
+            with _KeyMismatches() as mismatches:
+                trunk = timm.create_model(
+                    backbone, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
+                )
+        except RuntimeError as e:  # load_state_dict: tensors of the wrong shape
+            raise UserError(
+                f"--pretrained-file {pretrained_file} does not fit {backbone} ({str(e).splitlines()[0].strip()})"
+            ) from None
+        if mismatches:
+            raise UserError(f"--pretrained-file {pretrained_file} does not fit {backbone}: {mismatches[0][:300]}")
     elif pretrained:
         logger.info("Loading timm's pretrained weights for %s from the hub", backbone)
         try:
@@ -210,9 +251,13 @@ class MultiTaskNet(nn.Module):
 
     def train(self, mode: bool = True) -> MultiTaskNet:
         super().train(mode)
-        if self.freeze == "all":
-            # A frozen feature extractor keeps its batch-norm statistics too.
-            self.trunk.eval()
+        if mode and self.freeze != "none":
+            # What is frozen keeps its batch-norm statistics too (as Keras's `trainable = False`, which the
+            # reference report trained with): every trunk module whose parameters are all frozen runs in eval mode.
+            for module in self.trunk.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
         return self
 
     def forward(self, image: Tensor, body_part: Tensor | None = None) -> dict[str, Tensor]:

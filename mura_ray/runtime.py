@@ -88,6 +88,14 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
+_started_local = False
+
+
+def started_local_ray() -> bool:
+    """Whether this process started its own local Ray (which no autoscaler will ever grow)."""
+    return _started_local
+
+
 def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
     """Attach to the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray.
 
@@ -114,6 +122,8 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_port=port, log_to_driver=True,
                  _node_ip_address="127.0.0.1", runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
+        global _started_local
+        _started_local = True
     ctx = ray.data.DataContext.get_current()
     if not sys.stderr.isatty():
         # Progress bars are for terminals; in `ray job` logs and CI they are walls of carriage returns.

@@ -286,6 +286,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += float(loss.detach()) * n
         scheduler.step()
         elapsed = time.perf_counter() - t_start
+        if world > 1:  # the epoch's counts and loss over every worker's shard, not rank 0's alone
+            import torch.distributed as dist
+
+            totals = torch.tensor([seen, skipped, left_out, loss_sum], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            seen, skipped, left_out = (int(v) for v in totals[:3].tolist())
+            loss_sum = float(totals[3])
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
@@ -364,6 +371,56 @@ def _use_gpu(mode: str) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def check_cluster_fits(cfg: TrainConfig) -> None:
+    """A run the cluster cannot place never starts: Ray Train waits for the resources and retries without end.
+
+    On a local Ray this process started that is a UserError; on an attached cluster an autoscaler may still add
+    the nodes, so it is a warning saying what the run waits for.
+    """
+    import ray
+
+    from mura_ray.runtime import started_local_ray
+
+    have = ray.cluster_resources()
+    problems = []
+    if _use_gpu(cfg.gpu) and have.get("GPU", 0) < cfg.workers:
+        problems.append(f"--workers {cfg.workers} with --gpu {cfg.gpu} needs {cfg.workers} GPU(s), the cluster has "
+                        f"{have.get('GPU', 0):g} (use --gpu no to train on CPUs)")
+    need_cpus = cfg.workers * cfg.cpus_per_worker + 1
+    if have.get("CPU", 0) < need_cpus:
+        problems.append(f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker:g} and one CPU to decode "
+                        f"images need {need_cpus:g} CPUs, the cluster has {have.get('CPU', 0):g}")
+    if not problems:
+        return
+    if started_local_ray():
+        raise UserError("; ".join(problems))
+    logger.warning("The cluster cannot place this run yet: %s. It waits for an autoscaler to add nodes.",
+                   "; ".join(problems))
+
+
+ARCHITECTURE_OPTIONS = ("backbone", "multitask", "body_part_embedding", "freeze")
+"""Options whose change makes a run directory's checkpoints unloadable (weights or optimizer state)."""
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """Record the run's options in RUN_DIR/train_config.json, or check a re-run against those recorded.
+
+    Re-running with the same --out resumes; with another architecture the checkpoints cannot load, which would
+    fail in every worker restart: a UserError instead, before any cluster work.
+    """
+    assert cfg.out is not None
+    path = storage.join(cfg.out, "train_config.json")
+    if not storage.exists(path):
+        storage.write_json(path, asdict(cfg))
+        return
+    earlier = storage.read_json(path)
+    changed = [f"--{k.replace('_', '-')} {earlier[k]!r} -> {getattr(cfg, k)!r}" for k in ARCHITECTURE_OPTIONS
+               if k in earlier and earlier[k] != getattr(cfg, k)]
+    if changed:
+        raise UserError(f"--out {cfg.out} holds a run of another model ({', '.join(changed)}); its checkpoints "
+                        "cannot be resumed: give a new --out")
+
+
 class _EpochLogger:
     """Driver-side Ray Train callback: one line per epoch with the key metrics (rank 0's)."""
 
@@ -373,11 +430,13 @@ class _EpochLogger:
         class EpochLogger(ray.train.UserCallback):
             def after_report(self, run_context, metrics, checkpoint):  # noqa: ARG002
                 m = metrics[0]
+                skipped = int(m.get("skipped_images", 0) + m.get("val_skipped_images", 0))
                 logger.info(
                     "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_kappa %.4f  "
-                    "body_part_acc %.4f  %.1f img/s  stall %.0f%%%s",
+                    "body_part_acc %.4f  %.1f img/s  stall %.0f%%%s%s",
                     m["epoch"], epochs, m["train_loss"], m["val_loss"], m["val_auc"], m["val_kappa"],
                     m["val_body_part_acc"], m["images_per_s"], 100 * m["data_stall_share"],
+                    f"  skipped {skipped} undecodable image(s)" if skipped else "",
                     "  (stopping early)" if m.get("stopped_early") else "",
                 )
 
@@ -408,14 +467,20 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     from mura_ray.runtime import init_ray
 
     cfg = cfg.validate()
-    cfg = replace(cfg, out=cfg.out or default_run_dir(cfg.backbone))
-    # Fail fast on a misspelt backbone, before any cluster work.
-    probe = build_model(cfg.backbone, pretrained=False, freeze=cfg.freeze, multitask=cfg.multitask,
-                        body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout)
+    out = cfg.out or default_run_dir(cfg.backbone)
+    # Absolute, so that the path logged is where the run is (under `ray job submit --working-dir` a relative path
+    # is inside Ray's copy of the working directory).
+    cfg = replace(cfg, out=out if storage.is_remote(out) else os.path.abspath(os.path.expanduser(out)))
+    # Fail fast, before any cluster work, on a misspelt backbone and on weights that cannot be had or do not fit
+    # (in the workers, each retried `max_failures` times, such an error would end as a Ray traceback).
+    probe = build_model(cfg.backbone, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
+                        freeze=cfg.freeze, multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding,
+                        dropout=cfg.dropout)
     mean, std = trunk_normalization(probe.trunk)
     if cfg.backbone != "custom_cnn" and not (cfg.pretrained or cfg.pretrained_file):
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
     init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
+    check_cluster_fits(cfg)
     if not cfg.data:
         logger.info("No --data given: training on the built-in SYNTHETIC demo radiographs (not MURA). "
                     "To train on MURA: jobs/ingest.py --source mura --root MURA-v1.1 --out DEST, then --data DEST.")
@@ -481,6 +546,7 @@ def best_state(result, metric: str = "val_loss") -> dict[str, Any]:
 def fit(cfg: TrainConfig) -> dict[str, Any]:
     """Train, export the best checkpoint to RUN_DIR/model/, score the test split into RUN_DIR/report/."""
     run = prepare_run(cfg)
+    check_resumable(run.cfg)
     logger.info("Run directory: %s", run.cfg.out)
     result = build_trainer(run).fit()
     result_dict = finish_run(run, best_state(result, run.cfg.select_metric))

@@ -61,6 +61,33 @@ def test_freeze_policies(backbone, first_trainable):
     assert order[len(frozen_names):] == names
 
 
+def test_frozen_stages_keep_their_batch_norm_statistics():
+    """`all-but-last`: a training step updates the last stage's batch-norm statistics, not the frozen stages'."""
+    model = build_model("resnet18", freeze="all-but-last")
+    model.train()
+    frozen_bn, last_bn = model.trunk.layer1[0].bn1, model.trunk.layer4[0].bn1
+    assert not frozen_bn.training and last_bn.training and model.heads.training
+    before = {n: b.clone() for n, b in model.trunk.named_buffers()}
+    model(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]))
+    changed = {n for n, b in model.trunk.named_buffers() if not torch.equal(b, before[n])}
+    assert changed and all(n.startswith("layer4.") for n in changed)
+    model.eval()
+    assert not last_bn.training
+
+
+def test_weight_files_that_do_not_fit_are_user_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "resnet34.safetensors"
+    save_file(timm.create_model("resnet34", num_classes=0).state_dict(), str(wrong))
+    with pytest.raises(UserError, match="does not fit resnet18"):
+        build_trunk("resnet18", pretrained_file=str(wrong))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="cannot load weights"):
+        build_trunk("resnet18", pretrained_file=str(corrupt))
+
+
 def test_body_part_fallback_uses_prediction_when_unknown():
     torch.manual_seed(0)
     model = build_model("custom_cnn").eval()

@@ -135,6 +135,55 @@ def test_bad_flags_are_one_line_errors(capsys):
     assert "--epochs must be > 0" in err and "--lr must be > 0" in err and "\n" not in err
     assert train_job.main(["--data", "/nonexistent/dataset", "--backbone", "custom_cnn"]) == 2
     assert "no such dataset" in capsys.readouterr().err
+    assert train_job.main(["--pretrained"]) == 2  # the demo trains custom_cnn
+    assert "custom_cnn is trained from scratch" in capsys.readouterr().err
+
+
+def test_recipe_values_are_type_checked(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    # YAML 1.1 reads 1e-3 as a string and yes as true: the first is a number to a float option, the second an error.
+    recipe.write_text("backbone: custom_cnn\nlr: 1e-3\nepochs: 10\ngpu: \"no\"\n")
+    cfg = train_job.build_config(train_job.build_parser().parse_args(["--config", str(recipe)]))
+    assert cfg.lr == 0.001 and cfg.epochs == 10 and cfg.gpu == "no"
+    recipe.write_text("epochs: 10.5\ngpu: yes\namp: maybe\n")
+    assert train_job.main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert "epochs must be a whole number, got 10.5" in err
+    assert "gpu must be one of auto, yes, no, got True (YAML reads yes" in err
+    assert "amp must be true or false, got 'maybe'" in err
+
+
+def test_a_cluster_that_cannot_place_the_run(monkeypatch, caplog):
+    import ray
+
+    from mura_ray import runtime
+    from mura_ray.config import UserError
+    from mura_ray.train import check_cluster_fits
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    check_cluster_fits(TrainConfig(workers=2, gpu="no"))
+    wants_gpus = TrainConfig(workers=2, gpu="yes", cpus_per_worker=2)
+    monkeypatch.setattr(runtime, "_started_local", True)
+    with pytest.raises(UserError, match=r"--workers 2 with --gpu yes needs 2 GPU\(s\), the cluster has 0.*"
+                                        r"need 5 CPUs, the cluster has 4"):
+        check_cluster_fits(wants_gpus)
+    # An attached cluster may grow (autoscaler): the run waits, and says what for.
+    monkeypatch.setattr(runtime, "_started_local", False)
+    with caplog.at_level("WARNING", logger="mura_ray"):
+        check_cluster_fits(wants_gpus)
+    assert "waits for an autoscaler" in caplog.text and "needs 2 GPU(s)" in caplog.text
+
+
+def test_rerun_with_another_architecture_is_refused(ray_cluster, mura_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps({**TrainConfig().__dict__, "backbone": "resnet18"}))
+    assert train_job.main(["--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn",
+                           "--image-size", "32", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another model (--backbone 'resnet18' -> 'custom_cnn')" in err
+    assert not list(out.glob("checkpoint_*"))
 
 
 def test_recipes_load(tmp_path):
@@ -150,15 +199,15 @@ def test_recipes_load(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_workers_on_cpu(ray_cluster, mura_dataset, tmp_path):
-    # Body-part loss off: DDP fails a step after one where a trained parameter (the body-part head) got no gradient.
-    # The default multi-task loss runs under DDP in test_two_node_cluster.
+    # The default multi-task loss: DDP fails a step after one where a trained parameter got no gradient, so this
+    # also runs what test_multitask_loss_gives_every_trained_parameter_a_gradient checks on one process.
     out = tmp_path / "ddp"
     assert train_job.main([
         "--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn", "--image-size", "32",
-        "--epochs", "1", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "0.5", "--body-part-weight", "0",
+        "--epochs", "2", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "0.5",
     ]) == 0
     card = json.loads((out / "model" / "model_card.json").read_text())
-    assert card["training"]["config"]["workers"] == 2 and card["training"]["config"]["body_part_weight"] == 0
+    assert card["training"]["config"]["workers"] == 2 and card["training"]["config"]["body_part_weight"] == 0.5
 
 
 class _KillWorkerAfterFirstEpoch:
@@ -246,15 +295,20 @@ import sys
 sys.path.insert(0, {jobs!r})
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+# 3 CPUs a node and 2 a worker: one Train worker fits on each node (not both on one, as Ray's default packing would
+# place them), with a CPU beside it for the input pipeline.
 cluster = Cluster(initialize_head=True,
-                  head_node_args={{"num_cpus": 2, "include_dashboard": True, "dashboard_port": {port}}})
-cluster.add_node(num_cpus=2)
+                  head_node_args={{"num_cpus": 3, "include_dashboard": True, "dashboard_port": {port}}})
+cluster.add_node(num_cpus=3)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 assert len([n for n in ray.nodes() if n["Alive"]]) == 2
 import train
 rc = train.main(["--data", {data!r}, "--out", {out!r}, "--backbone", "custom_cnn", "--image-size", "32",
-                 "--epochs", "1", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "1"])
+                 "--epochs", "1", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "2"])
+workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)
+print("WORKER_NODES", len({{a.node_id for a in workers}}))
 ray.shutdown()
 cluster.shutdown()
 print("RC", rc)
@@ -273,4 +327,5 @@ def test_two_node_cluster(mura_dataset, tmp_path):
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert "RC 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "WORKER_NODES 2" in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "multi" / "model" / "model.safetensors").exists()
