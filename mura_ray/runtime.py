@@ -132,15 +132,43 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
     _quiet_libraries()
 
 
+def user_error_cause(exc: BaseException) -> UserError | None:
+    """The UserError behind `exc`, also when raised in a Ray task or Train worker and re-raised by Ray.
+
+    Ray wraps a remote error (`RayTaskError`, an instance of its cause's class too) and Ray Train wraps worker
+    and controller errors in `TrainingFailedError` (`worker_failures`, `controller_failure`).
+    """
+    stack: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            inner = getattr(e, "cause", None)  # a RayTaskError prints Ray's wrapper; its cause, the message
+            return inner if isinstance(inner, UserError) else e
+        stack.extend(getattr(e, "worker_failures", {}).values())
+        stack += [getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__]
+    return None
+
+
 def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
              argv: list[str] | None) -> int:
-    """Parse argv and run `fn`; a UserError becomes one `error:` line on stderr and exit code 2."""
+    """Parse argv and run `fn`; a UserError (also one raised remotely, see `user_error_cause`) becomes one
+    `error:` line on stderr and exit code 2."""
     args = parser.parse_args(argv)
     setup_logging()
     try:
         return int(fn(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        cause = user_error_cause(e)
+        if cause is None:
+            raise
+        print(f"error: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

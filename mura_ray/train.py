@@ -463,6 +463,8 @@ class PreparedRun:
 
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Validate, fail fast on a bad backbone, start or attach Ray, and resolve (or build) the dataset."""
+    import ray
+
     from mura_ray.data.ingest import LAYOUT_VERSION, read_summary
     from mura_ray.runtime import init_ray
 
@@ -481,6 +483,10 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
     init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
     check_cluster_fits(cfg)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and not storage.is_remote(cfg.out):
+        logger.warning("--out %s is a local path on a cluster of %d nodes: every node must see it (a shared "
+                       "filesystem), else Ray Train cannot set up its storage; give s3://... otherwise", cfg.out, nodes)
     if not cfg.data:
         logger.info("No --data given: training on the built-in SYNTHETIC demo radiographs (not MURA). "
                     "To train on MURA: jobs/ingest.py --source mura --root MURA-v1.1 --out DEST, then --data DEST.")

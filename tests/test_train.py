@@ -154,6 +154,35 @@ def test_recipe_values_are_type_checked(tmp_path, capsys):
     assert "amp must be true or false, got 'maybe'" in err
 
 
+def test_a_user_error_raised_in_a_worker_is_one_line(capsys):
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from mura_ray.config import UserError
+    from mura_ray.runtime import run_main
+
+    def remote(message: str) -> BaseException:
+        try:
+            raise UserError(message)
+        except UserError as e:
+            return RayTaskError("fn", "Traceback ...", e).as_instanceof_cause()
+
+    failures = [WorkerGroupError("rank 1 failed", {0: RuntimeError("peer gone"), 1: remote("bad weights")}),
+                ControllerError(RuntimeError("wrapped")), ValueError("a bug")]
+    failures[1].controller_failure.__cause__ = remote("no such split")
+    parser = train_job.build_parser()
+    for failure, line in zip(failures, ["error: bad weights", "error: no such split", None], strict=True):
+        def fail(args, failure=failure):
+            raise failure
+
+        if line is None:  # not a user mistake: the traceback stays
+            with pytest.raises(ValueError, match="a bug"):
+                run_main(fail, parser, [])
+            continue
+        assert run_main(fail, parser, []) == 2
+        assert capsys.readouterr().err.strip() == line
+
+
 def test_a_cluster_that_cannot_place_the_run(monkeypatch, caplog):
     import ray
 
