@@ -470,6 +470,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
 
     cfg = cfg.validate()
     out = cfg.out or default_run_dir(cfg.backbone)
+    if storage.is_remote(out) and "/" not in out.split("://", 1)[1].strip("/"):
+        raise UserError(f"--out {out}: give a run directory inside the bucket, such as {out.rstrip('/')}/runs/NAME")
     # Absolute, so that the path logged is where the run is (under `ray job submit --working-dir` a relative path
     # is inside Ray's copy of the working directory).
     cfg = replace(cfg, out=out if storage.is_remote(out) else os.path.abspath(os.path.expanduser(out)))

@@ -358,3 +358,28 @@ def test_two_node_cluster(mura_dataset, tmp_path):
     assert "RC 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "WORKER_NODES 2" in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "multi" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_train_from_and_to_s3(mura_dataset, s3_bucket, capsys):
+    """--data and --out on the S3 test server: the dataset read by Ray Data, checkpoints, export and report written
+    through pyarrow's S3 filesystem."""
+    from mura_ray import storage
+
+    fs, _ = storage.resolve(f"s3://{s3_bucket}/x")
+    for f in Path(mura_dataset).rglob("*"):
+        if f.is_file():
+            with fs.open_output_stream(f"{s3_bucket}/data/{f.relative_to(mura_dataset)}") as out:
+                out.write(f.read_bytes())
+    assert train_job.main(["--data", f"s3://{s3_bucket}/data", "--out", f"s3://{s3_bucket}", "--epochs", "1"]) == 2
+    assert "give a run directory inside the bucket" in capsys.readouterr().err
+    run = f"s3://{s3_bucket}/runs/cnn"
+    assert train_job.main(["--data", f"s3://{s3_bucket}/data", "--out", run, "--backbone", "custom_cnn",
+                           "--image-size", "32", "--epochs", "1", "--batch-size", "16"]) == 0
+    for name in ("model/model.safetensors", "model/config.json", "model/model_card.json", "report/report.json",
+                 "train_config.json"):
+        assert storage.exists(f"{run}/{name}"), name
+    card = storage.read_json(f"{run}/model/model_card.json")
+    assert card["training"]["data"] == f"s3://{s3_bucket}/data" and card["metrics"]["test"]["body_part_accuracy"] >= 0
+    assert [p for p in storage.list_files(run) if "/checkpoint_" in p and p.endswith("state.pt")]
+
