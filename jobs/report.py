@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", required=True, metavar="DIR",
       help="output dir, local or s3://: report.json/.md/.html + figures/, or comparison.md/.json")
     a("--threshold", type=float, metavar="T",
-      help="call an image or study abnormal when its probability >= T (default 0.5); not with --calibrate-on")
+      help="call an image or study abnormal when its probability >= T (default: the threshold the predictions "
+           "were scored at, from the scoring output's manifest.json, else 0.5); not with --calibrate-on")
     a("--calibrate-on", metavar="VAL_PRED",
       help="validation predictions on which to choose the threshold (see --operating-point)")
     a("--operating-point", choices=["youden", "sensitivity"],

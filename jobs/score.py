@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--concurrency", type=int, default=1, help="scoring actors, each with a copy of the model(s) (default 1)")
     a("--gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per actor: auto when present")
     a("--cpus-per-actor", type=float, default=1.0, help="CPUs per scoring actor (default 1)")
-    a("--tta", action="store_true", help="test-time augmentation: average over a horizontal flip")
-    a("--threshold", type=float, help="operating threshold (default: the model's own)")
+    a("--tta", action="store_true", help="test-time augmentation: average over a horizontal flip (a re-run into "
+      "the same --out must use the same setting)")
+    a("--threshold", type=float, help="operating threshold (default: the model's own); recorded in manifest.json, "
+      "where jobs/report.py finds it; a re-run into the same --out must use the same threshold")
     a("--bootstrap", type=int, default=200, help="bootstrap resamples for the report's 95%% CIs (0 disables)")
     a("--chunk-size", type=int, default=20000, dest="chunk_images",
       help="images per committed chunk; an interruption loses at most one chunk (default 20000)")

@@ -32,8 +32,12 @@ METRIC_MODES: dict[str, Literal["min", "max"]] = {"val_loss": "min", "val_auc": 
 """Validation metrics that rank checkpoints and trials, and their direction."""
 
 
+_FLAGS = {"chunk_images": "--chunk-size"}
+"""Fields whose CLI flag is not their name with dashes."""
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _check_choice(problems: list[str], cfg: Any, name: str, allowed: tuple[str, ...]) -> None:

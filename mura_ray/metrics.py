@@ -3,6 +3,8 @@
 Everything takes arrays and returns plain JSON-ready dicts (floats, ints, `None`); scikit-learn does the metric
 math. A metric that is undefined for the data (AUC with one class, kappa when labels and predictions are one and
 the same class, precision with nothing predicted) is `None` with the reason under `notes`, never NaN or a warning.
+Macro and weighted averages follow scikit-learn's `classification_report`: an undefined per-class value counts as 0
+there (and a note says so), rather than dropping that class from the average.
 """
 
 from __future__ import annotations
@@ -81,12 +83,8 @@ def compute_binary_metrics(
             notes[f"per_class.{c}.precision"] = f"no predictions of class {c}"
         if np.isnan(recall[c]):
             notes[f"per_class.{c}.recall"] = f"no true examples of class {c}"
-    averages = {}
-    for average in ("macro", "weighted"):
-        pr, rc, f, _ = precision_recall_fscore_support(
-            y, y_pred, labels=_BINARY, average=average, zero_division=np.nan
-        )
-        averages[f"{average}_avg"] = {"precision": _num(pr), "recall": _num(rc), "f1": _num(f)}
+    averages = _averages(y, y_pred, _BINARY, [f"class {c}" for c in _BINARY], (precision, recall, f1, support),
+                          notes)
 
     if one_class:
         roc_auc = None
@@ -224,16 +222,11 @@ def compute_body_part_metrics(
             notes[f"per_class.{name}.precision"] = f"{name} never predicted"
         if np.isnan(recall[i]):
             notes[f"per_class.{name}.recall"] = f"no true {name} images"
-    averages = {}
-    for average in ("macro", "weighted"):
-        pr, rc, f, _ = precision_recall_fscore_support(
-            y, y_pred, labels=present, average=average, zero_division=np.nan
-        )
-        averages[f"{average}_avg"] = {"precision": _num(pr), "recall": _num(rc), "f1": _num(f)}
+    averages = _averages(y, y_pred, present, names, (precision, recall, f1, support), notes)
     return {
         "n": int(y.size),
         "accuracy": float(accuracy_score(y, y_pred)),
-        "macro_f1": _num(f1_score(y, y_pred, labels=present, average="macro", zero_division=np.nan)),
+        "macro_f1": float(f1_score(y, y_pred, labels=present, average="macro", zero_division=0)),
         "per_class": per_class,
         **averages,
         "confusion_matrix": {"labels": names, "matrix": confusion_matrix(y, y_pred, labels=present).tolist()},
@@ -275,6 +268,37 @@ def choose_threshold(
         # roc_curve's first threshold is +inf ("nothing abnormal"); keep that meaning with a finite number.
         threshold = float(np.nextafter(p.max(), np.inf))
     return threshold
+
+
+def _averages(
+    y: np.ndarray,
+    y_pred: np.ndarray,
+    labels: list[int],
+    names: list[str],
+    per_class: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    notes: dict[str, str],
+) -> dict[str, dict[str, float]]:
+    """Macro and weighted averages as `classification_report` computes them: a per-class precision, recall or F1
+    that is undefined counts as 0 (dropping it would raise, e.g., the macro precision of an all-normal prediction
+    of a balanced set from 0.25 to 0.5). `notes` says which values counted as 0 where they moved an average (a
+    class without support has no weight in the weighted average)."""
+    precision, recall, f1, support = per_class
+    undefined = [
+        (f"{metric} of {name}", n)
+        for metric, values in (("precision", precision), ("recall", recall), ("F1", f1))
+        for name, value, n in zip(names, values, support, strict=True)
+        if np.isnan(value)
+    ]
+    averages = {}
+    for average in ("macro", "weighted"):
+        pr, rc, f, _ = precision_recall_fscore_support(y, y_pred, labels=labels, average=average, zero_division=0)
+        averages[f"{average}_avg"] = {"precision": float(pr), "recall": float(rc), "f1": float(f)}
+        counted = [what for what, n in undefined if average == "macro" or n > 0]
+        if counted:
+            notes[f"{average}_avg"] = (
+                f"undefined {', '.join(counted)} counted as 0 (scikit-learn's classification_report convention)"
+            )
+    return averages
 
 
 def _kappa(y: np.ndarray, y_pred: np.ndarray) -> float | None:

@@ -60,7 +60,8 @@ class ReportConfig:
     compare: tuple[str, ...] = ()
     """Run or report directories to compare instead of building a report."""
     threshold: float | None = None
-    """Probability at or above which an image/study is abnormal; None means 0.5 unless calibrated."""
+    """Probability at or above which an image/study is abnormal; None: calibrated, else the threshold the scoring
+    job used (its manifest.json), else 0.5."""
     calibrate_on: str | None = None
     """Validation predictions on which to choose the threshold."""
     operating_point: OperatingPoint | None = None
@@ -111,8 +112,14 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         return comparison
     assert cfg.predictions is not None  # guaranteed by ReportConfig.validate
     df = _load_labelled(cfg.predictions, "--predictions")
-    threshold = DEFAULT_THRESHOLD if cfg.threshold is None else cfg.threshold
-    source = "default" if cfg.threshold is None else "cli"
+    scored_at = _scoring_threshold(cfg.predictions)
+    if cfg.threshold is not None:
+        threshold, source = cfg.threshold, "cli"
+    elif scored_at is not None:
+        # The operating point the predictions' `pred_abnormal` was decided at: the model's own, or --threshold.
+        threshold, source = scored_at, "manifest"
+    else:
+        threshold, source = DEFAULT_THRESHOLD, "default"
     operating_point = None
     if cfg.calibrate_on:
         method = cfg.operating_point or "youden"
@@ -162,8 +169,8 @@ def load_predictions(uri: str) -> pd.DataFrame:
     return dataset.read(columns=[c for c in _COLUMNS if c in names]).to_pandas()
 
 
-def _committed_parts(uri: str) -> list[str] | None:
-    """The part files a scoring manifest commits, or None when `uri` is not a scoring output."""
+def _scoring_manifest(uri: str) -> tuple[str, dict[str, Any]] | None:
+    """(DEST, manifest) when `uri` is a scoring output DEST or its DEST/predictions; None otherwise."""
     base = uri.rstrip("/")
     if storage.exists(storage.join(base, _MANIFEST)) and storage.is_dir(storage.join(base, _PREDICTIONS)):
         dest = base
@@ -171,10 +178,25 @@ def _committed_parts(uri: str) -> list[str] | None:
         dest = posixpath.dirname(base)
     else:
         return None
-    parts = storage.read_json(storage.join(dest, _MANIFEST)).get("parts")
+    manifest = storage.read_json(storage.join(dest, _MANIFEST))
+    return (dest, manifest) if isinstance(manifest, dict) else None
+
+
+def _committed_parts(uri: str) -> list[str] | None:
+    """The part files a scoring manifest commits, or None when `uri` is not a scoring output."""
+    found = _scoring_manifest(uri)
+    parts = found[1].get("parts") if found else None
     if not isinstance(parts, dict | list):
         return None
-    return [storage.join(dest, _PREDICTIONS, name) for name in sorted(parts)]
+    return [storage.join(found[0], _PREDICTIONS, name) for name in sorted(parts)]
+
+
+def _scoring_threshold(uri: str) -> float | None:
+    """The threshold a scoring output was scored at (recorded in its manifest), or None: not a scoring output,
+    or one written before manifests recorded it."""
+    found = _scoring_manifest(uri)
+    threshold = found[1].get("threshold") if found else None
+    return float(threshold) if isinstance(threshold, int | float) else None
 
 
 def calibrate_threshold(

@@ -6,12 +6,18 @@ input (raw folders: runs of 200,000 paths), so the model actors start once; the 
 predictions into chunks and commits each. A re-run skips every image already in a
 committed part (the anti-filter runs inside the Ray Data tasks against a set built by a Ray task, so the driver
 never holds per-image state), which makes nightly scoring of an archive safe to repeat after an interruption.
+
+The manifest also records what the predictions mean: models, input, threshold and TTA. A re-run that differs in any
+of them is refused rather than mixing rows of two settings under one --out. A manifest written before the threshold
+and TTA were recorded is taken to hold the defaults (the model's threshold, no TTA): only a run with those
+defaults continues it, which records them from then on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -33,6 +39,8 @@ from mura_ray.labels import BODY_PARTS
 
 if TYPE_CHECKING:
     import torch
+
+    from mura_ray.models import ModelSpec, MultiTaskNet
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +85,10 @@ class Predictor:
     def __init__(self, model_uris: list[str], *, use_gpu: bool, tta: bool, threshold: float | None):
         import torch
 
-        from mura_ray.models import load_model
-
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.members = []
         for uri in model_uris:
-            model, spec, model_id = load_model(uri)
+            model, spec, model_id = _load_model(uri)
             self.members.append((model.to(self.device), spec, model_id))
         specs = [m[1] for m in self.members]
         self.threshold = threshold if threshold is not None else float(np.mean([s.threshold for s in specs]))
@@ -303,7 +309,15 @@ def _chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
 # ---------------------------------------------------------------------------------------------------- commit
 def read_manifest(out: str) -> dict[str, Any] | None:
     uri = storage.join(out, MANIFEST)
-    return storage.read_json(uri) if storage.exists(uri) else None
+    if not storage.exists(uri):
+        return None
+    try:
+        manifest = storage.read_json(uri)
+    except ValueError as e:
+        raise UserError(f"{uri} is not valid JSON ({e}); is --out another job's folder?") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), dict):
+        raise UserError(f"{uri} is not a scoring manifest (no 'parts'); is --out another job's folder?")
+    return manifest
 
 
 def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -438,12 +452,90 @@ def _same_input(uri: str) -> str:
     return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
-def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
-    """Load each model once on the driver (a bad --model fails before any cluster work): ids, mean threshold."""
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
+    """`models.load_model`, with what a broken model directory raises (a corrupt or foreign config.json, weights
+    of another architecture, an unreadable file) turned into a UserError naming the directory."""
+    from safetensors import SafetensorError
+
     from mura_ray.models import load_model
 
-    loaded = [load_model(uri) for uri in models]
+    try:
+        return load_model(uri)
+    except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
+        raise UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {_first_line(e)}); "
+                        "export it again from its run") from None
+
+
+def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
+    """Load each model once on the driver (a bad --model fails before any cluster work): ids, mean threshold."""
+    loaded = [_load_model(uri) for uri in models]
     return [m[2] for m in loaded], float(np.mean([m[1].threshold for m in loaded]))
+
+
+def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: list[str], threshold: float,
+                      model_threshold: float) -> None:
+    """Refuse to add this run's rows to predictions of other models, another input, threshold or TTA setting."""
+    if manifest["model_ids"] != model_ids:
+        raise UserError(f"--out {cfg.out}: holds predictions of other model(s) {manifest['model_ids']}; "
+                        "use a new --out for a new model")
+    if _same_input(manifest["input"]) != _same_input(cfg.input):
+        # Image ids are paths relative to the input (raw folders) or to the ingested archive: another input's
+        # images could share ids with the ones here and would be skipped as already scored.
+        raise UserError(f"--out {cfg.out} holds predictions for --input {manifest['input']}; re-run with that "
+                        "input to score what is new there, or give this input its own --out")
+    # Manifests older than these keys: the defaults (see the module docstring).
+    held_tta = bool(manifest.get("tta", False))
+    if held_tta != cfg.tta:
+        held, this = ("with", "without") if held_tta else ("without", "with")
+        raise UserError(f"--out {cfg.out} holds predictions scored {held} --tta, this run is {this} it; re-run "
+                        f"{held} --tta to add to them, or give this run its own --out")
+    held_threshold = float(manifest.get("threshold", model_threshold))
+    if not math.isclose(held_threshold, threshold, abs_tol=1e-9):
+        this = "--threshold" if cfg.threshold is not None else "the model's"
+        raise UserError(f"--out {cfg.out} holds predictions at threshold {held_threshold}, this run's is "
+                        f"{threshold} ({this}); re-run with --threshold {held_threshold} to add to them, or give "
+                        "this run its own --out")
+
+
+def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, threshold_source: str,
+                 model_threshold: float, *, overwrite: bool) -> dict[str, Any]:
+    """The manifest this run continues (or a new one), written back before any scoring: an --out that cannot be
+    written fails now, as one error line, not after the first chunk was scored."""
+    try:
+        if overwrite:
+            storage.delete_dir(cfg.out)
+        manifest = read_manifest(cfg.out)
+        if manifest and manifest["parts"]:
+            _check_compatible(cfg, manifest, model_ids, threshold, model_threshold)
+            manifest.setdefault("threshold", threshold)
+            manifest.setdefault("threshold_source", threshold_source)
+            manifest.setdefault("tta", cfg.tta)
+        else:  # nothing committed yet: nothing to be compatible with
+            manifest = {
+                "version": 1, "input": cfg.input, "models": list(cfg.models), "model_ids": model_ids,
+                "threshold": threshold, "threshold_source": threshold_source, "tta": cfg.tta, "parts": {},
+            }
+        _clean_uncommitted(cfg.out, set(manifest["parts"]))
+        storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
+    except OSError as e:
+        raise UserError(f"--out {cfg.out}: cannot write there ({_first_line(e)})") from None
+    return manifest
+
+
+def _get(ref: Any) -> Any:
+    """`ray.get`, re-raising a UserError of the task as itself (one `error:` line, not a remote traceback)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
 
 
 def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None = None) -> dict[str, Any]:
@@ -464,22 +556,10 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
         if importlib.util.find_spec("pytorch_grad_cam") is None:
             raise UserError("--explain needs the optional extra: pip install 'mura_ray[explain]'")
     threshold = cfg.threshold if cfg.threshold is not None else model_threshold
+    threshold_source = "cli" if cfg.threshold is not None else "model"
+    manifest = _open_output(cfg, model_ids, threshold, threshold_source, model_threshold, overwrite=overwrite)
     init_ray()
     use_gpu = _resolve_gpu(cfg.gpu)
-    if overwrite:
-        storage.delete_dir(cfg.out)
-    manifest = read_manifest(cfg.out) or {
-        "version": 1, "input": cfg.input, "models": list(cfg.models), "model_ids": model_ids, "parts": {},
-    }
-    if manifest["model_ids"] != model_ids:
-        raise UserError(f"--out {cfg.out}: holds predictions of other model(s) {manifest['model_ids']}; "
-                        "use a new --out for a new model")
-    if _same_input(manifest["input"]) != _same_input(cfg.input):
-        # Image ids are paths relative to the input (raw folders) or to the ingested archive: another input's
-        # images could share ids with the ones here and would be skipped as already scored.
-        raise UserError(f"--out {cfg.out} holds predictions for --input {manifest['input']}; re-run with that "
-                        "input to score what is new there, or give this input its own --out")
-    _clean_uncommitted(cfg.out, set(manifest["parts"]))
     done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(manifest["parts"]))
 
     predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold}
@@ -487,12 +567,15 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
     committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file)
     total = 0
+    skipped_refs = []
     # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw
     # image paths held on the driver): the scoring actors start (import torch, load the model, initialise CUDA) once
     # per execution, not once per committed chunk; commits are cut from the stream of predictions.
     for run in _executions(iter_chunks(cfg.input, cfg.chunk_images)):
         total += _chunk_rows(run)
-        predictions = _chunk_dataset(run, done_ref, read_cpus=1.0).map_batches(
+        dataset = _chunk_dataset(run, done_ref, read_cpus=1.0)
+        skipped_refs.append(ray.remote(_count_done).options(num_cpus=0.25).remote(run, done_ref))
+        predictions = dataset.map_batches(
             Predictor,
             fn_constructor_args=(list(cfg.models),),
             fn_constructor_kwargs=predictor_args,
@@ -506,7 +589,16 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
             committer.add(table)
     committer.commit()
     scored, failed = committer.scored, committer.failed
-    skipped = total - scored - failed
+    skipped = sum(_get(skipped_refs))
+    if scored + failed + skipped != total:
+        raise RuntimeError(f"{cfg.input}: {total} input images, but {scored} scored + {failed} failed + {skipped} "
+                           f"already done = {scored + failed + skipped}: rows went missing between reading and "
+                           "committing (what was committed is sound; a re-run scores the missing images)")
+    n_rows, duplicates = _get(ray.remote(_check_committed).options(num_cpus=0.25).remote(
+        cfg.out, sorted(manifest["parts"])))
+    if duplicates or n_rows != manifest.get("n_rows", 0):
+        raise RuntimeError(f"--out {cfg.out}: the committed parts hold {n_rows} rows (manifest: "
+                           f"{manifest.get('n_rows', 0)}), duplicated image ids: {duplicates or 'none'}")
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
         "scored": scored, "skipped_already_done": skipped, "failed": failed, "seconds": round(elapsed, 2),
@@ -515,8 +607,8 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     if cfg.report and manifest.get("n_rows"):
         report_dir = report_dir or storage.join(cfg.out, "report")
         explain = {"n": cfg.explain, "input": cfg.input, "models": list(cfg.models)} if cfg.explain else None
-        made = ray.get(ray.remote(_report_task).options(num_cpus=1).remote(
-            cfg.out, report_dir, threshold, cfg.bootstrap, explain))
+        made = _get(ray.remote(_report_task).options(num_cpus=1).remote(
+            cfg.out, report_dir, threshold, threshold_source, cfg.bootstrap, explain))
         if made is not None:
             summary["report"] = report_dir
             summary["report_summary"] = made
@@ -524,6 +616,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
 
 
 def _chunk_rows(chunk: Chunk) -> int:
+    """Input rows of a chunk, from the Parquet footers (the first read of each file: a corrupt one fails here)."""
     import pyarrow.parquet as pq
 
     if chunk.image_files:
@@ -531,12 +624,50 @@ def _chunk_rows(chunk: Chunk) -> int:
     n = 0
     for uri in chunk.parquet_files:
         fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            n += pq.ParquetFile(f).metadata.num_rows
+        try:
+            with fs.open_input_file(path) as f:
+                n += pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"--input: cannot read {uri} as Parquet ({_first_line(e)}); re-ingest the split "
+                            "or remove the file") from None
     return n
 
 
-def _report_task(out: str, report_dir: str, threshold: float, bootstrap: int,
+def _count_done(chunk: Chunk, done: np.ndarray) -> int:
+    """Ray task: how many input rows of `chunk` the already-scored filter (`_drop_done`, same keys) removes."""
+    import pyarrow.parquet as pq
+
+    from mura_ray.data.ingest import image_id_for
+
+    if len(done) == 0:
+        return 0
+    if chunk.image_files:
+        return int(np.isin(image_key([image_id_for(p) for p in chunk.image_files]), done).sum())
+    n = 0
+    for uri in chunk.parquet_files:
+        fs, path = storage.resolve(uri)
+        ids = pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()
+        n += int(np.isin(image_key(ids), done).sum())
+    return n
+
+
+def _check_committed(out: str, parts: list[str]) -> tuple[int, list[str]]:
+    """Ray task: rows in the committed parts, and (some of) the image ids that occur in more than one row."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    columns = []
+    for part in parts:
+        fs, path = storage.resolve(storage.join(out, PREDICTIONS, part))
+        columns.append(pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"])
+    if not columns:
+        return 0, []
+    ids = pa.chunked_array([c for column in columns for c in column.chunks], type=pa.string())
+    counts = pc.value_counts(ids)
+    return len(ids), counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist()[:5]
+
+
+def _report_task(out: str, report_dir: str, threshold: float, threshold_source: str, bootstrap: int,
                  explain: dict[str, Any] | None) -> dict[str, Any] | None:
     """Ray task: build and write the metric report when the predictions carry labels (keeps the driver small).
 
@@ -548,7 +679,7 @@ def _report_task(out: str, report_dir: str, threshold: float, bootstrap: int,
     df = load_predictions(out)
     if "label" not in df or df["label"].notna().sum() == 0 or df["prob_abnormal"].notna().sum() == 0:
         return None
-    report = build_report(df, threshold=threshold, threshold_source="model", bootstrap=bootstrap)
+    report = build_report(df, threshold=threshold, threshold_source=threshold_source, bootstrap=bootstrap)
     explanations = None
     if explain:
         from mura_ray.explain import explain_report_examples

@@ -66,6 +66,26 @@ def test_kappa_defined_when_predictions_are_one_class_but_labels_are_not():
     assert m["per_class"]["1"]["precision"] is None and "per_class.1.precision" in m["notes"]
 
 
+@pytest.mark.filterwarnings("error")
+def test_averages_count_undefined_values_as_zero_like_classification_report():
+    # y = [0, 0, 1, 1], everything predicted normal. Class 0: precision 2/4, recall 2/2, F1 2/3. Class 1: nothing
+    # predicted, so its precision is undefined (null, with a note); recall 0/2 and F1 0.
+    # classification_report counts the undefined precision as 0: macro precision (0.5 + 0) / 2 = 0.25 (not 0.5,
+    # the mean of the defined values only), recall (1 + 0) / 2, F1 (2/3 + 0) / 2; equal supports, so weighted = macro.
+    m = compute_binary_metrics([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], 0.5)
+    assert m["per_class"]["1"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert m["macro_avg"] == pytest.approx({"precision": 0.25, "recall": 0.5, "f1": 1 / 3})
+    assert m["weighted_avg"] == pytest.approx({"precision": 0.25, "recall": 0.5, "f1": 1 / 3})
+    assert "precision of class 1 counted as 0" in m["notes"]["macro_avg"]
+    assert "precision of class 1 counted as 0" in m["notes"]["weighted_avg"]
+    # A class without examples or predictions: macro averages count its undefined values as 0; it has no weight in
+    # the weighted average, which therefore gets no note.
+    m = compute_binary_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    assert m["macro_avg"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5})
+    assert m["weighted_avg"] == pytest.approx({"precision": 1.0, "recall": 1.0, "f1": 1.0})
+    assert "macro_avg" in m["notes"] and "weighted_avg" not in m["notes"]
+
+
 def test_bootstrap_is_seeded_and_brackets_the_estimate():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 3000)
@@ -120,6 +140,10 @@ def test_body_part_metrics_by_hand():
     assert m["per_class"]["WRIST"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}
     assert "per_class.WRIST.precision" in m["notes"]
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    # WRIST's undefined precision counts as 0 in the averages (classification_report), weighted by support 2, 2, 1.
+    assert m["macro_avg"]["precision"] == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    assert m["weighted_avg"]["precision"] == pytest.approx((2 * 0.5 + 2 * 2 / 3 + 0.0) / 5)
+    assert "WRIST" in m["notes"]["macro_avg"]
     assert m["confusion_matrix"] == {
         "labels": ["ELBOW", "HAND", "WRIST"],
         "matrix": [[1, 1, 0], [0, 2, 0], [1, 0, 0]],

@@ -237,6 +237,30 @@ def test_job_threshold_flag(tmp_path):
     assert report["image_level"]["confusion_matrix"] == [[1, 2], [1, 3]]
 
 
+def test_job_uses_the_threshold_the_predictions_were_scored_at(tmp_path):
+    # A scoring output (DEST/manifest.json + DEST/predictions/) scored at the model's operating threshold 0.25.
+    write_predictions(tmp_path / "dest" / "predictions")
+    parts = {"part-0.parquet": {"chunk": 0}, "part-1.parquet": {"chunk": 0}}
+    storage.write_json(str(tmp_path / "dest" / "manifest.json"),
+                       {"parts": parts, "threshold": 0.25, "threshold_source": "model", "tta": False})
+    job = load_job()
+    for i, pred in enumerate((tmp_path / "dest" / "predictions", tmp_path / "dest")):
+        assert job.main(["--predictions", str(pred), "--out", str(tmp_path / f"r{i}"), "--bootstrap", "0"]) == 0
+        report = json.loads((tmp_path / f"r{i}" / "report.json").read_text())
+        assert (report["threshold"], report["threshold_source"]) == (0.25, "manifest")
+        assert report["image_level"]["confusion_matrix"] == [[1, 2], [1, 3]]  # as in test_job_threshold_flag
+    # --threshold still wins.
+    assert job.main(["--predictions", str(tmp_path / "dest"), "--out", str(tmp_path / "cli"), "--threshold", "0.5",
+                     "--bootstrap", "0"]) == 0
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert (report["threshold"], report["threshold_source"]) == (0.5, "cli")
+    # A manifest written before thresholds were recorded: the 0.5 default, as before.
+    storage.write_json(str(tmp_path / "dest" / "manifest.json"), {"parts": parts})
+    assert job.main(["--predictions", str(tmp_path / "dest"), "--out", str(tmp_path / "old"), "--bootstrap", "0"]) == 0
+    report = json.loads((tmp_path / "old" / "report.json").read_text())
+    assert (report["threshold"], report["threshold_source"]) == (0.5, "default")
+
+
 def test_job_calibrate_on(tmp_path):
     pred = write_predictions(tmp_path / "pred")
     # Validation: negatives 0.1, 0.55, 0.6; positives 0.5, 0.7, 0.9 -> Youden picks 0.7, sensitivity 0.9 picks 0.5.

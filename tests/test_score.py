@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import score as score_job
 from PIL import Image
 
 from mura_ray import score as score_lib
+from mura_ray.config import ScoreConfig, UserError
+from mura_ray.report import load_predictions
 
 
 def _predictions(out: Path) -> pd.DataFrame:
@@ -50,6 +53,36 @@ def test_score_ingested_split_with_report(trained_run, mura_dataset, tmp_path):
     assert (merged["label"] == merged["label_in"]).all() and (merged["body_part"] == merged["body_part_in"]).all()
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["n_images"] == len(test) and "study_level" in report and "per_body_part" in report
+    assert (report["threshold"], report["threshold_source"]) == (pytest.approx(threshold), "model")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["threshold"], manifest["threshold_source"], manifest["tta"]) == (threshold, "model", False)
+
+    # jobs/report.py on these predictions reports at the threshold they were scored at, not at 0.5.
+    import report as report_job
+
+    assert report_job.main(["--predictions", str(out / "predictions"), "--out", str(tmp_path / "again"),
+                            "--bootstrap", "0"]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert (again["threshold"], again["threshold_source"]) == (pytest.approx(threshold), "manifest")
+    assert again["image_level"]["confusion_matrix"] == report["image_level"]["confusion_matrix"]
+
+
+def test_score_at_a_given_threshold(trained_run, mura_dataset, tmp_path, capsys):
+    out = tmp_path / "scored"
+    args = ["--model", str(trained_run / "model"), "--input", f"{mura_dataset}/test", "--out", str(out)]
+    assert score_job.main([*args, "--threshold", "0.3", "--bootstrap", "0"]) == 0
+    df = _predictions(out)
+    assert (df["pred_abnormal"] == (df["prob_abnormal"] >= 0.3).astype(int)).all()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert (report["threshold"], report["threshold_source"]) == (0.3, "cli")
+    assert json.loads((out / "manifest.json").read_text())["threshold"] == 0.3
+    capsys.readouterr()
+    # Re-runs into this --out at another threshold (the model's own, here) or with TTA would mix rows: refused.
+    assert score_job.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds predictions at threshold 0.3, this run's is" in err and "(the model's)" in err
+    assert score_job.main([*args, "--threshold", "0.3", "--tta"]) == 2
+    assert "holds predictions scored without --tta, this run is with it" in capsys.readouterr().err
 
 
 def _predictor_actors() -> int:
@@ -130,17 +163,32 @@ def test_done_images_of_a_raw_listing_are_dropped_before_their_bytes_are_read(ra
     assert score_lib._drop_done(ingested, [done])["path"].tolist() == ["p"]
 
 
-def test_ensemble_averages_members(trained_run, mura_dataset, tmp_path):
-    model = str(trained_run / "model")
+def _other_weights(model_dir: Path, dest: Path) -> Path:
+    """A copy of an exported model with other weights (every float tensor but BatchNorm's statistics moved)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    state = load_file(str(model_dir / "model.safetensors"))
+    state = {k: v * 1.2 + 0.05 if v.is_floating_point() and "running_" not in k else v for k, v in state.items()}
+    save_file(state, str(dest / "model.safetensors"))
+    return dest
+
+
+def test_ensemble_averages_members(exported_model, mura_dataset, tmp_path):
+    a, b = str(exported_model), str(_other_weights(exported_model, tmp_path / "other"))
     split = f"{mura_dataset}/test"
-    assert score_job.main(["--model", model, "--input", split, "--out", str(tmp_path / "one"), "--no-report"]) == 0
-    assert score_job.main(["--model", model, "--model", model, "--input", split, "--out",
-                           str(tmp_path / "two"), "--no-report"]) == 0
-    one = _predictions(tmp_path / "one").set_index("image_id").sort_index()
-    two = _predictions(tmp_path / "two").set_index("image_id").sort_index()
-    assert two["model_id"].iloc[0].startswith("ensemble-") and one["model_id"].iloc[0] != two["model_id"].iloc[0]
-    np.testing.assert_allclose(one["prob_abnormal"], two["prob_abnormal"], atol=1e-5)
-    assert not (tmp_path / "two" / "report").exists()
+    runs = {"a": [a], "b": [b], "ab": [a, b]}
+    for name, models in runs.items():
+        argv = [arg for m in models for arg in ("--model", m)]
+        assert score_job.main([*argv, "--input", split, "--out", str(tmp_path / name), "--no-report"]) == 0
+    one, two, both = (_predictions(tmp_path / name).set_index("image_id").sort_index() for name in runs)
+    assert len({one["model_id"].iloc[0], two["model_id"].iloc[0], both["model_id"].iloc[0]}) == 3
+    assert both["model_id"].iloc[0].startswith("ensemble-")
+    assert not np.allclose(one["prob_abnormal"], two["prob_abnormal"], atol=1e-3)  # two different models
+    np.testing.assert_allclose(both["prob_abnormal"], (one["prob_abnormal"] + two["prob_abnormal"]) / 2, atol=1e-5)
+    parts = [np.stack(df["body_part_probs"].to_numpy()) for df in (one, two, both)]
+    np.testing.assert_allclose(parts[2], (parts[0] + parts[1]) / 2, atol=1e-5)
+    assert not (tmp_path / "ab" / "report").exists()
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -175,6 +223,126 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
     assert score_job.main(["--model", str(trained_run / "model"), "--input", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "o")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+    assert score_job.main(["--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--chunk-size", "0"]) == 2
+    assert "--chunk-size must be > 0" in capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, capsys):
+    """A corrupt or foreign config.json, or weights of another architecture: no traceback, exit code 2."""
+    config = json.loads((exported_model / "config.json").read_text())
+    broken = {
+        "corrupt": "{not json",
+        "unknown_key": json.dumps({**config, "num_heads": 3}),
+        "other_architecture": json.dumps({**config, "multitask": False}),  # the weights have a body-part head
+    }
+    for name, text in broken.items():
+        model = tmp_path / name
+        shutil.copytree(exported_model, model)
+        (model / "config.json").write_text(text)
+        assert score_job.main(["--model", str(model), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"--model {model}: cannot load the exported model" in line, line
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_unusable_out_is_a_one_line_error(exported_model, tmp_path, capsys):
+    model = ["--model", str(exported_model), "--input", str(tmp_path)]
+    (tmp_path / "a_file").write_text("not a folder")
+    assert score_job.main([*model, "--out", str(tmp_path / "a_file")]) == 2
+    assert "cannot write there" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "other_job").mkdir()
+    (tmp_path / "other_job" / "manifest.json").write_text("{truncated")
+    assert score_job.main([*model, "--out", str(tmp_path / "other_job")]) == 2
+    assert "manifest.json is not valid JSON" in _one_error_line(capsys.readouterr().err)
+
+
+def test_corrupt_input_parquet_is_a_one_line_error(ray_cluster, exported_model, tmp_path, capsys):
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "part-0.parquet").write_bytes(b"PAR1 and then nothing that parses")
+    assert score_job.main(["--model", str(exported_model), "--input", str(tmp_path / "split"),
+                           "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read" in _one_error_line(capsys.readouterr().err)
+
+
+def _committed_output(out: Path, model_ids: list[str], src: str, **recorded) -> None:
+    """An --out with one committed part (its content does not matter to the checks) and a manifest."""
+    (out / "predictions").mkdir(parents=True)
+    pq.write_table(score_lib.PREDICTION_SCHEMA.empty_table(), out / "predictions" / "part-000000-0000.parquet")
+    manifest = {"version": 1, "input": src, "models": [], "model_ids": model_ids,
+                "parts": {"part-000000-0000.parquet": {"chunk": 0}}, "n_rows": 0, **recorded}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_rerun_with_other_tta_or_threshold_is_refused(exported_model, tmp_path, capsys):
+    model_ids, model_threshold = score_lib._check_models((str(exported_model),))
+    src = str(tmp_path / "in")
+    base = ["--model", str(exported_model), "--input", src]
+    cases = [  # (recorded in the manifest, this run's flags, the error names both values)
+        ({"tta": True, "threshold": model_threshold}, [], "scored with --tta, this run is without it"),
+        ({"tta": False, "threshold": model_threshold}, ["--tta"], "scored without --tta, this run is with it"),
+        ({"tta": False, "threshold": 0.25}, [], f"at threshold 0.25, this run's is {model_threshold}"),
+        ({"tta": False, "threshold": 0.25}, ["--threshold", "0.4"], "at threshold 0.25, this run's is 0.4"),
+        # A manifest older than these keys holds the defaults: no TTA, the model's threshold.
+        ({}, ["--tta"], "scored without --tta"),
+        ({}, ["--threshold", "0.4"], f"at threshold {model_threshold}, this run's is 0.4"),
+    ]
+    for i, (recorded, flags, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        _committed_output(out, model_ids, src, **recorded)
+        assert score_job.main([*base, "--out", str(out), *flags]) == 2
+        assert message in _one_error_line(capsys.readouterr().err), (recorded, flags)
+
+    # The defaults continue an old manifest, which records them from then on.
+    _committed_output(tmp_path / "old", model_ids, src)
+    cfg = ScoreConfig(models=(str(exported_model),), input=src, out=str(tmp_path / "old"))
+    manifest = score_lib._open_output(cfg, model_ids, model_threshold, "model", model_threshold, overwrite=False)
+    assert (manifest["tta"], manifest["threshold"]) == (False, model_threshold)
+    assert json.loads((tmp_path / "old" / "manifest.json").read_text())["threshold"] == model_threshold
+
+
+def test_user_error_in_a_ray_task_comes_back_as_itself(ray_cluster):
+    import ray
+
+    def fails() -> None:
+        raise UserError("--explain needs a model")
+
+    with pytest.raises(UserError) as info:
+        score_lib._get(ray.remote(fails).remote())
+    assert type(info.value) is UserError and str(info.value) == "--explain needs a model"
+
+
+def test_rows_lost_in_the_pipeline_are_not_reported_as_already_done(exported_model, tmp_path, monkeypatch):
+    src = _raw_folder(tmp_path / "archive", 5)  # 6 images with the broken one
+    real = score_lib._chunk_dataset
+
+    def drop_one(chunk, done_ref, read_cpus):
+        return real(chunk, done_ref, read_cpus=read_cpus).limit(len(chunk.image_files) - 1)
+
+    monkeypatch.setattr(score_lib, "_chunk_dataset", drop_one)
+    with pytest.raises(RuntimeError, match=r"6 input images, but .* = 5: rows went missing"):
+        score_job.main(["--model", str(exported_model), "--input", str(src), "--out", str(tmp_path / "o")])
+
+
+def test_duplicates_across_committed_chunks_are_detected(exported_model, tmp_path, monkeypatch):
+    src = _raw_folder(tmp_path / "archive", 5)
+    args = ["--model", str(exported_model), "--input", str(src), "--out", str(tmp_path / "o"), "--no-report"]
+    assert score_job.main(args) == 0
+
+    # Were the already-scored set lost, a re-run would commit every image again, in chunks that are each unique.
+    def nothing_done(out, parts):
+        return np.zeros(0, dtype=np.uint64)
+
+    monkeypatch.setattr(score_lib, "_load_done_keys", nothing_done)
+    with pytest.raises(RuntimeError, match="duplicated image ids"):
+        score_job.main(args)
+    assert not load_predictions(str(tmp_path / "o"))["image_id"].is_unique
 
 
 @pytest.mark.slow
