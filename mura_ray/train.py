@@ -156,8 +156,9 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
     skipped = 0
     with torch.inference_mode():
         for batch in batches:
-            ok = batch["ok"] > 0
-            skipped += int((~ok).sum())
+            decoded = batch["ok"] > 0
+            skipped += int((~decoded).sum())
+            ok = decoded & (batch["label"] >= 0)  # as in training: a row without a label has nothing to score
             if not ok.any():
                 continue
             image, label, body_part = batch["image"][ok], batch["label"][ok], batch["body_part"][ok]

@@ -383,3 +383,23 @@ def test_train_from_and_to_s3(mura_dataset, s3_bucket, capsys):
     assert card["training"]["data"] == f"s3://{s3_bucket}/data" and card["metrics"]["test"]["body_part_accuracy"] >= 0
     assert [p for p in storage.list_files(run) if "/checkpoint_" in p and p.endswith("state.pt")]
 
+
+
+def test_evaluate_leaves_out_undecoded_and_unlabelled_rows():
+    import torch
+
+    from mura_ray.models import build_model
+    from mura_ray.train import evaluate
+
+    torch.manual_seed(0)
+    model = build_model("custom_cnn")
+    image = torch.randn(6, 1, 32, 32)
+    batch = {"image": image, "label": torch.tensor([0.0, 1.0, 0.0, 1.0, -1.0, 1.0]),
+             "body_part": torch.tensor([0, 1, 2, 3, 4, 5]), "ok": torch.tensor([1.0, 1, 1, 1, 1, 0])}
+    kwargs = {"kind": "bce", "pos_weight": None, "gamma": 2.0, "body_part_weight": 0.5}
+    got = evaluate(model, [batch], torch.device("cpu"), None, kwargs, 0.5)
+    clean = {k: v[:4] for k, v in batch.items()}
+    want = evaluate(model, [clean], torch.device("cpu"), None, kwargs, 0.5)
+    assert got["val_skipped_images"] == 1 and want["val_skipped_images"] == 0
+    assert {k: v for k, v in got.items() if k != "val_skipped_images"} == pytest.approx(
+        {k: v for k, v in want.items() if k != "val_skipped_images"})
