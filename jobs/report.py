@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="N",
       help=f"bootstrap resamples for 95%% CIs of ROC AUC and kappa (default {DEFAULT_BOOTSTRAP}; 0 disables)")
     a("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    a("--explain", type=int, default=0, metavar="N",
+      help="Grad-CAM heatmaps of the N most confident true positives, false negatives and false positives in "
+           "report.html, from the models and images the scoring output's manifest names (needs "
+           "mura_ray[explain]; default 0: none)")
     return p
 
 
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out, predictions=args.predictions, compare=tuple(args.compare), threshold=args.threshold,
             calibrate_on=args.calibrate_on, operating_point=args.operating_point,
             target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, seed=args.seed,
+            explain=args.explain,
         ).validate()
         run(cfg)
     except (UserError, ValueError, OSError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,7 +81,8 @@ def target_layer(model: MultiTaskNet) -> nn.Module:
 
 
 def _reshape_transform(model: MultiTaskNet, layer: nn.Module, image_size: int) -> Callable[[Tensor], Tensor] | None:
-    """None for NCHW activations, a permute for channels-last ones (Swin); other shapes cannot be mapped to pixels.
+    """None for NCHW activations, a permute for channels-last ones (Swin), and for transformer tokens (ViT, DeiT:
+    batch x tokens x channels) the patch tokens laid out on the patch grid, class and register tokens dropped.
 
     One probe forward pass reads the activation's shape; the channel count from feature_info tells the layout.
     """
@@ -98,6 +100,16 @@ def _reshape_transform(model: MultiTaskNet, layer: nn.Module, image_size: int) -
         return None
     if len(shape) == 4 and shape[-1] == channels:
         return lambda t: t.permute(0, 3, 1, 2)
+    if len(shape) == 3 and shape[-1] == channels:
+        prefix = int(getattr(model.trunk, "num_prefix_tokens", 0))
+        patches = shape[1] - prefix
+        grid = getattr(getattr(model.trunk, "patch_embed", None), "grid_size", None)
+        if grid is None or grid[0] * grid[1] != patches:
+            side = math.isqrt(patches)
+            grid = (side, side) if side * side == patches else None
+        if grid is not None:
+            rows, cols = int(grid[0]), int(grid[1])
+            return lambda t: t[:, prefix:, :].reshape(t.shape[0], rows, cols, t.shape[2]).permute(0, 3, 1, 2)
     module = model.trunk.feature_info[-1]["module"]
     raise UserError(f"Grad-CAM needs spatial feature maps; the backbone's last stage {module!r} gives activations "
                     f"of shape {shape} (transformer tokens?). Use --explain 0 for this model.")

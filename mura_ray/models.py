@@ -130,10 +130,25 @@ class _KeyMismatches(list):
         self._logger.propagate = self._saved[1]
 
 
+def _create_model(backbone: str, image_size: int | None, **kwargs: Any) -> nn.Module:
+    """`timm.create_model`, at `image_size` for models built for one input size (ViT, Swin, ...: timm resamples
+    their position embeddings when loading weights); convolutional models take any size and no `img_size`."""
+    if image_size is not None:
+        try:
+            return timm.create_model(backbone, img_size=image_size, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(backbone, **kwargs)
+
+
 def build_trunk(
-    backbone: str, *, pretrained: bool = False, pretrained_file: str | None = None
+    backbone: str, *, pretrained: bool = False, pretrained_file: str | None = None, image_size: int | None = None
 ) -> nn.Module:
-    """A one-channel feature extractor returning pooled features; timm adapts pretrained RGB stems to one channel."""
+    """A one-channel feature extractor returning pooled features; timm adapts pretrained RGB stems to one channel.
+
+    `image_size` builds fixed-size models (vision transformers) for that input; convolutional ones ignore it.
+    """
     if backbone == CUSTOM_CNN:
         if pretrained or pretrained_file:
             raise UserError("custom_cnn is trained from scratch: --pretrained and --pretrained-file do not apply")
@@ -146,9 +161,8 @@ def build_trunk(
         logger.info("Loading weights for %s from %s", backbone, pretrained_file)
         try:
             with _KeyMismatches() as mismatches:
-                trunk = timm.create_model(
-                    backbone, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
-                )
+                trunk = _create_model(backbone, image_size, pretrained=True,
+                                      pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs)
         except RuntimeError as e:  # load_state_dict: tensors of the wrong shape
             raise UserError(
                 f"--pretrained-file {pretrained_file} does not fit {backbone} ({str(e).splitlines()[0].strip()})"
@@ -158,14 +172,14 @@ def build_trunk(
     elif pretrained:
         logger.info("Loading timm's pretrained weights for %s from the hub", backbone)
         try:
-            trunk = timm.create_model(backbone, pretrained=True, **kwargs)
+            trunk = _create_model(backbone, image_size, pretrained=True, **kwargs)
         except (OSError, RuntimeError) as e:
             raise UserError(
                 f"cannot download pretrained weights for {backbone} ({str(e).splitlines()[0]}); "
                 "on an air-gapped cluster pass --pretrained-file PATH instead"
             ) from None
     else:  # random initialisation (training says so once per run; loading an exported model lands here too)
-        trunk = timm.create_model(backbone, pretrained=False, **kwargs)
+        trunk = _create_model(backbone, image_size, pretrained=False, **kwargs)
     return trunk
 
 
@@ -309,8 +323,9 @@ def build_model(
     multitask: bool = True,
     body_part_embedding: bool = True,
     dropout: float = 0.3,
+    image_size: int | None = None,
 ) -> MultiTaskNet:
-    trunk = build_trunk(backbone, pretrained=pretrained, pretrained_file=pretrained_file)
+    trunk = build_trunk(backbone, pretrained=pretrained, pretrained_file=pretrained_file, image_size=image_size)
     apply_freeze(trunk, freeze)
     return MultiTaskNet(
         trunk, dropout=dropout, multitask=multitask, body_part_embedding=body_part_embedding, freeze=freeze
@@ -324,6 +339,7 @@ def model_from_spec(spec: ModelSpec) -> MultiTaskNet:
         multitask=spec.multitask,
         body_part_embedding=spec.body_part_embedding,
         dropout=spec.dropout,
+        image_size=spec.image_size,
     )
 
 

@@ -72,6 +72,9 @@ class ReportConfig:
     """Bootstrap resamples for 95% CIs of AUC and kappa; 0 disables."""
     seed: int = 0
     """Seed of the bootstrap."""
+    explain: int = 0
+    """Grad-CAM heatmaps per category (needs mura_ray[explain] and a scoring output, whose manifest names the
+    models and the input); 0 disables."""
 
     def validate(self) -> ReportConfig:
         """Raise one UserError naming every bad flag; returns self so jobs can chain it."""
@@ -98,6 +101,10 @@ class ReportConfig:
                 problems.append(f"--target-sensitivity must be in (0, 1]; got {self.target_sensitivity}")
         if self.bootstrap < 0:
             problems.append(f"--bootstrap must be >= 0 (0 disables); got {self.bootstrap}")
+        if self.explain < 0:
+            problems.append(f"--explain must be >= 0 (0 disables); got {self.explain}")
+        if self.explain and self.compare:
+            problems.append("--explain does not apply to --compare")
         if problems:
             raise UserError("; ".join(problems))
         return self
@@ -131,9 +138,24 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     report["predictions"] = cfg.predictions
     if operating_point is not None:
         report["operating_point"] = operating_point
-    write_report(report, df, cfg.out)
+    explanations = _explanations(cfg.predictions, cfg.explain, threshold) if cfg.explain else None
+    write_report(report, df, cfg.out, explanations=explanations)
     storage.write_json(storage.join(cfg.out, "report_config.json"), dataclasses.asdict(cfg))
     return report
+
+
+def _explanations(predictions: str, n: int, threshold: float) -> list[tuple[str, bytes]]:
+    """Grad-CAM for the report's examples, with the models and the input the scoring output's manifest names."""
+    found = _scoring_manifest(predictions)
+    if found is None or not found[1].get("models") or not found[1].get("input"):
+        raise UserError(f"--explain: --predictions {predictions} is not a scoring output (no manifest.json naming "
+                        "its models and input); pass the scoring job's --out or its predictions/")
+    dest, manifest = found
+    from mura_ray.explain import explain_report_examples
+    from mura_ray.score import read_predictions
+
+    return explain_report_examples(read_predictions(dest), manifest["input"], list(manifest["models"]), n,
+                                   threshold)
 
 
 def _load_labelled(uri: str, flag: str) -> pd.DataFrame:

@@ -205,6 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(
         cfg.backbone, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, freeze=cfg.freeze,
         multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout,
+        image_size=cfg.image_size,
     )
     device = ray.train.torch.get_device()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -480,7 +481,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     # (in the workers, each retried `max_failures` times, such an error would end as a Ray traceback).
     probe = build_model(cfg.backbone, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
                         freeze=cfg.freeze, multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding,
-                        dropout=cfg.dropout)
+                        dropout=cfg.dropout, image_size=cfg.image_size)
     mean, std = trunk_normalization(probe.trunk)
     if cfg.backbone != "custom_cnn" and not (cfg.pretrained or cfg.pretrained_file):
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
@@ -570,7 +571,7 @@ def finish_run(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
     cfg, data, summary, mean, std = run.cfg, run.data, run.summary, run.mean, run.std
 
     model = build_model(cfg.backbone, multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding,
-                        dropout=cfg.dropout)
+                        dropout=cfg.dropout, image_size=cfg.image_size)
     model.load_state_dict(state["model"])
     spec = ModelSpec(
         backbone=cfg.backbone, image_size=cfg.image_size, mean=mean, std=std, multitask=cfg.multitask,

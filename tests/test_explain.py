@@ -109,6 +109,21 @@ def test_gradcam_images_are_pngs_with_a_heatmap(model_dir):
     assert not any(p.grad is not None for p in model.parameters())
 
 
+@needs_gradcam
+def test_gradcam_on_a_vision_transformer_at_the_model_input_size(tmp_path):
+    """ViT activations are tokens, not maps: the patch tokens are laid out on the patch grid (class token dropped).
+    The model is built at the exported input size (64 px, not timm's default 224)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="vit_tiny_patch16_224", image_size=64, mean=0.5, std=0.25)
+    export_model(build_model(spec.backbone, image_size=64), spec, str(tmp_path / "vit"), {})
+    model, spec, _ = load_model(str(tmp_path / "vit"))
+    out = gradcam_images(model, spec, [_radiograph_png(1, (64, 64)), _radiograph_png(2, (64, 64))],
+                         ["WRIST", None], ["a", "b"])
+    assert [caption for caption, _ in out] == ["a", "b"]
+    heat = np.asarray(Image.open(io.BytesIO(out[0][1])))
+    assert heat.shape == (64, 64, 3) and heat.std() > 0
+
+
 def _scored(ids: list[str]) -> pd.DataFrame:
     """Predictions for images named by their outcome; the false negative's body part is unknown (predicted)."""
     labels_probs = {"tp": (1, 0.9), "fn": (1, 0.2), "fp": (0, 0.7), "tn": (0, 0.1)}

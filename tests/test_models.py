@@ -30,6 +30,14 @@ def test_backbone_forward_backward_on_one_channel(backbone):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_fixed_size_backbones_are_built_for_the_input_size():
+    """A vision transformer is built at --image-size (timm's default is 224); convolutional ones take any size."""
+    model = build_model("vit_tiny_patch16_224", image_size=64)
+    out = model(torch.randn(2, 1, 64, 64), torch.tensor([0, 1]))
+    assert out["abnormal"].shape == (2,)
+    assert build_model("resnet18", image_size=64)(torch.randn(2, 1, 64, 64))["abnormal"].shape == (2,)
+
+
 def test_unknown_backbone_suggests_a_name():
     with pytest.raises(UserError, match="Did you mean 'resnet50'"):
         build_model("resnet5O")

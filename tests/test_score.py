@@ -65,6 +65,13 @@ def test_score_ingested_split_with_report(trained_run, mura_dataset, tmp_path):
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert (again["threshold"], again["threshold_source"]) == (pytest.approx(threshold), "manifest")
     assert again["image_level"]["confusion_matrix"] == report["image_level"]["confusion_matrix"]
+    assert "Grad-CAM" not in (tmp_path / "again" / "report.html").read_text()
+    # Grad-CAM added afterwards: the manifest names the model and the input the images are read back from.
+    assert report_job.main(["--predictions", str(out / "predictions"), "--out", str(tmp_path / "cam"),
+                            "--bootstrap", "0", "--explain", "2"]) == 0
+    page = (tmp_path / "cam" / "report.html").read_text()
+    heatmaps = page.split("<h2>Grad-CAM</h2>")[1]
+    assert 1 <= heatmaps.count("data:image/png;base64") <= 6 and "p=" in heatmaps
 
 
 def test_score_at_a_given_threshold(trained_run, mura_dataset, tmp_path, capsys):
