@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="validation metric that picks the kept and the exported checkpoint (default val_loss)")
     a("--max-failures", type=int, help="worker-group restarts allowed, resuming from the last checkpoint (default 2)")
     a("--threshold", type=float, help="operating threshold stored with the model (default 0.5)")
-    a("--seed", type=int, help="random seed (default 0)")
+    a("--seed", type=int, help="seed of the weight initialisation and of the per-epoch file order (default 0); "
+      "augmentation and the order of rows within a file are drawn fresh by each decode task, so two runs match "
+      "in distribution, not bit for bit")
     a("--demo-images", type=int, help="size of the synthetic demo set when no --data (default 2000)")
     return p
 

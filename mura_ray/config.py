@@ -246,6 +246,9 @@ class TrainConfig:
     max_failures: int = 2
     """Worker-group restarts allowed; training resumes from the last checkpoint."""
     seed: int = 0
+    """Seed of the weight initialisation (plus the worker's rank) and of the per-epoch file order. Augmentation and
+    the row order within a file are drawn by each decode task from fresh entropy: Ray Data gives a task no epoch
+    number to derive a per-epoch seed from, and a seed without one would repeat the same augmentation every epoch."""
     threshold: float = 0.5
     """Operating threshold stored with the exported model."""
     demo_images: int = 2000
