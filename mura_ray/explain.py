@@ -72,12 +72,22 @@ def select_examples(predictions: pd.DataFrame, n: int, threshold: float) -> dict
 
 
 def target_layer(model: MultiTaskNet) -> nn.Module:
-    """The trunk's last feature stage (layer4 of a ResNet, norm5 of a DenseNet, blocks.6 of an EfficientNet)."""
-    info = getattr(model.trunk, "feature_info", None)
+    """The trunk's last feature stage (layer4 of a ResNet, norm5 of a DenseNet, blocks.6 of an EfficientNet).
+
+    A vision transformer with a class token (ViT, DeiT) is the exception: its head reads only the class token of
+    the last block's output, so that output's patch tokens get no gradient (a blank map). The last block's first
+    norm is taken instead, whose patch tokens feed the class token through the block's attention (pytorch-grad-cam's
+    choice for ViT).
+    """
+    trunk = model.trunk
+    info = getattr(trunk, "feature_info", None)
     if not info:
         raise UserError(f"Grad-CAM needs a backbone with feature stages (timm feature_info); "
-                        f"{type(model.trunk).__name__} has none")
-    return model.trunk.get_submodule(info[-1]["module"])
+                        f"{type(trunk).__name__} has none")
+    blocks = getattr(trunk, "blocks", None)
+    if getattr(trunk, "num_prefix_tokens", 0) and isinstance(blocks, nn.Sequential) and hasattr(blocks[-1], "norm1"):
+        return blocks[-1].norm1
+    return trunk.get_submodule(info[-1]["module"])
 
 
 def _reshape_transform(model: MultiTaskNet, layer: nn.Module, image_size: int) -> Callable[[Tensor], Tensor] | None:

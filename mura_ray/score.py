@@ -515,8 +515,9 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
             manifest.setdefault("threshold_source", threshold_source)
             manifest.setdefault("tta", cfg.tta)
         else:  # nothing committed yet: nothing to be compatible with
-            manifest = {
-                "version": 1, "input": cfg.input, "models": list(cfg.models), "model_ids": model_ids,
+            manifest = {  # local paths absolute: jobs/report.py --explain reads them from anywhere
+                "version": 1, "input": _same_input(cfg.input), "models": [_same_input(m) for m in cfg.models],
+                "model_ids": model_ids,
                 "threshold": threshold, "threshold_source": threshold_source, "tta": cfg.tta, "parts": {},
             }
         _clean_uncommitted(cfg.out, set(manifest["parts"]))
@@ -560,7 +561,8 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     manifest = _open_output(cfg, model_ids, threshold, threshold_source, model_threshold, overwrite=overwrite)
     init_ray()
     use_gpu = _resolve_gpu(cfg.gpu)
-    done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(manifest["parts"]))
+    parts_before = set(manifest["parts"])
+    done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(parts_before))
 
     predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold}
     started = time.perf_counter()
@@ -595,7 +597,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
                            f"already done = {scored + failed + skipped}: rows went missing between reading and "
                            "committing (what was committed is sound; a re-run scores the missing images)")
     n_rows, duplicates = _get(ray.remote(_check_committed).options(num_cpus=0.25).remote(
-        cfg.out, sorted(manifest["parts"])))
+        cfg.out, sorted(manifest["parts"]), sorted(set(manifest["parts"]) - parts_before)))
     if duplicates or n_rows != manifest.get("n_rows", 0):
         raise RuntimeError(f"--out {cfg.out}: the committed parts hold {n_rows} rows (manifest: "
                            f"{manifest.get('n_rows', 0)}), duplicated image ids: {duplicates or 'none'}")
@@ -651,20 +653,28 @@ def _count_done(chunk: Chunk, done: np.ndarray) -> int:
     return n
 
 
-def _check_committed(out: str, parts: list[str]) -> tuple[int, list[str]]:
-    """Ray task: rows in the committed parts, and (some of) the image ids that occur in more than one row."""
-    import pyarrow.compute as pc
+def _check_committed(out: str, parts: list[str], new_parts: list[str]) -> tuple[int, list[str]]:
+    """Ray task: rows in the committed parts, and (up to 5 of) the image ids that occur in more than one row.
+
+    Ids are compared as the already-scored set's 64-bit keys (8 bytes an image, as `_load_done_keys` holds them);
+    the ids named are looked up in this run's parts first.
+    """
     import pyarrow.parquet as pq
 
-    columns = []
-    for part in parts:
+    def ids_of(part: str) -> list[str]:
         fs, path = storage.resolve(storage.join(out, PREDICTIONS, part))
-        columns.append(pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"])
-    if not columns:
-        return 0, []
-    ids = pa.chunked_array([c for column in columns for c in column.chunks], type=pa.string())
-    counts = pc.value_counts(ids)
-    return len(ids), counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist()[:5]
+        return pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()
+
+    keys = np.concatenate([image_key(ids_of(part)) for part in parts]) if parts else np.zeros(0, dtype=np.uint64)
+    unique, counts = np.unique(keys, return_counts=True)
+    repeated = unique[counts > 1]
+    named: list[str] = []
+    for part in [*new_parts, *(p for p in parts if p not in new_parts)]:
+        if not repeated.size or len(named) >= 5:
+            break
+        ids = ids_of(part)
+        named += [i for i, hit in zip(ids, np.isin(image_key(ids), repeated), strict=True) if hit and i not in named]
+    return len(keys), named[:5]
 
 
 def _report_task(out: str, report_dir: str, threshold: float, threshold_source: str, bootstrap: int,

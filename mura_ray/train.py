@@ -400,8 +400,17 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
                    "; ".join(problems))
 
 
-ARCHITECTURE_OPTIONS = ("backbone", "multitask", "body_part_embedding", "freeze")
-"""Options whose change makes a run directory's checkpoints unloadable (weights or optimizer state)."""
+ARCHITECTURE_OPTIONS = ("backbone", "multitask", "body_part_embedding", "freeze", "image_size")
+"""Options whose change makes a run directory's checkpoints unloadable (weights or optimizer state; the image size
+shapes the position embeddings of fixed-size backbones such as ViT)."""
+
+
+def _has_checkpoints(out: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(out)
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return any(e.base_name.startswith("checkpoint_") for e in entries)
 
 
 def check_resumable(cfg: TrainConfig) -> None:
@@ -412,7 +421,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     """
     assert cfg.out is not None
     path = storage.join(cfg.out, "train_config.json")
-    if not storage.exists(path):
+    if not storage.exists(path) or not _has_checkpoints(cfg.out):  # nothing to resume: this run's options
         storage.write_json(path, asdict(cfg))
         return
     earlier = storage.read_json(path)

@@ -206,13 +206,20 @@ def test_a_cluster_that_cannot_place_the_run(monkeypatch, caplog):
 
 def test_rerun_with_another_architecture_is_refused(ray_cluster, mura_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "checkpoint_2026-11-28_10-00-00.000000").mkdir(parents=True)
     (out / "train_config.json").write_text(json.dumps({**TrainConfig().__dict__, "backbone": "resnet18"}))
     assert train_job.main(["--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn",
                            "--image-size", "32", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
-    assert "holds a run of another model (--backbone 'resnet18' -> 'custom_cnn')" in err
-    assert not list(out.glob("checkpoint_*"))
+    assert "holds a run of another model (--backbone 'resnet18' -> 'custom_cnn', --image-size 224 -> 32)" in err
+    assert len(list(out.glob("checkpoint_*"))) == 1
+
+    # A run that failed before its first checkpoint has nothing to resume: its options are simply replaced.
+    from mura_ray.train import check_resumable
+
+    (out / "checkpoint_2026-11-28_10-00-00.000000").rmdir()
+    check_resumable(TrainConfig(out=str(out), backbone="custom_cnn"))
+    assert json.loads((out / "train_config.json").read_text())["backbone"] == "custom_cnn"
 
 
 def test_recipes_load(tmp_path):
@@ -237,6 +244,9 @@ def test_ddp_two_workers_on_cpu(ray_cluster, mura_dataset, tmp_path):
     ]) == 0
     card = json.loads((out / "model" / "model_card.json").read_text())
     assert card["training"]["config"]["workers"] == 2 and card["training"]["config"]["body_part_weight"] == 0.5
+    # The epoch's counts are both workers' (85 rows a shard, no one-image batch at 16), not rank 0's half.
+    metrics = card["metrics"]["validation"]
+    assert metrics["train_images"] + metrics["left_out_images"] == card["training"]["counts"]["train"]
 
 
 class _KillWorkerAfterFirstEpoch:
