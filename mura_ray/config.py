@@ -7,6 +7,7 @@ into flat arguments at its builder functions, so models, losses and metrics neve
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import types
@@ -87,14 +88,17 @@ def _coerce(value: Any, hint: Any) -> Any:
             return int(value)
         raise ValueError(f"must be a whole number, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"must be a number, got {value!r}")
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"must be a number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

@@ -145,13 +145,13 @@ def test_recipe_values_are_type_checked(tmp_path, capsys):
     recipe.write_text("backbone: custom_cnn\nlr: 1e-3\nepochs: 10\ngpu: \"no\"\n")
     cfg = train_job.build_config(train_job.build_parser().parse_args(["--config", str(recipe)]))
     assert cfg.lr == 0.001 and cfg.epochs == 10 and cfg.gpu == "no"
-    recipe.write_text("epochs: 10.5\ngpu: yes\namp: maybe\n")
+    recipe.write_text("epochs: 10.5\ngpu: yes\namp: maybe\nlr: .nan\n")
     assert train_job.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert "epochs must be a whole number, got 10.5" in err
     assert "gpu must be one of auto, yes, no, got True (YAML reads yes" in err
-    assert "amp must be true or false, got 'maybe'" in err
+    assert "amp must be true or false, got 'maybe'" in err and "lr must be a number, got nan" in err
 
 
 def test_a_user_error_raised_in_a_worker_is_one_line(capsys):
