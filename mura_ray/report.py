@@ -134,11 +134,12 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         operating_point = calibrate_threshold(_load_labelled(cfg.calibrate_on, "--calibrate-on"), method, target)
         operating_point["calibrated_on"] = cfg.calibrate_on
         threshold, source = operating_point["threshold"], method
+    # Before the report's bootstrap: a --predictions without a scoring manifest fails in seconds.
+    explanations = _explanations(cfg.predictions, cfg.explain, threshold) if cfg.explain else None
     report = build_report(df, threshold=threshold, threshold_source=source, bootstrap=cfg.bootstrap, seed=cfg.seed)
     report["predictions"] = cfg.predictions
     if operating_point is not None:
         report["operating_point"] = operating_point
-    explanations = _explanations(cfg.predictions, cfg.explain, threshold) if cfg.explain else None
     write_report(report, df, cfg.out, explanations=explanations)
     storage.write_json(storage.join(cfg.out, "report_config.json"), dataclasses.asdict(cfg))
     return report

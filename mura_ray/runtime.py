@@ -132,6 +132,11 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
     _quiet_libraries()
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (its type's name when it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def user_error_cause(exc: BaseException) -> UserError | None:
     """The UserError behind `exc`, also when raised in a Ray task or Train worker and re-raised by Ray.
 
@@ -168,7 +173,7 @@ def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.Ar
         cause = user_error_cause(e)
         if cause is None:
             raise
-        print(f"error: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}", file=sys.stderr)
+        print(f"error: {first_line(cause)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -36,6 +36,7 @@ from mura_ray.config import ScoreConfig, UserError
 from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
 from mura_ray.data.pipeline import body_part_indices, read_parquet, resize_pad
 from mura_ray.labels import BODY_PARTS
+from mura_ray.runtime import first_line, user_error_cause
 
 if TYPE_CHECKING:
     import torch
@@ -452,10 +453,6 @@ def _same_input(uri: str) -> str:
     return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     """`models.load_model`, with what a broken model directory raises (a corrupt or foreign config.json, weights
     of another architecture, an unreadable file) turned into a UserError naming the directory."""
@@ -466,7 +463,7 @@ def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     try:
         return load_model(uri)
     except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
-        raise UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {_first_line(e)}); "
+        raise UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {first_line(e)}); "
                         "export it again from its run") from None
 
 
@@ -523,7 +520,7 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
         _clean_uncommitted(cfg.out, set(manifest["parts"]))
         storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
     except OSError as e:
-        raise UserError(f"--out {cfg.out}: cannot write there ({_first_line(e)})") from None
+        raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
     return manifest
 
 
@@ -533,10 +530,11 @@ def _get(ref: Any) -> Any:
 
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UserError):
-            raise e.cause from None
-        raise
+    except Exception as e:
+        cause = user_error_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None = None) -> dict[str, Any]:
@@ -630,7 +628,7 @@ def _chunk_rows(chunk: Chunk) -> int:
             with fs.open_input_file(path) as f:
                 n += pq.ParquetFile(f).metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"--input: cannot read {uri} as Parquet ({_first_line(e)}); re-ingest the split "
+            raise UserError(f"--input: cannot read {uri} as Parquet ({first_line(e)}); re-ingest the split "
                             "or remove the file") from None
     return n
 
