@@ -2,9 +2,9 @@
 PyTorch loop over the same Parquet rows with the same exported model and the same `Predictor` (decode, resize,
 `torch.inference_mode`), the same batch size and the same cores.
 
-Ours runs the whole job (chunked read, already-scored filter, `map_batches(Predictor)` on `--concurrency` actors of
-1 CPU each, Parquet write, manifest commit), report off; `--with-map-batches` also times the bare
-`map_batches(Predictor)` path.
+Ours runs the whole job (chunked read, already-scored filter, decode fused into `map_batches(Predictor)` on
+`--concurrency` actors of 1 CPU each, Parquet write, manifest commit), report off; `--with-map-batches` also times
+the bare `scoring_dataset` path (decode and Predictor actors, nothing written).
 The baseline reads the split with pyarrow, calls one `Predictor` per batch with torch on all cores, and writes the
 predictions Parquet; it runs before Ray starts. The first run of each is a warm-up left out of the medians.
 Prints one JSON line.
@@ -95,18 +95,16 @@ def run_job(split_dir: str, model_dir: str, out_dir: str, batch_size: int, concu
 
 
 def run_map_batches(split_dir: str, model_dir: str, batch_size: int, concurrency: int) -> dict[str, float]:
-    """Only the job's core: read_parquet → map_batches(Predictor) on an actor pool, results counted, not written."""
-    from ray.data import ActorPoolStrategy
-
+    """Only the job's core: read_parquet → `scoring_dataset` (decode, Predictor actors), results counted, not
+    written."""
     from mura_ray.data.pipeline import read_parquet
-    from mura_ray.score import INPUT_COLUMNS, Predictor
+    from mura_ray.score import INPUT_COLUMNS, _check_models, scoring_dataset
 
+    sizes = _check_models((model_dir,))[2]
     started = time.perf_counter()
-    ds = read_parquet(split_dir, None).select_columns(list(INPUT_COLUMNS)).map_batches(
-        Predictor, fn_constructor_args=([model_dir],),
-        fn_constructor_kwargs={"use_gpu": False, "tta": False, "threshold": None},
-        batch_size=batch_size, batch_format="pandas", compute=ActorPoolStrategy(size=concurrency), num_cpus=1,
-    )
+    ds = scoring_dataset(read_parquet(split_dir, None).select_columns(list(INPUT_COLUMNS)), [model_dir], sizes,
+                         {"use_gpu": False, "tta": False, "threshold": None}, batch_size=batch_size,
+                         concurrency=concurrency, cpus_per_actor=1.0)
     images = sum(len(b["image_id"]) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     return {"images": images, "seconds": time.perf_counter() - started}
 

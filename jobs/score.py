@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=64, help="images per model call (default 64)")
     a("--concurrency", type=int, default=1, help="scoring actors, each with a copy of the model(s) (default 1)")
     a("--gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per actor: auto when present")
-    a("--cpus-per-actor", type=float, default=1.0, help="CPUs per scoring actor (default 1)")
+    a("--cpus-per-actor", type=float, default=1.0, help="CPUs per scoring actor (default 1); images are decoded "
+      "in CPU tasks in front of GPU actors, inside CPU actors")
+    a("--no-amp", action="store_true", help="score in float32 on GPU too (default: bfloat16/float16 autocast on "
+      "GPU; CPU scoring is always float32)")
     a("--tta", action="store_true", help="test-time augmentation: average over a horizontal flip (a re-run into "
       "the same --out must use the same setting)")
     a("--threshold", type=float, help="operating threshold (default: the model's own); recorded in manifest.json, "
@@ -48,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         models=tuple(args.models), input=args.input, out=args.out, batch_size=args.batch_size,
         concurrency=args.concurrency, gpu=args.gpu, tta=args.tta, threshold=args.threshold,
         bootstrap=args.bootstrap, report=not args.no_report, cpus_per_actor=args.cpus_per_actor,
-        chunk_images=args.chunk_images, explain=args.explain,
+        chunk_images=args.chunk_images, explain=args.explain, amp=not args.no_amp,
     )
     summary = score(cfg)
     print(f"scored {summary['scored']} images, skipped {summary['skipped_already_done']} already done, "

@@ -326,6 +326,8 @@ class ScoreConfig:
     explain: int = 0
     """Grad-CAM heatmaps to add to the report per category (needs mura_ray[explain]); 0 disables."""
     cpus_per_actor: float = 1.0
+    amp: bool = True
+    """Mixed precision (bfloat16/float16 autocast) on GPU; CPU scoring is always float32."""
     chunk_images: int = 20000
     """Images per committed chunk: an interruption loses at most one chunk of work."""
 

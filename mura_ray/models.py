@@ -398,6 +398,22 @@ def read_model_card(model_uri: str) -> dict[str, Any]:
     return storage.read_json(uri) if storage.exists(uri) else {}
 
 
+# ---------------------------------------------------------------------------------------------------- precision
+def amp_dtype() -> torch.dtype:
+    """Mixed precision on this GPU (training and scoring): bfloat16 where the hardware has it (Ampere and later),
+    else float16 (training adds a GradScaler). torch's `is_bf16_supported()` also says yes where bfloat16 is only
+    emulated (T4, V100): slow there, and cuDNN is reported to lack bfloat16 convolutions below compute capability
+    8.0."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` (from `amp_dtype`, chosen once per process), or none when it is None."""
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
 def describe(model: nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

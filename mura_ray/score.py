@@ -76,17 +76,60 @@ def image_key(image_ids: Any) -> np.ndarray:
     )
 
 
-class Predictor:
-    """Ray Data callable class: loads the model(s) once per actor, scores batches of image bytes.
+def _present(value: Any) -> bool:
+    """A non-null cell (pandas hands nulls over as None, NaN or pd.NA, by column type)."""
+    return value is not None and not pd.isna(value)
 
-    Several models form an ensemble: probabilities are averaged. With `tta`, each model's probabilities are also
-    averaged over a horizontal flip. A row whose image cannot be decoded gets an `error` and no prediction.
+
+def decode_for_scoring(batch: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
+    """Ray Data task: decode each row's image bytes once and resize-pad it to every model input size in `sizes`
+    (uint8 `pixels_{size}` columns; the bytes are dropped). A row that cannot be decoded, or that arrives with a
+    read error, keeps its `error` and gets zero pixels.
+
+    The scoring job runs this as its own `map_batches` stage before the `Predictor` actors: with CPU actors Ray
+    fuses the two (same resources), with GPU actors it stays a pool of CPU tasks, so that the node's CPUs decode
+    and the GPU does not wait on a single decoding thread in its actor.
+    """
+    n = len(batch)
+    pixels = {size: np.zeros((n, size, size), dtype=np.uint8) for size in sizes}
+    errors: list[str | None] = []
+    pre_errors = batch["error"] if "error" in batch else [None] * n
+    for i, (data, pre_error) in enumerate(zip(batch["image"], pre_errors, strict=True)):
+        if _present(pre_error):
+            errors.append(str(pre_error))
+            continue
+        try:
+            image = decode_radiograph(data, draft_size=max(sizes))
+        except DecodeError as e:
+            errors.append(str(e))
+            continue
+        for size in sizes:
+            pixels[size][i] = np.asarray(resize_pad(image, size), dtype=np.uint8)
+        errors.append(None)
+    out = batch.drop(columns=["image"]).assign(error=errors)
+    for size in sizes:
+        out[f"pixels_{size}"] = list(pixels[size])
+    return out
+
+
+class Predictor:
+    """Ray Data callable class: loads the model(s) once per actor, scores batches of decoded images.
+
+    Batches come from `decode_for_scoring` (`pixels_{size}` columns), or carry the image bytes, which are then
+    decoded here. Several models form an ensemble: probabilities are averaged. With `tta`, each model's
+    probabilities are also averaged over a horizontal flip. On a GPU the models run under autocast (`amp`,
+    bfloat16 where the GPU has it, else float16). A row whose image cannot be decoded gets an `error` and no
+    prediction.
     """
 
-    def __init__(self, model_uris: list[str], *, use_gpu: bool, tta: bool, threshold: float | None):
+    def __init__(self, model_uris: list[str], *, use_gpu: bool, tta: bool, threshold: float | None,
+                 amp: bool = True):
         import torch
 
+        from mura_ray.models import amp_dtype
+
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.amp = amp_dtype() if amp and self.device.type == "cuda" else None
         self.members = []
         for uri in model_uris:
             model, spec, model_id = _load_model(uri)
@@ -97,16 +140,14 @@ class Predictor:
         ensemble_id = "ensemble-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
         self.model_id = ids[0] if len(ids) == 1 else ensemble_id
         self.tta = tta
-        self.draft = max(s.image_size for s in specs)
+        self.sizes = sorted({s.image_size for s in specs})
 
-    def _inputs(self, arrays: list[np.ndarray | None], size: int, mean: float, std: float) -> torch.Tensor:
+    def _inputs(self, pixels: pd.Series, mean: float, std: float) -> torch.Tensor:
+        """uint8 images (N of S x S) to the model's normalised float input (N x 1 x S x S), on its device."""
         import torch
 
-        out = np.zeros((len(arrays), 1, size, size), dtype=np.float32)
-        for i, arr in enumerate(arrays):
-            if arr is not None:
-                out[i, 0] = (np.asarray(resize_pad(arr, size), dtype=np.float32) / 255.0 - mean) / std
-        return torch.from_numpy(out).to(self.device)
+        x = torch.from_numpy(np.stack(pixels.to_numpy())).to(self.device).unsqueeze(1)
+        return (x.float() / 255.0 - mean) / std
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         import torch
@@ -117,25 +158,21 @@ class Predictor:
     def _predict(self, batch: pd.DataFrame) -> pa.Table:
         import torch
 
+        from mura_ray.models import autocast
+
+        if "image" in batch:
+            batch = decode_for_scoring(batch, self.sizes)
         n = len(batch)
-        arrays: list[np.ndarray | None] = []
-        errors: list[str | None] = []
-        for data, pre_error in zip(batch["image"], batch.get("error", [None] * n), strict=True):
-            if pre_error is not None and not (isinstance(pre_error, float) and np.isnan(pre_error)):
-                arrays.append(None), errors.append(str(pre_error))
-                continue
-            try:
-                arrays.append(decode_radiograph(data, draft_size=self.draft)), errors.append(None)
-            except DecodeError as e:
-                arrays.append(None), errors.append(str(e))
+        errors = [str(e) if _present(e) else None for e in batch["error"]]
         known = torch.from_numpy(body_part_indices(batch["body_part"])).to(self.device)
         prob = np.zeros(n, dtype=np.float64)
         part_probs = np.zeros((n, len(BODY_PARTS)), dtype=np.float64)
         for model, spec, _ in self.members:
-            x = self._inputs(arrays, spec.image_size, spec.mean, spec.std)
+            x = self._inputs(batch[f"pixels_{spec.image_size}"], spec.mean, spec.std)
             views = [x, torch.flip(x, dims=[3])] if self.tta else [x]
             for view in views:
-                out = model(view, known)
+                with autocast(self.device, self.amp):
+                    out = model(view, known)
                 prob += torch.sigmoid(out["abnormal"].float()).cpu().numpy()
                 if "body_part" in out:
                     part_probs += torch.softmax(out["body_part"].float(), dim=1).cpu().numpy()
@@ -144,7 +181,7 @@ class Predictor:
         part_probs[has_part] /= part_probs[has_part].sum(axis=1, keepdims=True)
         ok = np.array([e is None for e in errors])
         part_pred = [BODY_PARTS[i] if ok[j] and has_part[j] else None for j, i in enumerate(part_probs.argmax(1))]
-        labels = [None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v) for v in batch["label"]]
+        labels = [int(v) if _present(v) else None for v in batch["label"]]
         now = datetime.now(timezone.utc)
         columns = {
             "image_id": batch["image_id"].tolist(),
@@ -467,10 +504,12 @@ def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
                         "export it again from its run") from None
 
 
-def _check_models(models: tuple[str, ...]) -> tuple[list[str], float]:
-    """Load each model once on the driver (a bad --model fails before any cluster work): ids, mean threshold."""
+def _check_models(models: tuple[str, ...]) -> tuple[list[str], float, list[int]]:
+    """Load each model once on the driver (a bad --model fails before any cluster work): ids, mean threshold,
+    input sizes."""
     loaded = [_load_model(uri) for uri in models]
-    return [m[2] for m in loaded], float(np.mean([m[1].threshold for m in loaded]))
+    return ([m[2] for m in loaded], float(np.mean([m[1].threshold for m in loaded])),
+            sorted({m[1].image_size for m in loaded}))
 
 
 def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: list[str], threshold: float,
@@ -537,18 +576,40 @@ def _get(ref: Any) -> Any:
         raise cause from None
 
 
+def scoring_dataset(dataset: Any, models: list[str], sizes: list[int], predictor_args: dict[str, Any], *,
+                    batch_size: int, concurrency: int, cpus_per_actor: float) -> Any:
+    """Input rows (image bytes) → predictions: a decode stage, then `Predictor` on an actor pool.
+
+    Decoding is a stage of its own: Ray fuses it into CPU actors (same resources, no extra hand-over), and runs it
+    as a pool of CPU tasks in front of GPU actors, where one decoding thread per actor would leave the GPU idle.
+    """
+    from ray.data import ActorPoolStrategy
+
+    decoded = dataset.map_batches(decode_for_scoring, batch_format="pandas", fn_kwargs={"sizes": sizes},
+                                  num_cpus=1.0)
+    return decoded.map_batches(
+        Predictor,
+        fn_constructor_args=(models,),
+        fn_constructor_kwargs=predictor_args,
+        batch_size=batch_size,
+        batch_format="pandas",
+        compute=ActorPoolStrategy(size=concurrency),
+        num_gpus=1 if predictor_args["use_gpu"] else 0,
+        num_cpus=cpus_per_actor,
+    )
+
+
 def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None = None) -> dict[str, Any]:
     """Score `cfg.input` into `cfg.out`; returns the summary (scored, skipped, failed, report path).
 
     The report goes to `report_dir` (default `OUT/report`).
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
     from mura_ray.runtime import init_ray
 
     cfg = cfg.validate()
-    model_ids, model_threshold = _check_models(cfg.models)
+    model_ids, model_threshold, sizes = _check_models(cfg.models)
     if cfg.explain:
         import importlib.util
 
@@ -562,7 +623,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     parts_before = set(manifest["parts"])
     done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(parts_before))
 
-    predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold}
+    predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold, "amp": cfg.amp}
     started = time.perf_counter()
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
     committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file)
@@ -575,16 +636,8 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
         total += _chunk_rows(run)
         dataset = _chunk_dataset(run, done_ref, read_cpus=1.0)
         skipped_refs.append(ray.remote(_count_done).options(num_cpus=0.25).remote(run, done_ref))
-        predictions = dataset.map_batches(
-            Predictor,
-            fn_constructor_args=(list(cfg.models),),
-            fn_constructor_kwargs=predictor_args,
-            batch_size=cfg.batch_size,
-            batch_format="pandas",
-            compute=ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=cfg.cpus_per_actor,
-        )
+        predictions = scoring_dataset(dataset, list(cfg.models), sizes, predictor_args, batch_size=cfg.batch_size,
+                                      concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor)
         for table in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(table)
     committer.commit()

@@ -26,7 +26,7 @@ from mura_ray import __version__, storage
 from mura_ray.config import METRIC_MODES, TrainConfig, UserError
 from mura_ray.data.pipeline import build_input
 from mura_ray.labels import BODY_PARTS
-from mura_ray.models import ModelSpec, build_model, export_model, trunk_normalization
+from mura_ray.models import ModelSpec, amp_dtype, autocast, build_model, export_model, trunk_normalization
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +85,6 @@ def compute_val_metrics(
 
 
 # ---------------------------------------------------------------------------------------------------- worker loop
-def amp_dtype() -> torch.dtype:
-    """Mixed precision on this GPU: bfloat16 where the hardware has it (Ampere and later), else float16 with a
-    GradScaler. torch's `is_bf16_supported()` also says yes where bfloat16 is only emulated (T4, V100): slow there,
-    and cuDNN is reported to lack bfloat16 convolutions below compute capability 8.0."""
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to `dtype` (from `amp_dtype`, chosen once per worker), or none when it is None."""
-    if dtype is not None:
-        return torch.autocast(device.type, dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
-
-
 def _iter_batches(shard, batch_size: int, shuffle: bool, device):
     return shard.iter_torch_batches(
         batch_size=batch_size,
@@ -162,7 +148,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
             if not ok.any():
                 continue
             image, label, body_part = batch["image"][ok], batch["label"][ok], batch["body_part"][ok]
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 out = model(image, body_part)
             loss, _ = multitask_loss(out, label, body_part, **loss_kwargs)
             losses.append(float(loss) * len(label))
@@ -188,6 +174,31 @@ def _save_state(path: str, state: dict[str, Any]) -> None:
 def load_checkpoint_state(checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, device: torch.device, amp: torch.dtype | None,
+               loss_kwargs: dict[str, Any]) -> tuple[int, int, float]:
+    """One optimisation step on a batch of the input pipeline (`image`, `label`, `body_part`, `ok`), under autocast
+    to `amp` (None: float32) with `scaler` (enabled for float16): (images trained on, images that failed to decode,
+    loss). Rows that failed to decode or have no label are left out of the loss.
+
+    Every worker steps on every batch (even an all-failed one) so DDP's collectives stay in lockstep.
+    """
+    ok = batch["ok"] > 0
+    image, label, body_part = batch["image"], batch["label"], batch["body_part"]
+    with autocast(device, amp):
+        out = model(image, body_part)
+    keep = ok & (label >= 0)
+    if bool(keep.any()):
+        loss, _ = multitask_loss({k: v[keep] for k, v in out.items()}, label[keep], body_part[keep], **loss_kwargs)
+    else:
+        loss = sum(v.sum() for v in out.values()) * 0.0
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return int(keep.sum()), int((~ok).sum()), float(loss.detach())
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -267,25 +278,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # worker leaves it out together, and the per-epoch shuffle makes it a different image each epoch.
                 left_out += 1
                 continue
-            ok = batch["ok"] > 0
-            skipped += int((~ok).sum())
-            # Every worker steps on every batch (even an all-failed one) so DDP's collectives stay in lockstep.
-            image, label, body_part = batch["image"], batch["label"], batch["body_part"]
-            with _autocast(device, amp):
-                out = model(image, body_part)
-            keep = ok & (label >= 0)
-            out_kept = {k: v[keep] for k, v in out.items()}
-            if bool(keep.any()):
-                loss, _ = multitask_loss(out_kept, label[keep], body_part[keep], **loss_kwargs)
-            else:
-                loss = sum(v.sum() for v in out.values()) * 0.0
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = int(keep.sum())
+            n, failed, loss = train_step(model, batch, optimizer, scaler, device, amp, loss_kwargs)
             seen += n
-            loss_sum += float(loss.detach()) * n
+            skipped += failed
+            loss_sum += loss * n
         scheduler.step()
         elapsed = time.perf_counter() - t_start
         if world > 1:  # the epoch's counts and loss over every worker's shard, not rank 0's alone

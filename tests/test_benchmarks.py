@@ -62,3 +62,31 @@ def test_report_benchmark():
     assert result["cores"] == 1
     assert set(result["report_s"]) == {"2000"} and result["report_s"]["2000"] > 0
     assert result["sizes"]["2000"]["n_images"] > 1900
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    """The prepared GPU check (run on a GPU machine when a session is lent one) runs its every section on CPU:
+    training steps in float32 and under (bfloat16) autocast from the same weights, scoring, decode, all-reduce."""
+    result = _run("gpu_check.py", "--device", "cpu", "--backbones", "custom_cnn", "--image-size", "32",
+                  "--batch-size", "4", "--score-batch-size", "8", "--warmup", "1", "--steps", "2",
+                  "--decode-images", "4", "--source-size", "64", "--all-reduce-mb", "1", "--out", str(tmp_path))
+    assert result["name"] == "gpu_check"
+    train, score = result["backbones"]["custom_cnn"]["train"], result["backbones"]["custom_cnn"]["score"]
+    for mode in ("float32", "amp"):
+        assert train[mode]["images_per_s"] > 0 and train[mode]["losses_finite"], mode
+        assert score[mode]["images_per_s"] > 0, mode
+    assert train["first_loss_relative_difference"] < 0.05  # bfloat16 rounding, not another model or batch
+    assert result["decode"]["failed"] == 0 and result["decode"]["score_images_per_s_per_core"] > 0
+    assert result["all_reduce"]["sum_correct"] and result["all_reduce"]["processes"] == 2
+    assert "| custom_cnn |" in (tmp_path / "gpu_check.md").read_text()
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["backbones"].keys() == {"custom_cnn"}
+
+
+def test_gpu_check_without_a_gpu_is_a_one_line_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no CUDA device visible"), proc.stderr

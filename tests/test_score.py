@@ -224,6 +224,45 @@ def test_tta_is_the_mean_over_a_horizontal_flip(trained_run):
     np.testing.assert_allclose(p_tta, (p + p_flip) / 2, atol=1e-5)
 
 
+def _optimized_physical_plan(dataset, capsys) -> str:
+    capsys.readouterr()
+    dataset.explain()  # plans only, nothing runs
+    return capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+
+
+def test_gpu_actors_get_images_decoded_by_cpu_tasks(ray_cluster, exported_model, capsys):
+    """With GPU actors the decode is a pool of CPU tasks of its own (one decoding thread in each GPU actor would
+    starve its GPU); with CPU actors Ray fuses it into them. Planned, not run: this machine has no GPU."""
+    import ray
+
+    rows = ray.data.from_pandas(pd.DataFrame({"image_id": ["a"], "image": [b""], "path": ["a"], "study_id": [None],
+                                              "body_part": [None], "label": [None]}))
+    for use_gpu, stages in ((True, ["TaskPoolMapOperator[MapBatches(decode_for_scoring)]",
+                                    "ActorPoolMapOperator[MapBatches(Predictor)]"]),
+                            (False, ["ActorPoolMapOperator[MapBatches(decode_for_scoring)->MapBatches(Predictor)]"])):
+        args = {"use_gpu": use_gpu, "tta": False, "threshold": None, "amp": True}
+        plan = _optimized_physical_plan(score_lib.scoring_dataset(
+            rows, [str(exported_model)], [32], args, batch_size=8, concurrency=1, cpus_per_actor=1.0), capsys)
+        assert all(stage in plan for stage in stages), plan
+
+
+def test_decode_tasks_score_like_the_fused_actors(exported_model, mura_dataset, tmp_path):
+    """The unfused path (decode tasks handing uint8 pixels to the actors through the object store, as in front of
+    GPU actors; forced here by actors of another CPU size) scores exactly what decoding inside the actors does."""
+    runs = {}
+    for name, cpus in (("fused", 1.0), ("tasks", 0.5)):
+        out = tmp_path / name
+        summary = score_lib.score(ScoreConfig(models=(str(exported_model),), input=f"{mura_dataset}/test",
+                                              out=str(out), cpus_per_actor=cpus, report=False))
+        assert summary["failed"] == 0
+        runs[name] = _predictions(out).sort_values("image_id").reset_index(drop=True)
+    fused, tasks = runs["fused"], runs["tasks"]
+    assert len(fused) == len(tasks) == pq.read_table(f"{mura_dataset}/test", columns=["image_id"]).num_rows
+    assert list(fused["image_id"]) == list(tasks["image_id"])
+    np.testing.assert_allclose(tasks["prob_abnormal"], fused["prob_abnormal"], atol=1e-6)
+    assert list(tasks["body_part_pred"]) == list(fused["body_part_pred"])
+
+
 def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
     assert score_job.main(["--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not an exported model directory" in capsys.readouterr().err
@@ -288,7 +327,7 @@ def _committed_output(out: Path, model_ids: list[str], src: str, **recorded) -> 
 
 
 def test_rerun_with_other_tta_or_threshold_is_refused(exported_model, tmp_path, capsys):
-    model_ids, model_threshold = score_lib._check_models((str(exported_model),))
+    model_ids, model_threshold, _ = score_lib._check_models((str(exported_model),))
     src = str(tmp_path / "in")
     base = ["--model", str(exported_model), "--input", src]
     cases = [  # (recorded in the manifest, this run's flags, the error names both values)
