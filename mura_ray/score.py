@@ -7,6 +7,11 @@ predictions into chunks and commits each. A re-run skips every image already in 
 committed part (the anti-filter runs inside the Ray Data tasks against a set built by a Ray task, so the driver
 never holds per-image state), which makes nightly scoring of an archive safe to repeat after an interruption.
 
+One run at a time writes an --out: it holds `DEST/_lock.json` (`storage.OutputLock`), refreshed every minute; a
+second run is refused with one line naming the first, and the lock of a run that died (not refreshed for 10
+minutes) is taken over with a warning. Without it, two runs would clean each other's staged parts and commit parts
+of the same names.
+
 The manifest also records what the predictions mean: models, input, threshold and TTA. A re-run that differs in any
 of them is refused rather than mixing rows of two settings under one --out. A manifest written before the threshold
 and TTA were recorded is taken to hold the defaults (the model's threshold, no TTA): only a run with those
@@ -420,8 +425,9 @@ class _Committer:
     """Cuts the stream of prediction tables into committed chunks of exactly `chunk_images` rows (the last one
     smaller), staged as Parquet parts of at most `rows_per_file` rows, then moved and listed in the manifest."""
 
-    def __init__(self, out: str, manifest: dict[str, Any], seq: int, chunk_images: int, rows_per_file: int):
-        self.out, self.manifest, self.seq = out, manifest, seq
+    def __init__(self, out: str, manifest: dict[str, Any], seq: int, chunk_images: int, rows_per_file: int,
+                 lock: storage.OutputLock):
+        self.out, self.manifest, self.seq, self.lock = out, manifest, seq, lock
         self.chunk_images, self.rows_per_file = chunk_images, rows_per_file
         self.buffer: list[pa.Table] = []
         self.buffered = self.chunk_rows = self.chunk_errors = self.scored = self.failed = 0
@@ -459,6 +465,7 @@ class _Committer:
 
     def commit(self) -> None:
         self._stage()
+        self.lock.check()  # a run whose lock was taken over (judged dead) must not move parts or write a manifest
         names, rows = _commit_chunk(self.out, self.staging, self.seq)
         if names:
             if rows != self.chunk_rows:
@@ -538,12 +545,17 @@ def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: lis
 
 
 def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, threshold_source: str,
-                 model_threshold: float, *, overwrite: bool) -> dict[str, Any]:
-    """The manifest this run continues (or a new one), written back before any scoring: an --out that cannot be
-    written fails now, as one error line, not after the first chunk was scored."""
+                 model_threshold: float, *, overwrite: bool, lock: storage.OutputLock) -> dict[str, Any]:
+    """Take --out's lock (another run writing there is refused), then the manifest this run continues (or a new
+    one), written back before any scoring: an --out that cannot be written fails now, as one error line, not after
+    the first chunk was scored. The lock is released again if this fails."""
     try:
         if overwrite:
             storage.delete_dir(cfg.out)
+        lock.acquire()
+    except OSError as e:
+        raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
+    try:
         manifest = read_manifest(cfg.out)
         if manifest and manifest["parts"]:
             _check_compatible(cfg, manifest, model_ids, threshold, model_threshold)
@@ -559,7 +571,11 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
         _clean_uncommitted(cfg.out, set(manifest["parts"]))
         storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
     except OSError as e:
+        lock.release()
         raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
+    except BaseException:
+        lock.release()
+        raise
     return manifest
 
 
@@ -604,9 +620,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
 
     The report goes to `report_dir` (default `OUT/report`).
     """
-    import ray
 
-    from mura_ray.runtime import init_ray
 
     cfg = cfg.validate()
     model_ids, model_threshold, sizes = _check_models(cfg.models)
@@ -617,7 +631,22 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
             raise UserError("--explain needs the optional extra: pip install 'mura_ray[explain]'")
     threshold = cfg.threshold if cfg.threshold is not None else model_threshold
     threshold_source = "cli" if cfg.threshold is not None else "model"
-    manifest = _open_output(cfg, model_ids, threshold, threshold_source, model_threshold, overwrite=overwrite)
+    lock = storage.OutputLock(cfg.out, "jobs/score.py")
+    manifest = _open_output(cfg, model_ids, threshold, threshold_source, model_threshold, overwrite=overwrite,
+                            lock=lock)
+    try:
+        return _score_locked(cfg, manifest, lock, sizes, threshold, threshold_source, report_dir)
+    finally:
+        lock.release()
+
+
+def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.OutputLock, sizes: list[int],
+                  threshold: float, threshold_source: str, report_dir: str | None) -> dict[str, Any]:
+    """`score` once this run holds --out's lock."""
+    import ray
+
+    from mura_ray.runtime import init_ray
+
     init_ray()
     use_gpu = _resolve_gpu(cfg.gpu)
     parts_before = set(manifest["parts"])
@@ -626,7 +655,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold, "amp": cfg.amp}
     started = time.perf_counter()
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
-    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file)
+    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file, lock)
     total = 0
     skipped_refs = []
     # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw

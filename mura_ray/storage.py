@@ -8,10 +8,19 @@ code path reads it.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import threading
+import time
+import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from mura_ray.config import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def is_remote(uri: str) -> bool:
@@ -119,3 +128,126 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         for info in infos
         if info.type == pafs.FileType.File and info.path.endswith(suffix)
     )
+
+
+class OutputLock:
+    """Keeps a second writer out of an output folder: `FOLDER/_lock.json` names the run that holds it (host, pid,
+    start, a random token) and is refreshed every `heartbeat_s` by a background thread.
+
+    A lock not refreshed for `stale_after_s` belongs to a run that died without releasing it (a killed pod) and is
+    taken over with a warning. A local lock is created atomically (`O_EXCL`). pyarrow offers object stores no
+    create-if-absent, so a remote lock is written and read back after `settle_s`: of runs that raced past the check,
+    only the last writer finds its own token there, and the others stop. The holder re-reads the lock on every
+    refresh and before each commit (`check`): a lock that was taken over (its run judged dead) stops it before it
+    writes again.
+    """
+
+    NAME = "_lock.json"
+
+    def __init__(self, folder: str, what: str, *, stale_after_s: float = 600.0, heartbeat_s: float = 60.0,
+                 settle_s: float = 2.0):
+        self.folder, self.what, self.uri = folder, what, join(folder, self.NAME)
+        self.stale_after_s, self.heartbeat_s, self.settle_s = stale_after_s, heartbeat_s, settle_s
+        self.token = uuid.uuid4().hex
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        now = time.time()
+        return {"holder": self.what, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                "started_at": getattr(self, "_started", now), "heartbeat_at": now}
+
+    def _read(self) -> tuple[dict[str, Any], float] | None:
+        """(the lock's record, seconds since it was last refreshed), or None when there is no lock."""
+        fs, path = resolve(self.uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return None
+        try:
+            record = json.loads(read_bytes(self.uri).decode("utf-8"))
+            beat = float(record["heartbeat_at"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):  # being written, or foreign: its age is the file's
+            record = {}
+            beat = info.mtime.timestamp() if info.mtime else time.time()
+        return record, max(0.0, time.time() - beat)
+
+    def _refuse(self, record: dict[str, Any], age: float) -> UserError:
+        started = record.get("started_at")
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)) if started else "an unknown time"
+        return UserError(
+            f"{self.folder} is being written by another run ({record.get('holder', 'unknown')} on "
+            f"{record.get('host', 'an unknown host')}, pid {record.get('pid', '?')}, since {since}, last seen "
+            f"{age:.0f} s ago); wait for it to finish. If it was killed, its lock ({self.uri}) is taken over "
+            f"{self.stale_after_s:.0f} s after it was last seen, or delete that file")
+
+    def acquire(self) -> OutputLock:
+        held = self._read()
+        if held is not None:
+            record, age = held
+            if age < self.stale_after_s:
+                raise self._refuse(record, age)
+            logger.warning("%s: taking over the lock of a run not seen for %.0f s (%s on %s, pid %s)", self.folder,
+                           age, record.get("holder"), record.get("host"), record.get("pid"))
+            fs, path = resolve(self.uri)
+            fs.delete_file(path)
+        self._started = time.time()
+        fs, path = resolve(self.uri)
+        data = json.dumps(self._record()).encode("utf-8")
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                held = self._read()
+                raise self._refuse(*(held or ({}, 0.0))) from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        else:
+            write_bytes(self.uri, data)
+            time.sleep(self.settle_s)
+            held = self._read()
+            if held is None or held[0].get("token") != self.token:
+                raise self._refuse(*(held or ({}, 0.0)))
+        self._thread = threading.Thread(target=self._heartbeat, name="output-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.check()
+                write_bytes(self.uri, json.dumps(self._record()).encode("utf-8"))
+            except RuntimeError:
+                return
+            except OSError as e:  # a transient storage error: the next beat tries again
+                logger.warning("%s: could not refresh the lock (%s)", self.folder, e)
+
+    def check(self) -> None:
+        """Raise RuntimeError when the lock is no longer this run's (taken over after this run was judged dead)."""
+        if self.lost is None:
+            held = self._read()
+            if held is None or held[0].get("token") != self.token:
+                self.lost = (f"{self.folder}: this run's lock was taken over by another run"
+                             f" ({held[0].get('holder')} on {held[0].get('host')}, pid {held[0].get('pid')})"
+                             if held else f"{self.folder}: this run's lock ({self.uri}) was deleted")
+        if self.lost is not None:
+            raise RuntimeError(f"{self.lost}; stopped before writing again (what is committed is sound)")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        held = self._read()
+        if held is not None and held[0].get("token") == self.token:
+            fs, path = resolve(self.uri)
+            fs.delete_file(path)
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

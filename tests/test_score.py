@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import score as score_job
 from PIL import Image
 
 from mura_ray import score as score_lib
+from mura_ray import storage
 from mura_ray.config import ScoreConfig, UserError
 from mura_ray.report import load_predictions
 
@@ -348,9 +351,91 @@ def test_rerun_with_other_tta_or_threshold_is_refused(exported_model, tmp_path, 
     # The defaults continue an old manifest, which records them from then on.
     _committed_output(tmp_path / "old", model_ids, src)
     cfg = ScoreConfig(models=(str(exported_model),), input=src, out=str(tmp_path / "old"))
-    manifest = score_lib._open_output(cfg, model_ids, model_threshold, "model", model_threshold, overwrite=False)
+    lock = storage.OutputLock(cfg.out, "test")
+    manifest = score_lib._open_output(cfg, model_ids, model_threshold, "model", model_threshold, overwrite=False,
+                                      lock=lock)
+    lock.release()
     assert (manifest["tta"], manifest["threshold"]) == (False, model_threshold)
     assert json.loads((tmp_path / "old" / "manifest.json").read_text())["threshold"] == model_threshold
+
+
+def test_a_second_run_into_an_out_in_use_is_refused(exported_model, tmp_path, capsys):
+    """Two runs into one --out would both clean, number and commit parts there: the second is refused, untouched."""
+    out = tmp_path / "scored"
+    holder = storage.OutputLock(str(out), "jobs/score.py (the nightly run)").acquire()
+    try:
+        assert score_job.main(["--model", str(exported_model), "--input", str(tmp_path), "--out", str(out)]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"{out} is being written by another run (jobs/score.py (the nightly run) on" in line, line
+        assert "wait for it to finish" in line
+        assert sorted(p.name for p in out.iterdir()) == ["_lock.json"]  # no manifest, nothing cleaned or written
+    finally:
+        holder.release()
+    assert not out.joinpath("_lock.json").exists()
+
+
+def test_the_lock_of_a_dead_run_is_taken_over_and_released(exported_model, mura_dataset, tmp_path, caplog):
+    out = tmp_path / "scored"
+    out.mkdir()
+    dead = {"holder": "jobs/score.py", "host": "a-pod-long-gone", "pid": 7, "token": "dead",
+            "started_at": time.time() - 7200, "heartbeat_at": time.time() - 3600}
+    (out / "_lock.json").write_text(json.dumps(dead))
+    with caplog.at_level(logging.WARNING, logger="mura_ray.storage"):
+        summary = score_lib.score(ScoreConfig(models=(str(exported_model),), input=f"{mura_dataset}/test",
+                                              out=str(out), report=False))
+    assert summary["scored"] == summary["n_rows_total"] > 0
+    assert "taking over the lock of a run not seen for 3600 s (jobs/score.py on a-pod-long-gone, pid 7)" in caplog.text
+    assert not (out / "_lock.json").exists()
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_committing(tmp_path):
+    lock = storage.OutputLock(str(tmp_path / "out"), "first", heartbeat_s=0.05).acquire()
+    record = json.loads((tmp_path / "out" / "_lock.json").read_text())
+    lock.check()
+    (tmp_path / "out" / "_lock.json").write_text(json.dumps({**record, "token": "other", "holder": "second"}))
+    with pytest.raises(RuntimeError, match="lock was taken over by another run \\(second on"):
+        lock.check()
+    time.sleep(0.2)  # the heartbeat saw it too, and did not write over the new holder's lock
+    assert json.loads((tmp_path / "out" / "_lock.json").read_text())["token"] == "other"
+    lock.release()
+    assert json.loads((tmp_path / "out" / "_lock.json").read_text())["token"] == "other"  # not ours to delete
+
+
+def test_the_heartbeat_keeps_a_long_run_from_looking_dead(tmp_path):
+    lock = storage.OutputLock(str(tmp_path), "long run", heartbeat_s=0.05, stale_after_s=0.5).acquire()
+    try:
+        time.sleep(1.0)  # twice the stale age, refreshed meanwhile
+        with pytest.raises(UserError, match="being written by another run \\(long run on"):
+            storage.OutputLock(str(tmp_path), "second", stale_after_s=0.5).acquire()
+    finally:
+        lock.release()
+
+
+@pytest.mark.slow
+def test_racing_runs_on_s3_leave_one_holder(s3_bucket):
+    """Object stores have no create-if-absent here: of runs that pass the check together, the last writer holds."""
+    import threading
+
+    results: dict[str, str] = {}
+    held: list[storage.OutputLock] = []
+
+    def take(name: str) -> None:
+        try:
+            held.append(storage.OutputLock(f"s3://{s3_bucket}/scores", name, settle_s=1.0).acquire())
+            results[name] = "holds"
+        except UserError:
+            results[name] = "refused"
+
+    threads = [threading.Thread(target=take, args=(f"run{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == ["holds", "refused", "refused"], results
+    holder = json.loads(storage.read_bytes(f"s3://{s3_bucket}/scores/_lock.json"))["holder"]
+    assert results[holder] == "holds"
+    held[0].release()
+    assert not storage.exists(f"s3://{s3_bucket}/scores/_lock.json")
 
 
 def test_user_error_in_a_ray_task_comes_back_as_itself(ray_cluster):
