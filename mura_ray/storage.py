@@ -7,6 +7,7 @@ code path reads it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,15 +28,30 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+_AWS_ENVIRONMENT = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3 filesystem configured from the standard AWS environment variables."""
+    """An S3 filesystem configured from the standard AWS environment variables.
+
+    One per process and environment, reused: each S3FileSystem has its own client and connection pool, and a new
+    one per file read (ingest and raw-folder scoring read one object per image) would open a new connection — on
+    real S3 a TLS handshake — for every image.
+    """
+    return _s3_filesystem(tuple(os.environ.get(name) for name in _AWS_ENVIRONMENT))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(environment: tuple[str | None, ...]) -> pafs.S3FileSystem:
+    env = dict(zip(_AWS_ENVIRONMENT, environment, strict=True))
     kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = env["AWS_ENDPOINT_URL_S3"] or env["AWS_ENDPOINT_URL"]
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
             kwargs["scheme"] = "http"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = env["AWS_REGION"] or env["AWS_DEFAULT_REGION"]
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)

@@ -348,3 +348,16 @@ def test_local_writes_replace_whole_files(tmp_path, monkeypatch):
     assert seen and seen[0][0] == {"parts": {"a": 1}} and json.loads(seen[0][1]) == {"parts": {"a": 1, "b": 2}}
     assert json.loads(target.read_text()) == {"parts": {"a": 1, "b": 2}}
     assert sorted(p.name for p in target.parent.iterdir()) == ["manifest.json"]
+
+
+def test_one_s3_filesystem_per_environment(monkeypatch):
+    """Reused across reads (one client and connection pool, not one per image), rebuilt when the AWS settings
+    change."""
+    from mura_ray import storage
+
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    first = storage.s3_filesystem()
+    assert storage.s3_filesystem() is first and storage.resolve("s3://bucket/key")[0] is first
+    assert first.region == "eu-west-1"
+    monkeypatch.setenv("AWS_REGION", "us-east-2")
+    assert storage.s3_filesystem() is not first and storage.s3_filesystem().region == "us-east-2"
