@@ -81,7 +81,7 @@ def _train_batch(batch_size: int, image_size: int, device: torch.device, seed: i
     g = torch.Generator().manual_seed(seed)
     return {
         "image": torch.randn(batch_size, 1, image_size, image_size, generator=g).to(device),
-        "label": torch.randint(0, 2, (batch_size,), generator=g).to(device),
+        "label": torch.randint(0, 2, (batch_size,), generator=g).float().to(device),  # as iter_torch_batches gives
         "body_part": torch.randint(0, 7, (batch_size,), generator=g).to(device),
         "ok": torch.ones(batch_size).to(device),
     }
