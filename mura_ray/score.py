@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_PART_NAME = re.compile(r"part-\d+-\d+\.parquet")
 PREDICTIONS = "predictions"
 INPUT_COLUMNS: tuple[str, ...] = ("image_id", "image", "path", "study_id", "body_part", "label")
 
@@ -142,7 +144,7 @@ class Predictor:
         specs = [m[1] for m in self.members]
         self.threshold = threshold if threshold is not None else float(np.mean([s.threshold for s in specs]))
         ids = [m[2] for m in self.members]
-        ensemble_id = "ensemble-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
+        ensemble_id = "ensemble-" + hashlib.sha256(",".join(sorted(ids)).encode()).hexdigest()[:16]  # any order
         self.model_id = ids[0] if len(ids) == 1 else ensemble_id
         self.tta = tta
         self.sizes = sorted({s.image_size for s in specs})
@@ -182,6 +184,9 @@ class Predictor:
                 if "body_part" in out:
                     part_probs += torch.softmax(out["body_part"].float(), dim=1).cpu().numpy()
         prob /= len(self.members) * (2 if self.tta else 1)
+        # Decide on the value that is stored (float32), so the report and Grad-CAM, which read it back, agree with
+        # pred_abnormal at the threshold (an ensemble's float64 mean can round across it).
+        prob = prob.astype(np.float32).astype(np.float64)
         has_part = part_probs.sum(axis=1) > 0
         part_probs[has_part] /= part_probs[has_part].sum(axis=1, keepdims=True)
         ok = np.array([e is None for e in errors])
@@ -191,8 +196,8 @@ class Predictor:
         columns = {
             "image_id": batch["image_id"].tolist(),
             "path": batch["path"].tolist(),
-            "study_id": [None if not isinstance(s, str) else s for s in batch["study_id"]],
-            "body_part": [None if not isinstance(s, str) else s for s in batch["body_part"]],
+            "study_id": [s if isinstance(s, str) and s else None for s in batch["study_id"]],  # "": none
+            "body_part": [s if isinstance(s, str) and s else None for s in batch["body_part"]],
             "body_part_pred": part_pred,
             "body_part_probs": [p.astype(np.float32).tolist() if o and h else None
                                 for p, o, h in zip(part_probs, ok, has_part, strict=True)],
@@ -363,6 +368,17 @@ def read_manifest(out: str) -> dict[str, Any] | None:
     return manifest
 
 
+def _check_continuable(out: str, manifest: dict[str, Any]) -> None:
+    """A manifest with committed parts that a run can add to: written by this tool (what it compares, and the
+    part names it numbers on from)."""
+    missing = [key for key in ("input", "model_ids") if key not in manifest]
+    odd = [name for name in manifest["parts"] if not _PART_NAME.fullmatch(name)]
+    if missing or odd:
+        what = f"lacks {', '.join(missing)}" if missing else f"lists parts not named part-N-M.parquet: {odd[:3]}"
+        raise UserError(f"{storage.join(out, MANIFEST)} is not a scoring manifest of this tool ({what}); is --out "
+                        "another job's folder?")
+
+
 def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
     """The committed predictions of a scoring output `out` (only the parts its manifest lists)."""
     import pyarrow.parquet as pq
@@ -505,10 +521,14 @@ def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     from mura_ray.models import load_model
 
     try:
-        return load_model(uri)
+        loaded = load_model(uri)
     except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
         raise UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {first_line(e)}); "
                         "export it again from its run") from None
+    if tuple(loaded[1].body_parts) != BODY_PARTS:  # body_part_probs and body_part_pred are named in this order
+        raise UserError(f"--model {uri}: its body parts {list(loaded[1].body_parts)} are not this version's "
+                        f"{list(BODY_PARTS)} (in this order)")
+    return loaded
 
 
 def _check_models(models: tuple[str, ...]) -> tuple[list[str], float, list[int]]:
@@ -522,7 +542,7 @@ def _check_models(models: tuple[str, ...]) -> tuple[list[str], float, list[int]]
 def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: list[str], threshold: float,
                       model_threshold: float) -> None:
     """Refuse to add this run's rows to predictions of other models, another input, threshold or TTA setting."""
-    if manifest["model_ids"] != model_ids:
+    if sorted(manifest["model_ids"]) != sorted(model_ids):  # an ensemble is the same in any --model order
         raise UserError(f"--out {cfg.out}: holds predictions of other model(s) {manifest['model_ids']}; "
                         "use a new --out for a new model")
     if _same_input(manifest["input"]) != _same_input(cfg.input):
@@ -550,14 +570,16 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
     one), written back before any scoring: an --out that cannot be written fails now, as one error line, not after
     the first chunk was scored. The lock is released again if this fails."""
     try:
-        if overwrite:
-            storage.delete_dir(cfg.out)
         lock.acquire()
+        if overwrite:  # what another run holds is never deleted: the lock comes first
+            storage.clear_dir(cfg.out, keep=(lock.NAME,))
     except OSError as e:
+        lock.release()
         raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
     try:
         manifest = read_manifest(cfg.out)
         if manifest and manifest["parts"]:
+            _check_continuable(cfg.out, manifest)
             _check_compatible(cfg, manifest, model_ids, threshold, model_threshold)
             manifest.setdefault("threshold", threshold)
             manifest.setdefault("threshold_source", threshold_source)
@@ -767,8 +789,8 @@ def _report_task(out: str, report_dir: str, threshold: float, threshold_source: 
     from mura_ray.report import build_report, load_predictions, write_report
 
     df = load_predictions(out)
-    if "label" not in df or df["label"].notna().sum() == 0 or df["prob_abnormal"].notna().sum() == 0:
-        return None
+    if "label" not in df or not (df["label"].notna() & df["prob_abnormal"].notna()).any():
+        return None  # no image both labelled and scored (an unlabelled input, or every labelled image failed)
     report = build_report(df, threshold=threshold, threshold_source=threshold_source, bootstrap=bootstrap)
     explanations = None
     if explain:

@@ -134,6 +134,18 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def clear_dir(uri: str, keep: tuple[str, ...] = ()) -> None:
+    """Delete everything in a directory except the entries named in `keep`; a missing directory is fine."""
+    fs, path = resolve(uri)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)):
+        if info.base_name in keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Every file under `uri` (recursive) whose name ends in `suffix`, as full URIs, sorted."""
     fs, path = resolve(uri)
@@ -168,6 +180,7 @@ class OutputLock:
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._held = False
 
     def _record(self) -> dict[str, Any]:
         now = time.time()
@@ -227,6 +240,7 @@ class OutputLock:
             held = self._read()
             if held is None or held[0].get("token") != self.token:
                 raise self._refuse(*(held or ({}, 0.0)))
+        self._held = True
         self._thread = threading.Thread(target=self._heartbeat, name="output-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -253,6 +267,10 @@ class OutputLock:
             raise RuntimeError(f"{self.lost}; stopped before writing again (what is committed is sound)")
 
     def release(self) -> None:
+        """Stop refreshing the lock and delete it, if this run (still) holds it; a no-op when it never did."""
+        if not self._held:
+            return
+        self._held = False
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

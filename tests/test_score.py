@@ -199,6 +199,11 @@ def test_ensemble_averages_members(exported_model, mura_dataset, tmp_path):
     parts = [np.stack(df["body_part_probs"].to_numpy()) for df in (one, two, both)]
     np.testing.assert_allclose(parts[2], (parts[0] + parts[1]) / 2, atol=1e-5)
     assert not (tmp_path / "ab" / "report").exists()
+    # The same ensemble in the other --model order: the same model_id, so a re-run continues it (nothing new).
+    assert score_job.main(["--model", b, "--model", a, "--input", split, "--out", str(tmp_path / "ab"),
+                           "--no-report"]) == 0
+    again = _predictions(tmp_path / "ab")
+    assert len(again) == len(both) and set(again["model_id"]) == {both["model_id"].iloc[0]}
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -266,6 +271,65 @@ def test_decode_tasks_score_like_the_fused_actors(exported_model, mura_dataset, 
     assert list(tasks["body_part_pred"]) == list(fused["body_part_pred"])
 
 
+def test_pred_abnormal_is_decided_on_the_stored_probability(trained_run):
+    """With TTA (or an ensemble) the probability is a float64 mean, stored as float32: the decision must be the
+    stored value's, which the report and Grad-CAM read back, also where rounding crosses the threshold."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 255, (32, 32), dtype=np.uint8) for _ in range(16)]
+    batch = pd.DataFrame({"image_id": [str(i) for i in range(16)], "image": [_png_bytes(a) for a in arrays],
+                          "path": ["p"] * 16, "study_id": [""] * 8 + ["s1"] * 8, "body_part": [None] * 16,
+                          "label": [None] * 16})
+    predictor = score_lib.Predictor([str(trained_run / "model")], use_gpu=False, tta=True, threshold=None)
+    stored = np.array(predictor(batch)["prob_abnormal"].to_pylist(), dtype=np.float32)
+    for i, p in enumerate(stored):
+        predictor.threshold = float(p)  # exactly at the stored value: abnormal (>=)
+        assert predictor(batch.iloc[[i]])["pred_abnormal"].to_pylist() == [1], i
+    assert predictor(batch)["study_id"].to_pylist() == [None] * 8 + ["s1"] * 8  # "" is no study
+
+
+def test_manifests_that_cannot_be_continued_are_one_line_errors(exported_model, tmp_path, capsys):
+    model_ids = score_lib._check_models((str(exported_model),))[0]
+    base = ["--model", str(exported_model), "--input", str(tmp_path / "in")]
+    for name, change in (("no_input", {"input": None}), ("odd_part", {"parts": {"scores.parquet": {"chunk": 0}}})):
+        out = tmp_path / name
+        _committed_output(out, model_ids, str(tmp_path / "in"))
+        manifest = {**json.loads((out / "manifest.json").read_text()), **change}
+        (out / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if v is not None}))
+        assert score_job.main([*base, "--out", str(out)]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert "is not a scoring manifest of this tool" in line and ("lacks input" in line or "part-N-M" in line)
+        assert not (out / "_lock.json").exists()  # released
+
+
+def test_no_report_when_no_labelled_image_was_scored(tmp_path):
+    """Labelled rows that all failed to decode, unlabelled rows scored: nothing to report on, and no crash."""
+    import pyarrow as pa
+
+    rows = {"image_id": ["a", "b"], "path": ["a", "b"], "study_id": [None, None], "body_part": [None, None],
+            "body_part_pred": [None, None], "body_part_probs": [None, None], "prob_abnormal": [None, 0.7],
+            "pred_abnormal": [None, 1], "label": [1, None], "model_id": ["m", "m"],
+            "scored_at": [pd.Timestamp.now(tz="UTC")] * 2, "error": ["cannot decode image", None]}
+    (tmp_path / "predictions").mkdir()
+    pq.write_table(pa.table(rows, schema=score_lib.PREDICTION_SCHEMA),
+                   tmp_path / "predictions" / "part-000000-0000.parquet")
+    (tmp_path / "manifest.json").write_text(json.dumps({"parts": {"part-000000-0000.parquet": {"chunk": 0}}}))
+    assert score_lib._report_task(str(tmp_path), str(tmp_path / "report"), 0.5, "model", 0, None) is None
+    assert not (tmp_path / "report").exists()
+
+
+def test_overwrite_never_deletes_what_another_run_holds(exported_model, tmp_path, capsys):
+    out = tmp_path / "scored"
+    holder = storage.OutputLock(str(out), "another run").acquire()
+    (out / "manifest.json").write_text("{}")
+    try:
+        with pytest.raises(UserError, match="is being written by another run"):
+            score_lib.score(ScoreConfig(models=(str(exported_model),), input=str(tmp_path), out=str(out)),
+                            overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == ["_lock.json", "manifest.json"]
+    finally:
+        holder.release()
+
+
 def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
     assert score_job.main(["--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not an exported model directory" in capsys.readouterr().err
@@ -290,6 +354,7 @@ def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, 
         "corrupt": "{not json",
         "unknown_key": json.dumps({**config, "num_heads": 3}),
         "other_architecture": json.dumps({**config, "multitask": False}),  # the weights have a body-part head
+        "body_parts_reordered": json.dumps({**config, "body_parts": config["body_parts"][::-1]}),
     }
     for name, text in broken.items():
         model = tmp_path / name
@@ -297,7 +362,8 @@ def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, 
         (model / "config.json").write_text(text)
         assert score_job.main(["--model", str(model), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
         line = _one_error_line(capsys.readouterr().err)
-        assert f"--model {model}: cannot load the exported model" in line, line
+        expected = "are not this version's" if name == "body_parts_reordered" else "cannot load the exported model"
+        assert f"--model {model}: " in line and expected in line, line
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
