@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -201,6 +203,72 @@ def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.opti
     return int(keep.sum()), int((~ok).sum()), float(loss.detach())
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                start_epoch: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's per-epoch learning rate (--warmup-epochs of linear warm-up from a tenth of --lr, then cosine
+    annealing over the rest of --epochs), advanced to `start_epoch`.
+
+    Built from the recipe, not restored from a checkpoint: a resumed run with the same recipe continues exactly
+    where it stopped, and one with more --epochs, another --lr or --weight-decay follows the new recipe from there,
+    as a fresh run of it would at that epoch (a restored schedule would keep the old length and rate).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay
+    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+    if warmup:
+        schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup))
+    schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs - warmup, 1)))
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=[warmup] if warmup else [])
+    with warnings.catch_warnings():  # stepping the schedule without optimizer steps is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_epoch):
+            scheduler.step()
+    return scheduler
+
+
+@dataclass
+class TrainingSetup:
+    model: nn.Module
+    """As prepared (on its device; wrapped in DistributedDataParallel when there are several workers)."""
+    raw_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    start_epoch: int = 0
+    best_val_loss: float = math.inf
+    bad_epochs: int = 0
+
+
+def setup_training(model: nn.Module, cfg: TrainConfig, state: dict[str, Any] | None,
+                   prepare: Callable[[nn.Module], nn.Module], device: torch.device) -> TrainingSetup:
+    """The model on its device (`prepare`: Ray Train's `prepare_model`), then its optimizer, learning-rate schedule
+    and loss scaler, restored from a checkpoint's `state` when resuming.
+
+    The optimizer is built, and its state loaded, only once the model is on its device: torch puts loaded optimizer
+    state on the device its parameters are on at that moment, and moving the model afterwards leaves the state
+    behind (on a GPU, every resumed run would fail its first step).
+    """
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = prepare(model)
+    raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    amp = amp_dtype() if cfg.amp and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    if state is None:
+        return TrainingSetup(model, raw_model, optimizer, lr_schedule(optimizer, cfg), scaler, amp)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    start = state["epoch"] + 1
+    return TrainingSetup(model, raw_model, optimizer, lr_schedule(optimizer, cfg, start), scaler, amp, start,
+                         state["best_val_loss"], state["bad_epochs"])
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: build, (resume,) train, validate on rank 0, report and checkpoint every epoch."""
     import ray.train
@@ -219,28 +287,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         image_size=cfg.image_size,
     )
     device = ray.train.torch.get_device()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
-    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
-    if warmup:
-        schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup))
-    schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs - warmup, 1)))
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=[warmup] if warmup else [])
-
-    start_epoch, best_val_loss, bad_epochs = 0, math.inf, 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state = load_checkpoint_state(checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_val_loss, bad_epochs = state["epoch"] + 1, state["best_val_loss"], state["bad_epochs"]
+    state = load_checkpoint_state(checkpoint) if checkpoint else None
+    if state is not None:
+        start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         if rank == 0:
             print(f"Resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
         if start_epoch >= cfg.epochs or bad_epochs >= cfg.patience:
             # The run had already ended (e.g. a search was interrupted while this run wrote its last checkpoint):
             # report its last epoch again, so that the caller (Tune) learns how it ended instead of getting nothing.
+            if rank == 0:
+                why = (f"it stopped early (no better val_loss for {bad_epochs} epochs; raise --patience to go on)"
+                       if bad_epochs >= cfg.patience else f"it had trained its {start_epoch} epochs")
+                print(f"Nothing to train: {why}", flush=True)
             last = dict(state["metrics"])  # saved as floats
             last.update({k: int(last[k]) for k in ("epoch", "train_images", "skipped_images", "left_out_images")
                          if k in last})
@@ -248,10 +307,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(last, checkpoint=None)
             return
 
-    model = ray.train.torch.prepare_model(model)
-    raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    amp = amp_dtype() if cfg.amp and device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    run = setup_training(model, cfg, state, ray.train.torch.prepare_model, device)
+    model, raw_model, optimizer, scheduler, scaler, amp = (
+        run.model, run.raw_model, run.optimizer, run.scheduler, run.scaler, run.amp)
+    start_epoch, best_val_loss, bad_epochs = run.start_epoch, run.best_val_loss, run.bad_epochs
     loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
                    "body_part_weight": cfg.body_part_weight if cfg.multitask else 0.0}
     train_shard = ray.train.get_dataset_shard("train")
@@ -262,6 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if bad_epochs >= cfg.patience:
             break
         model.train()
+        lr = optimizer.param_groups[0]["lr"]  # this epoch's (the schedule steps at its end)
         t_start = time.perf_counter()
         wait = 0.0
         seen, skipped, left_out, loss_sum = 0, 0, 0, 0.0
@@ -299,7 +359,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "left_out_images": left_out,
             "images_per_s": seen / max(elapsed, 1e-9),
             "data_stall_share": wait / max(elapsed, 1e-9),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
         }
         if epoch + 1 < cfg.epochs:  # every worker starts its next epoch's input now, to arrive during validation
             started = _StartedEpoch(_iter_batches(train_shard, cfg.batch_size, True, device))
@@ -329,7 +389,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 _save_state(tmp, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val_loss,
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "best_val_loss": best_val_loss,
                     "bad_epochs": bad_epochs, "metrics": {k: float(v) for k, v in metrics.items()},
                 })
                 reported = ray.train.Checkpoint.from_directory(tmp)

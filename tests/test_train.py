@@ -318,6 +318,17 @@ def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     epochs = [int(e) for e in result.metrics_dataframe["epoch"]]
     # The restarted worker group resumed at epoch 2 from epoch 1's checkpoint: epoch 1 was not trained again.
     assert epochs == [2, 3]
+    # ... and at epochs 2 and 3's learning rates of the recipe's schedule (each epoch reports its own rate).
+    import torch
+
+    from mura_ray.train import lr_schedule
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule, rates = lr_schedule(optimizer, cfg), []
+    for _ in range(cfg.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        schedule.step()
+    assert list(result.metrics_dataframe["lr"]) == pytest.approx(rates[1:])
 
     # Re-running the same run directory resumes the finished run: nothing is trained again, and the run reports
     # its last epoch once more, without a new checkpoint (a resumed Tune search learns from it how the trial ended).
@@ -413,3 +424,83 @@ def test_evaluate_leaves_out_undecoded_and_unlabelled_rows():
     assert got["val_skipped_images"] == 1 and want["val_skipped_images"] == 0
     assert {k: v for k, v in got.items() if k != "val_skipped_images"} == pytest.approx(
         {k: v for k, v in want.items() if k != "val_skipped_images"})
+
+
+def _tiny_batch(dtype=None):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.randn(4, 1, 32, 32, generator=g, dtype=dtype), "label": torch.tensor([0.0, 1.0, 1.0, 0.0]),
+            "body_part": torch.tensor([0, 1, 2, 3]), "ok": torch.ones(4)}
+
+
+_LOSS = {"kind": "bce", "pos_weight": None, "gamma": 2.0, "body_part_weight": 0.5}
+
+
+def _state_after_one_step(cfg: TrainConfig) -> dict:
+    import torch
+
+    from mura_ray.models import build_model
+    from mura_ray.train import setup_training, train_step
+
+    cpu = torch.device("cpu")
+    run = setup_training(build_model("custom_cnn", image_size=32), cfg, None, lambda m: m, cpu)
+    train_step(run.model, _tiny_batch(), run.optimizer, run.scaler, cpu, None, _LOSS)
+    return {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": 0,
+            "best_val_loss": 0.7, "bad_epochs": 0}
+
+
+def test_resumed_optimizer_state_follows_the_prepared_model():
+    """The optimizer and its checkpointed state are set up after the model is moved (to its GPU on a cluster; here
+    a cast to float64 stands in for the move): state loaded before would stay where the parameters were, and a
+    resumed GPU run would fail its first step."""
+    import torch
+
+    from mura_ray.models import build_model
+    from mura_ray.train import setup_training, train_step
+
+    cfg = TrainConfig(backbone="custom_cnn", image_size=32, epochs=4)
+    state = _state_after_one_step(cfg)
+    cpu = torch.device("cpu")
+    run = setup_training(build_model("custom_cnn", image_size=32), cfg, state, lambda m: m.to(torch.float64), cpu)
+    moments = [s["exp_avg"] for s in run.optimizer.state.values()]
+    assert moments and all(m.dtype == torch.float64 for m in moments)
+    assert (run.start_epoch, run.best_val_loss) == (1, 0.7)
+    n, _, loss = train_step(run.model, _tiny_batch(torch.float64), run.optimizer, run.scaler, cpu, None, _LOSS)
+    assert n == 4 and loss == loss  # a step, not a device/dtype error
+
+
+def test_a_resumed_run_follows_its_recipe_from_where_it_stopped():
+    """Same recipe: the learning rate goes on exactly as if never interrupted. More --epochs or another --lr: the
+    new recipe's rate at that epoch (a restored schedule would keep the old length and the old rate)."""
+    import torch
+
+    from mura_ray.models import build_model
+    from mura_ray.train import lr_schedule, setup_training
+
+    def rates(cfg: TrainConfig, start: int, state=None) -> list[float]:
+        if state is None:
+            optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+            scheduler = lr_schedule(optimizer, cfg, start)
+        else:
+            run = setup_training(build_model("custom_cnn", image_size=32), cfg, state, lambda m: m,
+                                 torch.device("cpu"))
+            optimizer, scheduler = run.optimizer, run.scheduler
+        out = []
+        for _ in range(start, cfg.epochs):
+            out.append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+        return out
+
+    ten = TrainConfig(backbone="custom_cnn", image_size=32, epochs=10, lr=1e-3, warmup_epochs=2)
+    fresh = rates(ten, 0)
+    assert fresh[0] == pytest.approx(1e-4) and max(fresh) == pytest.approx(1e-3) and fresh[-1] > 0
+    assert rates(ten, 4) == pytest.approx(fresh[4:])
+    state = {**_state_after_one_step(ten), "epoch": 5}
+    assert rates(ten, 6, state) == pytest.approx(fresh[6:])
+    longer = TrainConfig(backbone="custom_cnn", image_size=32, epochs=20, lr=1e-2, warmup_epochs=2, weight_decay=0.1)
+    resumed = setup_training(build_model("custom_cnn", image_size=32), longer, state, lambda m: m,
+                             torch.device("cpu"))
+    assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert rates(longer, 6, state) == pytest.approx(rates(longer, 0)[6:])
