@@ -10,6 +10,7 @@ are checked piece by piece, with the code the jobs run on synthetic tensors, eac
   tasks), float32 against autocast: images/s and how far the probabilities move;
 - decoding on one CPU core (`decode_for_scoring` for scoring, `preprocess_images` with augmentation for training)
   on MURA-sized PNGs, hence how many CPU cores feed one GPU at the rates measured above;
+- resume: checkpointed state loaded the way the Train worker loads it (`setup_training`), then a step on the GPU;
 - NCCL: an all-reduce across the visible GPUs (one process each), its sum checked, its bus bandwidth (one GPU: the
   backend initialises, no traffic between GPUs).
 
@@ -127,6 +128,28 @@ def check_training(backbone: str, device: torch.device, image_size: int, batch_s
     out["first_loss_relative_difference"] = round(
         abs(out["amp"]["first_loss"] - out["float32"]["first_loss"]) / max(abs(out["float32"]["first_loss"]), 1e-9), 5)
     return out
+
+
+def check_resume(device: torch.device) -> dict[str, Any]:
+    """A resume as the Train worker does it: checkpointed state (saved from the CPU) loaded by `setup_training`
+    after the model moved to the device, then a step, which fails when the optimizer's moments stayed behind."""
+    from mura_ray.config import TrainConfig
+    from mura_ray.models import build_model
+    from mura_ray.train import setup_training, train_step
+
+    cfg = TrainConfig(backbone="custom_cnn", image_size=64, epochs=3)
+    loss_kwargs = {"kind": "bce", "pos_weight": None, "gamma": 2.0, "body_part_weight": 0.5}
+    cpu = torch.device("cpu")
+    first = setup_training(build_model("custom_cnn", image_size=64), cfg, None, lambda m: m, cpu)
+    train_step(first.model, _train_batch(8, 64, cpu, seed=4), first.optimizer, first.scaler, cpu, None, loss_kwargs)
+    state = {"model": first.raw_model.state_dict(), "optimizer": first.optimizer.state_dict(),
+             "scaler": first.scaler.state_dict(), "epoch": 0, "best_val_loss": 1.0, "bad_epochs": 0}
+    run = setup_training(build_model("custom_cnn", image_size=64), cfg, state, lambda m: m.to(device), device)
+    devices = sorted({str(s["exp_avg"].device) for s in run.optimizer.state.values()})
+    loss = train_step(run.model, _train_batch(8, 64, device, seed=5), run.optimizer, run.scaler, device, run.amp,
+                      loss_kwargs)[2]
+    return {"optimizer_state_devices": devices, "step_after_resume_loss": round(loss, 5),
+            "ok": devices == [str(next(run.raw_model.parameters()).device)] and math.isfinite(loss)}
 
 
 def _pixel_batch(batch_size: int, image_size: int, seed: int) -> pd.DataFrame:
@@ -273,6 +296,9 @@ def markdown(result: dict[str, Any]) -> str:
               "| Backbone | Training | Scoring |", "|---|---|---|"]
     for name, r in result["cores_per_gpu"].items():
         lines.append(f"| {name} | {r['train']} | {r['score']} |")
+    r = result["resume"]
+    lines += ["", f"Resume (checkpoint state from the CPU, model moved to {env['device']}): optimizer state on "
+              f"{r['optimizer_state_devices']}, first step's loss {r['step_after_resume_loss']}, ok: {r['ok']}."]
     a = result["all_reduce"]
     lines += ["", f"All-reduce ({a['backend']}, {a['processes']} processes, {a['megabytes']} MB): "
               f"{a['seconds_per_all_reduce'] * 1e3:.2f} ms, bus bandwidth {a['bus_bandwidth_gb_per_s']} GB/s, sum "
@@ -319,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             name: {"train": round(r["train"]["amp"]["images_per_s"] / d["train_images_per_s_per_core"], 1),
                    "score": round(r["score"]["amp"]["images_per_s"] / d["score_images_per_s_per_core"], 1)}
             for name, r in result["backbones"].items()}
+        result["resume"] = check_resume(device)
         result["all_reduce"] = check_all_reduce(device, args.all_reduce_mb, workdir)
     result["seconds"] = round(time.perf_counter() - started, 1)
     if args.out:

@@ -78,6 +78,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert train["first_loss_relative_difference"] < 0.05  # bfloat16 rounding, not another model or batch
     assert result["decode"]["failed"] == 0 and result["decode"]["score_images_per_s_per_core"] > 0
     assert result["all_reduce"]["sum_correct"] and result["all_reduce"]["processes"] == 2
+    assert result["resume"]["ok"] and result["resume"]["optimizer_state_devices"] == ["cpu"]
     assert "| custom_cnn |" in (tmp_path / "gpu_check.md").read_text()
     assert json.loads((tmp_path / "gpu_check.json").read_text())["backbones"].keys() == {"custom_cnn"}
 
