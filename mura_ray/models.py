@@ -78,8 +78,12 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     if path.startswith("s3://"):
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, os.path.basename(path))
+            try:
+                data = storage.read_bytes(path)
+            except OSError as e:  # missing, no access, unreachable endpoint
+                raise UserError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
             with open(local, "wb") as f:
-                f.write(storage.read_bytes(path))
+                f.write(data)
             return load_state_dict_file(local)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file

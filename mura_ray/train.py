@@ -29,6 +29,7 @@ from mura_ray.config import METRIC_MODES, TrainConfig, UserError
 from mura_ray.data.pipeline import build_input
 from mura_ray.labels import BODY_PARTS
 from mura_ray.models import ModelSpec, amp_dtype, autocast, build_model, export_model, trunk_normalization
+from mura_ray.runtime import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ def setup_training(model: nn.Module, cfg: TrainConfig, state: dict[str, Any] | N
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: build, (resume,) train, validate on rank 0, report and checkpoint every epoch."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -281,11 +283,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
-    model = build_model(
-        cfg.backbone, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, freeze=cfg.freeze,
-        multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout,
-        image_size=cfg.image_size,
-    )
+    # Pretrained weights come from the driver, which loaded them once (PreparedRun.weights).
+    model = build_model(cfg.backbone, freeze=cfg.freeze, multitask=cfg.multitask,
+                        body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, image_size=cfg.image_size)
+    if loop_config.get("weights") is not None:
+        model.load_state_dict(ray.get(loop_config["weights"]))
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     state = load_checkpoint_state(checkpoint) if checkpoint else None
@@ -478,10 +480,13 @@ def check_resumable(cfg: TrainConfig) -> None:
     """
     assert cfg.out is not None
     path = storage.join(cfg.out, "train_config.json")
-    if not storage.exists(path) or not _has_checkpoints(cfg.out):  # nothing to resume: this run's options
-        storage.write_json(path, asdict(cfg))
-        return
-    earlier = storage.read_json(path)
+    try:
+        if not storage.exists(path) or not _has_checkpoints(cfg.out):  # nothing to resume: this run's options
+            storage.write_json(path, asdict(cfg))
+            return
+        earlier = storage.read_json(path)
+    except OSError as e:
+        raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
     changed = [f"--{k.replace('_', '-')} {earlier[k]!r} -> {getattr(cfg, k)!r}" for k in ARCHITECTURE_OPTIONS
                if k in earlier and earlier[k] != getattr(cfg, k)]
     if changed:
@@ -527,6 +532,10 @@ class PreparedRun:
     summary: dict[str, Any]
     mean: float
     std: float
+    weights: Any = None
+    """ObjectRef of the pretrained weights the driver loaded (None without --pretrained/--pretrained-file): the
+    workers take them from the object store instead of each reading the driver's file or the hub again (a local
+    file is not on the other nodes, and worker nodes may have no internet)."""
 
 
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
@@ -537,7 +546,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     from mura_ray.runtime import init_ray
 
     cfg = cfg.validate()
-    out = cfg.out or default_run_dir(cfg.backbone)
+    out = (cfg.out or default_run_dir(cfg.backbone)).removeprefix("file://")
     if storage.is_remote(out) and "/" not in out.split("://", 1)[1].strip("/"):
         raise UserError(f"--out {out}: give a run directory inside the bucket, such as {out.rstrip('/')}/runs/NAME")
     # Absolute, so that the path logged is where the run is (under `ray job submit --working-dir` a relative path
@@ -553,6 +562,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
     init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
     check_cluster_fits(cfg)
+    weights = ray.put(probe.state_dict()) if cfg.pretrained or cfg.pretrained_file else None
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes > 1 and not storage.is_remote(cfg.out):
         logger.warning("--out %s is a local path on a cluster of %d nodes: every node must see it (a shared "
@@ -561,6 +571,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         logger.info("No --data given: training on the built-in SYNTHETIC demo radiographs (not MURA). "
                     "To train on MURA: jobs/ingest.py --source mura --root MURA-v1.1 --out DEST, then --data DEST.")
     data = resolve_data(cfg)
+    if nodes > 1 and not storage.is_remote(data):
+        logger.warning("--data %s is a local path on a cluster of %d nodes: Ray Data reads it on every node, so "
+                       "every node must see it (a shared filesystem); give s3://... otherwise", data, nodes)
     summary = read_summary(data)
     for split in ("train", "val"):
         if split not in summary["splits"]:
@@ -568,7 +581,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     if summary.get("layout_version", 1) < LAYOUT_VERSION:
         logger.warning("--data %s was ingested by an older mura_ray, in path order: epochs are shuffled only within "
                        "a local buffer. Re-run jobs/ingest.py with --overwrite for a fully shuffled train split.", data)
-    return PreparedRun(cfg, data, summary, mean, std)
+    return PreparedRun(cfg, data, summary, mean, std, weights)
 
 
 def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
@@ -601,7 +614,7 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary)},
+        train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary), "weights": run.weights},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=_use_gpu(cfg.gpu), resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),

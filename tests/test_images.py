@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mura_ray.data.images import DecodeError, decode_radiograph
+from mura_ray.data.images import DecodeError, decode_radiograph, png_significant_bits
 
 
 def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -25,6 +25,31 @@ def test_16_bit_is_scaled_by_bit_depth_not_clipped():
     assert out.dtype == np.uint8
     # convert("L") would clip everything above 255 to 255; scaling keeps the ramp.
     assert out.tolist() == [[0, 1, 128, 255]]
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """The PNG with an sBIT chunk (significant bits) after its IHDR, as DICOM exporters write it."""
+    import struct
+    import zlib
+
+    chunk = b"sBIT" + bytes([bits])
+    ihdr_end = 8 + 12 + int.from_bytes(png[8:12], "big")
+    return png[:ihdr_end] + struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[ihdr_end:]
+
+
+def test_16_bit_samples_of_fewer_bits_are_scaled_by_the_bits_they_use():
+    """12-bit data in 16-bit samples spans the grey range (a 16-bit scale would make it 16 levels, nearly black),
+    and 8-bit values in a 16-bit PNG stay as they are (a 16-bit scale made them all 0)."""
+    twelve = np.array([[0, 1365, 2730, 4095]], dtype=np.uint16)
+    assert decode_radiograph(_png(Image.fromarray(twelve))).tolist() == [[0, 85, 170, 255]]
+    eight = np.array([[0, 100, 255]], dtype=np.uint16)
+    assert decode_radiograph(_png(Image.fromarray(eight))).tolist() == [[0, 100, 255]]
+    # A declared depth (sBIT) wins over the values: a dim 12-bit image stays dim, as its scanner wrote it.
+    dim = np.array([[0, 1000, 2047]], dtype=np.uint16)
+    declared = _with_sbit(_png(Image.fromarray(dim)), 12)
+    assert png_significant_bits(declared) == 12 and png_significant_bits(_png(Image.fromarray(dim))) is None
+    assert decode_radiograph(declared).tolist() == [[0, 62, 127]]
+    assert decode_radiograph(_png(Image.fromarray(dim))).tolist() == [[0, 124, 255]]  # 11 bits hold it
 
 
 def test_rgb_and_grayscale_and_jpeg_become_one_channel():

@@ -159,3 +159,10 @@ def test_export_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x)["abnormal"], model(x)["abnormal"])
     with pytest.raises(UserError, match="not an exported model directory"):
         load_model(str(tmp_path))
+
+
+def test_a_missing_weight_file_on_s3_is_a_user_error(s3_bucket):
+    from mura_ray.config import UserError
+
+    with pytest.raises(UserError, match=f"cannot load weights from s3://{s3_bucket}/nope.safetensors"):
+        build_trunk("resnet18", pretrained_file=f"s3://{s3_bucket}/nope.safetensors")

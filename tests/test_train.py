@@ -504,3 +504,33 @@ def test_a_resumed_run_follows_its_recipe_from_where_it_stopped():
                              torch.device("cpu"))
     assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.1
     assert rates(longer, 6, state) == pytest.approx(rates(longer, 0)[6:])
+
+
+def test_pretrained_weights_reach_the_workers_from_the_driver(ray_cluster, mura_dataset, tmp_path):
+    """--pretrained-file is read once, on the driver: the Train workers get the weights through the object store
+    (on a cluster the file is on the submitting machine only, and worker nodes may have no internet for the hub).
+    The file is gone before the workers start; with --freeze all the exported trunk is still the file's."""
+    import timm
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mura_ray.train import best_state, build_trainer, finish_run, prepare_run
+
+    source = timm.create_model("resnet10t", num_classes=10)
+    weights = tmp_path / "resnet10t.safetensors"
+    save_file(source.state_dict(), str(weights))
+    cfg = TrainConfig(data=mura_dataset, out=str(tmp_path / "run"), backbone="resnet10t", pretrained_file=str(weights),
+                      freeze="all", image_size=32, epochs=1, batch_size=16)
+    run = prepare_run(cfg)
+    weights.unlink()
+    finish_run(run, best_state(build_trainer(run).fit(), run.cfg.select_metric))
+    exported = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    name = "layer4.0.conv2.weight"
+    torch.testing.assert_close(exported[f"trunk.{name}"], source.state_dict()[name])
+
+
+def test_an_out_that_cannot_be_written_is_one_line(ray_cluster, mura_dataset, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert train_job.main(["--data", mura_dataset, "--out", str(tmp_path / "a_file" / "run"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write there" in err and "Traceback" not in err, err

@@ -1,7 +1,8 @@
 """Radiograph decoding shared by ingest, training input and scoring: Pillow, restricted formats, one channel.
 
-MURA mixes 8-bit grayscale, RGB and 16-bit PNGs. 16-bit images are scaled by their bit depth (Pillow's
-`convert("L")` would clip them), so every source ends as a `uint8` array of shape (height, width).
+MURA mixes 8-bit grayscale, RGB and 16-bit PNGs. 16-bit images are scaled by their bit depth (declared, or the one
+their values need; Pillow's `convert("L")` would clip them), so every source ends as a `uint8` array of
+shape (height, width).
 """
 
 from __future__ import annotations
@@ -55,16 +56,42 @@ def open_radiograph(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
     return img
 
 
-def to_grayscale(img: Image.Image) -> np.ndarray:
-    """One-channel uint8 array; 16-bit and 32-bit data are scaled by bit depth, not clipped."""
+def png_significant_bits(data: bytes) -> int | None:
+    """The bits per sample that carry data, from a PNG's sBIT chunk (grayscale: one byte), or None without one.
+
+    Pillow reads but does not report it; a 16-bit PNG exported from 12-bit radiograph data declares 12 there.
+    """
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    pos = 8
+    while pos + 9 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        if kind == b"sBIT":
+            return data[pos + 8] or None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
+
+
+def to_grayscale(img: Image.Image, significant_bits: int | None = None) -> np.ndarray:
+    """One-channel uint8 array; 16-bit and 32-bit data are scaled by their bit depth, not clipped.
+
+    The bit depth is the PNG's declared significant bits (`significant_bits`, its sBIT chunk) or else the smallest
+    one, 8 or more, that holds the image's largest value: radiographs exported from DICOM often carry 10-14 bits in
+    16-bit samples, which a 16-bit scale would turn nearly black (12-bit data into 16 grey levels), and a 16-bit PNG
+    holding 8-bit values into an all-black image.
+    """
     mode = img.mode
     if mode == "L":
         return np.asarray(img, dtype=np.uint8)
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(img)
         if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
-            # 16-bit PNGs: scale the full 0..65535 range to 0..255.
-            return (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+            top = int(arr.max()) if arr.size else 0
+            bits = min(significant_bits or max(8, top.bit_length()), 32)
+            full = (1 << bits) - 1
+            return (np.clip(arr.astype(np.int64), 0, full) * 255 // full).astype(np.uint8)
         return np.clip(arr, 0, 255).astype(np.uint8)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA").convert("RGB")
@@ -75,4 +102,4 @@ def decode_radiograph(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> np.ndarray:
     """Decode image bytes to a (height, width) uint8 array, raising DecodeError with a reason."""
-    return to_grayscale(open_radiograph(data, max_pixels, draft_size))
+    return to_grayscale(open_radiograph(data, max_pixels, draft_size), png_significant_bits(data))
