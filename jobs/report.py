@@ -37,14 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
       help="call an image or study abnormal when its probability >= T (default: the threshold the predictions "
            "were scored at, from the scoring output's manifest.json, else 0.5); not with --calibrate-on")
     a("--calibrate-on", metavar="VAL_PRED",
-      help="validation predictions on which to choose the threshold (see --operating-point)")
+      help="validation predictions of the same model (and --tta setting) on which to choose the threshold "
+           "(see --operating-point, --calibrate-level)")
     a("--operating-point", choices=["youden", "sensitivity"],
       help="with --calibrate-on: 'youden' maximises sensitivity + specificity (default); 'sensitivity' takes the "
            "highest threshold whose validation sensitivity reaches --target-sensitivity")
     a("--target-sensitivity", type=float, metavar="S",
       help="with --operating-point sensitivity: validation sensitivity to reach, in (0, 1] (default 0.9)")
+    a("--calibrate-level", choices=["image", "study"],
+      help="with --calibrate-on: choose the threshold on validation image probabilities (default) or on study "
+           "probabilities (the mean of a study's images); validation metrics are reported at both levels")
     a("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="N",
-      help=f"bootstrap resamples for 95%% CIs of ROC AUC and kappa (default {DEFAULT_BOOTSTRAP}; 0 disables)")
+      help=f"bootstrap resamples for 95%% CIs of ROC AUC and kappa, drawing whole studies at both levels "
+           f"(default {DEFAULT_BOOTSTRAP}; 0 disables)")
     a("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     a("--explain", type=int, default=0, metavar="N",
       help="Grad-CAM heatmaps of the N most confident true positives, false negatives and false positives in "
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ReportConfig(
             out=args.out, predictions=args.predictions, compare=tuple(args.compare), threshold=args.threshold,
             calibrate_on=args.calibrate_on, operating_point=args.operating_point,
-            target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, seed=args.seed,
+            target_sensitivity=args.target_sensitivity, calibrate_level=args.calibrate_level,
+            bootstrap=args.bootstrap, seed=args.seed,
             explain=args.explain,
         ).validate()
         run(cfg)

@@ -31,12 +31,16 @@ from sklearn.metrics import (
 from mura_ray.labels import BODY_PARTS
 
 OperatingPoint = Literal["youden", "sensitivity"]
+CalibrationLevel = Literal["image", "study"]
 
 AUC_BOOTSTRAP_BINS = 10_000
 """Bootstrap AUCs are computed on at most this many score bins (exact when there are fewer distinct scores)."""
 
 _BINARY = [0, 1]
-_BOOTSTRAP_CHUNK = 100  # resamples drawn at once; bounds memory at chunk x cells counts
+_BOOTSTRAP_CHUNK = 100  # resamples drawn at once
+_BOOTSTRAP_CHUNK_CLASSES = 4_000_000  # ... fewer when chunk x group classes (or groups) would exceed this
+_MULTINOMIAL_COST = 8  # a multinomial count per class costs about this many uniform draws of a group
+_MAX_SIGNATURE_CELLS = 10_000_000  # groups x largest group size, above which groups are not merged into classes
 
 
 def compute_binary_metrics(
@@ -46,12 +50,17 @@ def compute_binary_metrics(
     *,
     bootstrap: int = 0,
     seed: int = 0,
+    groups: np.ndarray | Sequence[Any] | pd.Series | None = None,
+    unit: str | None = None,
 ) -> dict[str, Any]:
     """Abnormality metrics at `threshold` (`prob >= threshold` is abnormal) plus threshold-free ROC AUC.
 
     Returns accuracy, roc_auc, cohen_kappa, average_precision, brier_score, confusion_matrix
     `[[tn, fp], [fn, tp]]`, per_class / macro_avg / weighted_avg precision, recall and F1, counts, and with
-    `bootstrap > 0` percentile 95% CIs for AUC and kappa (`roc_auc_ci95`, `cohen_kappa_ci95`).
+    `bootstrap > 0` percentile 95% CIs for AUC and kappa (`roc_auc_ci95`, `cohen_kappa_ci95`) and a `bootstrap`
+    entry saying how they were drawn. `groups` (one id per row) makes the bootstrap draw groups, e.g. the studies
+    of images, with all their rows (see `bootstrap_ci`); `unit` names what one resampled unit is in that entry
+    (default "group" with `groups`, else "row").
     """
     y = np.asarray(y_true).astype(np.int8, copy=False)
     p = np.asarray(prob, dtype=np.float64)
@@ -116,12 +125,25 @@ def compute_binary_metrics(
         **averages,
     }
     if bootstrap > 0:
-        ci = bootstrap_ci(y, p, y_pred, n_resamples=bootstrap, seed=seed)
-        out.update(ci)
-        out["bootstrap"] = {"n_resamples": int(bootstrap), "seed": int(seed), "auc_bins": AUC_BOOTSTRAP_BINS}
-        for key in ("roc_auc_ci95", "cohen_kappa_ci95"):
-            if ci[key] is None:
-                notes[key] = "no bootstrap resample had both classes"
+        ci = bootstrap_ci(y, p, y_pred, n_resamples=bootstrap, seed=seed, groups=groups)
+        out["roc_auc_ci95"], out["cohen_kappa_ci95"] = ci["roc_auc_ci95"], ci["cohen_kappa_ci95"]
+        used = ci["n_resamples_used"]
+        out["bootstrap"] = {
+            "n_resamples": int(bootstrap),
+            "seed": int(seed),
+            "auc_bins": AUC_BOOTSTRAP_BINS,
+            "unit": unit or ("group" if groups is not None else "row"),
+            "n_units": ci["n_units"],
+            "n_resamples_used": used,
+        }
+        why = {"roc_auc": "had one class only (no AUC)", "cohen_kappa": "had kappa undefined (labels and "
+               "predictions all one and the same class)"}
+        for metric in ("roc_auc", "cohen_kappa"):
+            if used[metric] == 0:
+                notes[f"{metric}_ci95"] = f"no usable bootstrap resample: all {bootstrap} {why[metric]}"
+            elif used[metric] < bootstrap:
+                notes[f"{metric}_ci95"] = (f"from {used[metric]} of {bootstrap} bootstrap resamples; the other "
+                                           f"{bootstrap - used[metric]} {why[metric]} and were skipped")
     out["notes"] = notes
     return out
 
@@ -133,41 +155,113 @@ def bootstrap_ci(
     *,
     n_resamples: int,
     seed: int = 0,
-) -> dict[str, list[float] | None]:
-    """Percentile 95% bootstrap intervals for ROC AUC and Cohen's kappa.
+    groups: np.ndarray | Sequence[Any] | pd.Series | None = None,
+) -> dict[str, Any]:
+    """Percentile 95% bootstrap intervals for ROC AUC and Cohen's kappa, resampling groups (clusters) of rows.
 
-    Resampling n rows with replacement is the same as drawing multinomial counts over the distinct
-    (score, label, prediction) cells, so each resample costs O(cells), not O(n): kappa is exact, and AUC is exact
-    up to `AUC_BOOTSTRAP_BINS` equal-count score bins (ties within a bin move AUC by at most 1/bins). That keeps
-    1,000 resamples of a million predictions to seconds.
+    With `groups` (one id per row, no missing ids), a resample draws as many groups as there are, with
+    replacement, each with all its rows: the images of one study are correlated, and resampling them one by one
+    would give intervals that are too narrow. Without `groups`, every row is its own group.
+
+    A resample is fully described by how often each distinct (score bin, label, prediction) cell is drawn, and
+    groups whose rows fall in the same cells the same number of times are interchangeable. So a resample draws
+    counts over those group classes and spreads them onto cells: each costs O(classes + their distinct cells),
+    not O(n) (rows that are their own group collapse to at most 4 x bins classes). Kappa is exact, and AUC is exact
+    up to `AUC_BOOTSTRAP_BINS` equal-count score bins (ties within a bin move AUC by at most 1/bins).
+
+    A resample with one class only has no AUC, and one whose labels and predictions are all the same class has no
+    kappa; each is skipped for that metric only. Returns `roc_auc_ci95` and `cohen_kappa_ci95` (None when no
+    resample was usable), `n_resamples_used` per metric and `n_units` (the number of groups).
     """
     y = np.asarray(y_true).astype(np.int64)
     n = y.size
     score_bin = _score_bins(np.asarray(prob, dtype=np.float64), AUC_BOOTSTRAP_BINS)
     cell = (score_bin * 2 + y) * 2 + np.asarray(y_pred).astype(np.int64)
-    cell_ids, counts = np.unique(cell, return_counts=True)
+    cell_ids, cell_of_row = np.unique(cell, return_inverse=True)
+    cell_of_row = cell_of_row.reshape(-1)
     cell_pred = cell_ids % 2
     cell_label = (cell_ids // 2) % 2
     cell_bin = cell_ids // 4
+    unit_of_row = _group_codes(groups, n)
+    n_units = int(unit_of_row.max()) + 1 if n else 0
+    class_of_unit, entry_class, entry_cell, entry_count = _group_classes(unit_of_row, cell_of_row, n_units)
+    n_classes = int(class_of_unit.max()) + 1
+    class_p = np.bincount(class_of_unit, minlength=n_classes) / n_units
+    # Either way a resample is n_units groups drawn uniformly with replacement: multinomial counts per class cost
+    # O(classes), drawing the groups one by one O(groups); take the cheaper.
+    by_class = n_classes * _MULTINOMIAL_COST < n_units
 
     # Kappa depends only on the 2x2 table, so each resample collapses to its four (label, prediction) counts.
-    to_table = np.zeros((cell_ids.size, 4), dtype=np.int64)
+    to_table = np.zeros((cell_ids.size, 4), dtype=np.float64)
     to_table[np.arange(cell_ids.size), cell_label * 2 + cell_pred] = 1
     table_label, table_pred = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
     rng = np.random.default_rng(seed)
+    chunk = max(1, min(_BOOTSTRAP_CHUNK, _BOOTSTRAP_CHUNK_CLASSES // (n_classes if by_class else n_units)))
     aucs: list[float] = []
     kappas: list[float] = []
-    for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
-        draws = rng.multinomial(n, counts / n, size=min(_BOOTSTRAP_CHUNK, n_resamples - start))
-        tables = draws @ to_table
-        for weights, table in zip(draws, tables, strict=True):
+    for start in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - start)
+        if by_class:
+            draws = rng.multinomial(n_units, class_p, size=size)
+        else:
+            picked = class_of_unit[rng.integers(0, n_units, size=(size, n_units))]
+            draws = np.stack([np.bincount(row, minlength=n_classes) for row in picked])
+        for draw in draws:
+            # Rows drawn per cell (integers, exact in float64 up to 2**53).
+            w = np.bincount(entry_cell, weights=draw[entry_class] * entry_count, minlength=cell_ids.size)
+            table = w @ to_table
+            total = table.sum()
             n_pos = table[2] + table[3]
-            if n_pos == 0 or n_pos == n:
-                continue  # a resample with one class has no AUC; skipping it is the usual convention
-            drawn = weights > 0
-            aucs.append(roc_auc_score(cell_label[drawn], cell_bin[drawn], sample_weight=weights[drawn]))
-            kappas.append(cohen_kappa_score(table_label, table_pred, labels=_BINARY, sample_weight=table))
-    return {"roc_auc_ci95": _percentile_ci(np.array(aucs)), "cohen_kappa_ci95": _percentile_ci(np.array(kappas))}
+            if 0 < n_pos < total:  # a resample with one class has no AUC; skipping it is the usual convention
+                drawn = w > 0
+                aucs.append(roc_auc_score(cell_label[drawn], cell_bin[drawn], sample_weight=w[drawn]))
+            if table[0] < total and table[3] < total:  # otherwise chance agreement is 1: kappa is undefined
+                kappas.append(cohen_kappa_score(table_label, table_pred, labels=_BINARY, sample_weight=table))
+    return {
+        "roc_auc_ci95": _percentile_ci(np.array(aucs)),
+        "cohen_kappa_ci95": _percentile_ci(np.array(kappas)),
+        "n_resamples_used": {"roc_auc": len(aucs), "cohen_kappa": len(kappas)},
+        "n_units": n_units,
+    }
+
+
+def _group_codes(groups: np.ndarray | Sequence[Any] | pd.Series | None, n: int) -> np.ndarray:
+    """Integer codes 0..k-1 of the groups of `n` rows; every row its own group without `groups`."""
+    if groups is None:
+        return np.arange(n, dtype=np.int64)
+    codes, _ = pd.factorize(pd.Series(np.asarray(groups, dtype=object)), use_na_sentinel=True)
+    if codes.size != n:
+        raise ValueError(f"groups must have one id per row; got {codes.size} ids for {n} rows")
+    if (codes < 0).any():
+        raise ValueError(f"groups has {int((codes < 0).sum())} missing ids; give each such row its own group")
+    return codes.astype(np.int64)
+
+
+def _group_classes(
+    unit_of_row: np.ndarray, cell_of_row: np.ndarray, n_units: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Groups with the same cells, as often, are interchangeable in a resample: merge them into classes.
+
+    Returns (class_of_unit, entry_class, entry_cell, entry_count): each group's class, and per class the rows it
+    holds: `entry_count` rows of cell `entry_cell` for each of its groups drawn.
+    """
+    sizes = np.bincount(unit_of_row, minlength=n_units)
+    width = int(sizes.max()) if n_units else 0
+    order = np.lexsort((cell_of_row, unit_of_row))
+    unit_sorted, cell_sorted = unit_of_row[order], cell_of_row[order]
+    if n_units * width <= _MAX_SIGNATURE_CELLS:
+        # Each group's sorted cells, padded with -1, is its signature; equal signatures make a class.
+        position = np.arange(unit_sorted.size) - (np.cumsum(sizes) - sizes)[unit_sorted]
+        signature = np.full((n_units, width), -1, dtype=np.int64)
+        signature[unit_sorted, position] = cell_sorted
+        signatures, class_of_unit = np.unique(signature, axis=0, return_inverse=True)
+        rows = np.repeat(np.arange(signatures.shape[0]), width)
+        cells = signatures.reshape(-1)
+        rows, cells = rows[cells >= 0], cells[cells >= 0]
+    else:  # a few huge groups: no padding to their size; every group is its own class (still exact, slower)
+        rows, cells, class_of_unit = unit_sorted, cell_sorted, np.arange(n_units)
+    pairs, entry_count = np.unique(np.stack([rows, cells]), axis=1, return_counts=True)
+    return class_of_unit.reshape(-1).astype(np.int64), pairs[0], pairs[1], entry_count.astype(np.int64)
 
 
 def aggregate_studies(
@@ -177,7 +271,9 @@ def aggregate_studies(
 ) -> pd.DataFrame:
     """One row per study, MURA's protocol: probability = mean of its images', label = max of its images'.
 
-    Returns a DataFrame indexed by `study_id` (sorted) with columns `prob_abnormal`, `label` and `n_images`.
+    Returns a DataFrame indexed by `study_id` (sorted) with columns `prob_abnormal`, `label`, `n_images` and
+    `mixed_labels` (its images have both labels; the max makes it abnormal). Every row needs a study id: give a
+    row without one its own (a missing id would otherwise drop the row from every study).
     """
     frame = pd.DataFrame(
         {
@@ -186,9 +282,15 @@ def aggregate_studies(
             "label": np.asarray(labels).astype(np.int8),
         }
     )
-    return frame.groupby("study_id", sort=True).agg(
-        prob_abnormal=("prob_abnormal", "mean"), label=("label", "max"), n_images=("label", "size")
+    missing = frame["study_id"].isna() | (frame["study_id"] == "")
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} rows have no study id; give each its own study")
+    studies = frame.groupby("study_id", sort=True).agg(
+        prob_abnormal=("prob_abnormal", "mean"), label=("label", "max"), n_images=("label", "size"),
+        min_label=("label", "min"),
     )
+    studies["mixed_labels"] = studies["min_label"] != studies["label"]
+    return studies.drop(columns="min_label")
 
 
 def compute_body_part_metrics(
@@ -251,7 +353,7 @@ def choose_threshold(
     if n_pos == 0 or n_pos == y.size:
         raise ValueError(
             f"cannot choose a threshold: the validation predictions have only one class "
-            f"({y.size} images, {n_pos} abnormal); calibrate on a split with normal and abnormal images"
+            f"({y.size} predictions, {n_pos} abnormal); calibrate on a split with normal and abnormal images"
         )
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1]; got {target_sensitivity}")

@@ -30,6 +30,7 @@ from mura_ray import storage
 from mura_ray.config import UserError
 from mura_ray.labels import ABNORMAL_NAMES, BODY_PARTS
 from mura_ray.metrics import (
+    CalibrationLevel,
     OperatingPoint,
     aggregate_studies,
     choose_threshold,
@@ -68,6 +69,8 @@ class ReportConfig:
     """How to choose the threshold on `calibrate_on`: 'youden' (default) or 'sensitivity'."""
     target_sensitivity: float | None = None
     """Sensitivity to reach with operating_point='sensitivity' (default 0.9)."""
+    calibrate_level: CalibrationLevel | None = None
+    """Probabilities the threshold is chosen on: 'image' (default) or 'study' (mean of a study's images)."""
     bootstrap: int = DEFAULT_BOOTSTRAP
     """Bootstrap resamples for 95% CIs of AUC and kappa; 0 disables."""
     seed: int = 0
@@ -94,6 +97,12 @@ class ReportConfig:
             problems.append(f"--operating-point must be one of {allowed}; got {self.operating_point!r}")
         if self.operating_point is not None and not self.calibrate_on:
             problems.append("--operating-point needs --calibrate-on VAL_PRED")
+        if self.calibrate_level is not None:
+            if self.calibrate_level not in get_args(CalibrationLevel):
+                allowed = ", ".join(get_args(CalibrationLevel))
+                problems.append(f"--calibrate-level must be one of {allowed}; got {self.calibrate_level!r}")
+            if not self.calibrate_on:
+                problems.append("--calibrate-level needs --calibrate-on VAL_PRED")
         if self.target_sensitivity is not None:
             if self.operating_point != "sensitivity":
                 problems.append("--target-sensitivity needs --operating-point sensitivity")
@@ -131,8 +140,11 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     if cfg.calibrate_on:
         method = cfg.operating_point or "youden"
         target = 0.9 if cfg.target_sensitivity is None else cfg.target_sensitivity
-        operating_point = calibrate_threshold(_load_labelled(cfg.calibrate_on, "--calibrate-on"), method, target)
+        val_df = _load_labelled(cfg.calibrate_on, "--calibrate-on")
+        same_model = _check_same_model(cfg.predictions, df, cfg.calibrate_on, val_df)
+        operating_point = calibrate_threshold(val_df, method, target, level=cfg.calibrate_level or "image")
         operating_point["calibrated_on"] = cfg.calibrate_on
+        operating_point.update(same_model)
         threshold, source = operating_point["threshold"], method
     # Before the report's bootstrap: a --predictions without a scoring manifest fails in seconds.
     explanations = _explanations(cfg.predictions, cfg.explain, threshold) if cfg.explain else None
@@ -169,10 +181,12 @@ def _load_labelled(uri: str, flag: str) -> pd.DataFrame:
 def load_predictions(uri: str) -> pd.DataFrame:
     """Read the scoring job's predictions, only the columns the report uses.
 
-    `uri` is a Parquet file, a directory of them, or a scoring output (DEST or DEST/predictions next to
-    DEST/manifest.json), in which case only the parts the manifest commits are read: an interrupted run can leave
-    stray files behind. A missing `label` column is fine here (unlabelled predictions load); `build_report`
-    needs it.
+    `uri` is a Parquet file, a directory of them, or a scoring output (a folder holding the scoring job's
+    manifest.json, or its predictions/ folder), in which case only the parts the manifest commits are read: a
+    running or interrupted run has uncommitted parts in `_staging/` and may leave stray files; a scoring output
+    with nothing committed yet is refused. In a plain directory, files under a folder whose name starts with `_` or
+    `.` (staging, hidden) are not read. A missing `label` column is fine here (unlabelled predictions load);
+    `build_report` needs it.
     """
     fs, path = storage.resolve(uri)
     info = fs.get_file_info(path)
@@ -180,9 +194,9 @@ def load_predictions(uri: str) -> pd.DataFrame:
         raise FileNotFoundError(f"no predictions at {uri}; pass the scoring job's output (a Parquet dataset)")
     files = _committed_parts(uri) if info.type == pafs.FileType.Directory else None
     if files is None and info.type == pafs.FileType.Directory:
-        files = storage.list_files(uri, ".parquet")
-    if files is not None and not files:
-        raise FileNotFoundError(f"no .parquet files under {uri}; pass the scoring job's output directory")
+        files = _visible_parquet_files(uri)
+        if not files:
+            raise FileNotFoundError(f"no .parquet files under {uri}; pass the scoring job's output directory")
     source = path if files is None else [storage.resolve(f)[1] for f in files]
     dataset = pq.ParquetDataset(source, filesystem=fs)
     names = dataset.schema.names
@@ -192,26 +206,90 @@ def load_predictions(uri: str) -> pd.DataFrame:
     return dataset.read(columns=[c for c in _COLUMNS if c in names]).to_pandas()
 
 
+def _visible_parquet_files(uri: str) -> list[str]:
+    """The .parquet files under `uri`, except those under a folder (or named) `_…` or `.…`, relative to `uri`:
+    a scoring run stages uncommitted parts in `_staging/`, and hidden folders are not data. Says what it skipped."""
+    _, root = storage.resolve(uri)
+    root = root.rstrip("/")
+    visible, skipped = [], []
+    for f in storage.list_files(uri, ".parquet"):
+        relative = storage.resolve(f)[1][len(root):].lstrip("/")
+        hidden = any(part.startswith(("_", ".")) for part in relative.split("/"))
+        (skipped if hidden else visible).append(f)
+    if skipped:
+        logger.warning("%s: not reading %d .parquet file(s) under folders starting with '_' or '.' (uncommitted "
+                       "or hidden), e.g. %s", uri, len(skipped), skipped[0])
+    return visible
+
+
 def _scoring_manifest(uri: str) -> tuple[str, dict[str, Any]] | None:
-    """(DEST, manifest) when `uri` is a scoring output DEST or its DEST/predictions; None otherwise."""
+    """(DEST, manifest) when `uri` is a scoring output DEST (a folder holding the scoring job's manifest.json,
+    whether or not anything is committed yet) or its DEST/predictions; None otherwise. A manifest.json that is not
+    a scoring manifest (a JSON object with `parts`, as `mura_ray.score.read_manifest` reads it) is refused."""
     base = uri.rstrip("/")
-    if storage.exists(storage.join(base, _MANIFEST)) and storage.is_dir(storage.join(base, _PREDICTIONS)):
+    if storage.exists(storage.join(base, _MANIFEST)):
         dest = base
     elif posixpath.basename(base) == _PREDICTIONS and storage.exists(storage.join(posixpath.dirname(base), _MANIFEST)):
         dest = posixpath.dirname(base)
     else:
         return None
-    manifest = storage.read_json(storage.join(dest, _MANIFEST))
-    return (dest, manifest) if isinstance(manifest, dict) else None
+    manifest_uri = storage.join(dest, _MANIFEST)
+    try:
+        manifest = storage.read_json(manifest_uri)
+    except ValueError as e:
+        raise UserError(f"{manifest_uri} is not valid JSON ({e}); pass a scoring output or a folder of Parquet "
+                        "predictions") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), dict | list):
+        raise UserError(f"{manifest_uri} is not a scoring manifest (no 'parts'); pass a scoring output or a folder "
+                        "of Parquet predictions")
+    return dest, manifest
 
 
 def _committed_parts(uri: str) -> list[str] | None:
     """The part files a scoring manifest commits, or None when `uri` is not a scoring output."""
     found = _scoring_manifest(uri)
-    parts = found[1].get("parts") if found else None
-    if not isinstance(parts, dict | list):
+    if found is None:
         return None
-    return [storage.join(found[0], _PREDICTIONS, name) for name in sorted(parts)]
+    dest, manifest = found
+    if not manifest["parts"]:
+        raise UserError(f"{uri} is a scoring output with nothing committed yet ({storage.join(dest, _MANIFEST)} "
+                        "lists no parts): wait for its scoring run to commit a chunk, or re-run it")
+    return [storage.join(dest, _PREDICTIONS, name) for name in sorted(manifest["parts"])]
+
+
+def _model_ids(df: pd.DataFrame) -> list[str]:
+    return sorted(map(str, pd.unique(df["model_id"].dropna()))) if "model_id" in df else []
+
+
+def _check_same_model(pred_uri: str, df: pd.DataFrame, val_uri: str, val_df: pd.DataFrame) -> dict[str, Any]:
+    """Refuse validation predictions of another model than the test predictions (a threshold does not carry over
+    between models), or, where both are scoring outputs, scored with another --tta setting. Returns what was
+    checked, for the operating point entry."""
+    test_ids, val_ids = _model_ids(df), _model_ids(val_df)
+    if test_ids and val_ids and test_ids != val_ids:
+        raise UserError(f"--calibrate-on {val_uri} holds predictions of model_id {', '.join(val_ids)}, but "
+                        f"--predictions {pred_uri} of model_id {', '.join(test_ids)}; a threshold chosen on another "
+                        "model's probabilities does not apply: calibrate on the same model's validation predictions")
+    checked: dict[str, Any] = {"model_id": None if not val_ids else val_ids[0] if len(val_ids) == 1 else val_ids}
+    if test_ids and val_ids:
+        checked["model_check"] = "same model_id as --predictions"
+    else:
+        lacking = " and ".join(flag for flag, ids in (("--predictions", test_ids), ("--calibrate-on", val_ids))
+                               if not ids)
+        checked["model_check"] = f"not checked: {lacking} name(s) no model_id"
+        logger.warning("--calibrate-on: cannot check that it is the model of --predictions (%s)",
+                       checked["model_check"])
+    test_found, val_found = _scoring_manifest(pred_uri), _scoring_manifest(val_uri)
+    if test_found and val_found:
+        test_tta, val_tta = bool(test_found[1].get("tta", False)), bool(val_found[1].get("tta", False))
+        if test_tta != val_tta:
+            def how(tta: bool) -> str:
+                return "with" if tta else "without"
+
+            raise UserError(f"--calibrate-on {val_uri} was scored {how(val_tta)} --tta, but --predictions "
+                            f"{pred_uri} {how(test_tta)} it; the probabilities differ: score both alike")
+        checked["tta"] = val_tta
+    return checked
 
 
 def _scoring_threshold(uri: str) -> float | None:
@@ -223,19 +301,38 @@ def _scoring_threshold(uri: str) -> float | None:
 
 
 def calibrate_threshold(
-    val_df: pd.DataFrame, method: OperatingPoint = "youden", target_sensitivity: float = 0.9
+    val_df: pd.DataFrame,
+    method: OperatingPoint = "youden",
+    target_sensitivity: float = 0.9,
+    *,
+    level: CalibrationLevel = "image",
 ) -> dict[str, Any]:
-    """Choose the threshold on (image-level) validation predictions; returns it with its validation metrics."""
-    images = _prepare(val_df).images
+    """Choose the threshold on validation predictions, on image or study probabilities (`level`; a study's is
+    the mean of its images', as in the report); returns it with the validation metrics at both levels.
+
+    `val_sensitivity` and `val_specificity` are those at `level`, the one the threshold was chosen on;
+    `validation` holds both levels.
+    """
+    if level not in get_args(CalibrationLevel):
+        raise ValueError(f"level must be one of {', '.join(get_args(CalibrationLevel))}; got {level!r}")
+    prep = _prepare(val_df)
+    images, studies = prep.images, prep.studies
     if images.empty:
         raise ValueError("the --calibrate-on predictions have no labelled, error-free rows")
-    y, p = images["label"].to_numpy(), images["prob_abnormal"].to_numpy()
-    threshold = choose_threshold(y, p, method, target_sensitivity)
-    at = compute_binary_metrics(y, p, threshold)
-    point: dict[str, Any] = {"method": method, "threshold": threshold}
+    chosen_on = images if level == "image" else studies
+    threshold = choose_threshold(chosen_on["label"].to_numpy(), chosen_on["prob_abnormal"].to_numpy(), method,
+                                 target_sensitivity)
+    validation = {}
+    for name, rows in (("image_level", images), ("study_level", studies)):
+        m = compute_binary_metrics(rows["label"].to_numpy(), rows["prob_abnormal"].to_numpy(), threshold)
+        validation[name] = {key: m[key] for key in ("n", "n_abnormal", "sensitivity", "specificity", "accuracy",
+                                                    "cohen_kappa")}
+    point: dict[str, Any] = {"method": method, "level": level, "threshold": threshold}
     if method == "sensitivity":
         point["target_sensitivity"] = target_sensitivity
-    point.update(n_images=len(images), val_sensitivity=at["sensitivity"], val_specificity=at["specificity"])
+    at = validation[f"{level}_level"]
+    point.update(n_images=len(images), n_studies=len(studies), val_sensitivity=at["sensitivity"],
+                 val_specificity=at["specificity"], validation=validation)
     return point
 
 
@@ -259,22 +356,31 @@ def build_report(
             f"no rows to report on: {prep.n_rows} rows, {prep.n_errors} with errors, "
             f"{prep.n_unlabelled} without a label"
         )
+    n_mixed = int(studies["mixed_labels"].sum())
     report: dict[str, Any] = {
         "n_rows": prep.n_rows,
         "n_images": len(images),
         "n_studies": len(studies),
         "n_errors": prep.n_errors,
         "n_unlabelled": prep.n_unlabelled,
+        "n_studies_mixed_labels": n_mixed,
         "threshold": float(threshold),
         "threshold_source": threshold_source,
         "model_id": prep.model_id,
+        # Both levels resample studies: at image level each drawn study brings all its images (they are
+        # correlated; drawing images one by one would make the intervals too narrow).
         "image_level": compute_binary_metrics(
-            images["label"], images["prob_abnormal"], threshold, bootstrap=bootstrap, seed=seed
+            images["label"], images["prob_abnormal"], threshold, bootstrap=bootstrap, seed=seed,
+            groups=images["study_key"], unit="study",
         ),
         "study_level": compute_binary_metrics(
-            studies["label"], studies["prob_abnormal"], threshold, bootstrap=bootstrap, seed=seed
+            studies["label"], studies["prob_abnormal"], threshold, bootstrap=bootstrap, seed=seed, unit="study"
         ),
     }
+    if n_mixed:
+        report["notes"] = {"n_studies_mixed_labels": (
+            f"{n_mixed} of {len(studies)} studies have normal and abnormal images; each is labelled abnormal at "
+            "study level (the max of its images' labels, MURA's protocol)")}
     if "body_part" in images and images["body_part"].notna().any():
         report["per_body_part"] = _per_body_part(images, threshold)
         if "body_part_pred" in images:
@@ -325,6 +431,15 @@ def _prepare(df: pd.DataFrame) -> _Prepared:
     if missing:
         hint = " The report needs ground truth: score a labelled split." if "label" in missing else ""
         raise ValueError(f"predictions have no {', '.join(map(repr, missing))} column.{hint}")
+    ids = df["image_id"].dropna()
+    repeated = ids[ids.duplicated(keep=False)]
+    if not repeated.empty:
+        # Counting an image twice would weigh it double in every metric (e.g. two scoring outputs in one folder).
+        names = sorted(map(str, pd.unique(repeated)))
+        raise UserError(
+            f"the predictions hold {len(names)} image_id(s) more than once ({len(repeated)} rows), e.g. "
+            f"{', '.join(names[:3])}; each image must appear once: are two scoring outputs under one folder?"
+        )
     failed = df["error"].notna() if "error" in df else pd.Series(False, index=df.index)
     failed |= df["prob_abnormal"].isna()
     labelled = df["label"].notna()
@@ -336,9 +451,15 @@ def _prepare(df: pd.DataFrame) -> _Prepared:
         raise ValueError(f"label must be 0 (normal) or 1 (abnormal); found {', '.join(values)}")
     images["label"] = images["label"].astype(np.int8)
     images["prob_abnormal"] = images["prob_abnormal"].astype(np.float64)
-    # A row without a study is its own study; the prefix keeps it from colliding with a real study id.
+    # A row without a study (null or blank study_id) is its own study; the prefix keeps it from colliding with a
+    # real study id.
     own_study = "image:" + images["image_id"].astype(str)
-    images["study_key"] = images["study_id"].fillna(own_study) if "study_id" in images else own_study
+    if "study_id" in images:
+        study_id = images["study_id"].astype(object)
+        blank = study_id.isna() | (study_id.fillna("?").astype(str).str.strip() == "")
+        images["study_key"] = study_id.where(~blank, own_study)
+    else:
+        images["study_key"] = own_study
     for column in ("body_part", "body_part_pred"):
         if column in images:
             unknown = images[column].notna() & ~images[column].isin(BODY_PARTS)
@@ -626,7 +747,7 @@ def _blocks(report: dict[str, Any]) -> list[_Block]:
 
     notes = _collect_notes(report)
     if notes:
-        blocks.append(("h2", "Undefined metrics"))
+        blocks.append(("h2", "Notes: undefined metrics, bootstrap, study labels"))
         blocks.append([f"{where}: {reason}" for where, reason in notes])
     return blocks
 
@@ -652,13 +773,30 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
             "Youden's J" if point["method"] == "youden"
             else f"highest threshold with sensitivity >= {point['target_sensitivity']}"
         )
+        level = point.get("level", "image")
         threshold += (
-            f", chosen by {chosen} on {point.get('calibrated_on', 'validation predictions')} "
-            f"({point['n_images']} images; sensitivity {_fmt(point['val_sensitivity'])}, "
-            f"specificity {_fmt(point['val_specificity'])})"
+            f", chosen by {chosen} on the {level}-level probabilities of "
+            f"{point.get('calibrated_on', 'validation predictions')}"
         )
+        validation = point.get("validation")
+        if validation:
+            threshold += " (validation: " + "; ".join(
+                f"{validation[key]['n']} {unit}, sensitivity {_fmt(validation[key]['sensitivity'])}, "
+                f"specificity {_fmt(validation[key]['specificity'])}"
+                for key, unit in (("image_level", "images"), ("study_level", "studies"))
+            ) + ")"
+        else:  # a report written before both levels were recorded
+            threshold += (f" ({point['n_images']} images; sensitivity {_fmt(point['val_sensitivity'])}, "
+                          f"specificity {_fmt(point['val_specificity'])})")
     lines.append(threshold + "; an image or study is abnormal when its probability is at or above it.")
-    lines.append("Study probability = mean of its images' probabilities (MURA's protocol).")
+    mixed = report.get("n_studies_mixed_labels")
+    lines.append("Study probability = mean of its images' probabilities, study label = max of its images' labels "
+                 "(MURA's protocol)" + (f"; {mixed} studies have normal and abnormal images." if mixed else "."))
+    boot = report["image_level"].get("bootstrap")
+    if boot:
+        lines.append(f"95% CIs: percentile bootstrap, {boot['n_resamples']} resamples (seed {boot['seed']}) drawn "
+                     f"by {boot.get('unit', 'row')} at both levels (at image level, a drawn study brings all its "
+                     "images).")
     return lines
 
 
@@ -699,7 +837,7 @@ def _body_part_rows(body_part: dict[str, Any]) -> tuple[list[str], list[list[str
 
 
 def _collect_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
-    notes = []
+    notes = list(report.get("notes", {}).items())
     for level in ("image_level", "study_level"):
         notes += [(f"{level}.{k}", v) for k, v in report[level].get("notes", {}).items()]
     for part, levels in report.get("per_body_part", {}).items():
@@ -761,23 +899,31 @@ def compare_reports(dirs: Sequence[str]) -> tuple[str, dict[str, Any]]:
         if names.count(m["name"]) > 1:
             m["name"] = m["source"]  # two runs of one backbone: tell them apart by where they came from
 
-    abnormal_headers = ["Model", "Accuracy", "Macro F1", "ROC AUC", "Cohen's Kappa",
-                        "Study Accuracy", "Study Macro F1", "Study ROC AUC", "Study Cohen's Kappa"]
+    abnormal_headers = ["Model", "Threshold", "Images", "Studies", "Accuracy", "Macro F1", "ROC AUC",
+                        "Cohen's Kappa", "Study Accuracy", "Study Macro F1", "Study ROC AUC", "Study Cohen's Kappa"]
     abnormal_rows = []
     for m in models:
-        row = [m["name"]]
+        row = [m["name"], _fmt(m["threshold"]), str(m["n_images"]), str(m["n_studies"])]
         for level in ("image_level", "study_level"):
             s = m[level]
             row += [_pct(s["accuracy"]), _pct(s["macro_f1"]), _fmt(s["roc_auc"]), _fmt(s["cohen_kappa"])]
         abnormal_rows.append(row)
+    notes = []
+    if len({(m["n_images"], m["n_studies"]) for m in models}) > 1:
+        sizes = ", ".join(f"{m['name']} {m['n_images']} images / {m['n_studies']} studies" for m in models)
+        notes.append(f"Note: the reports are not on the same test set ({sizes}); their numbers are not directly "
+                     "comparable.")
     lines = ["# Model comparison", "", *_markdown_table(abnormal_headers, abnormal_rows), "",
-             "Table 1: Abnormality Classification – Model Comparison (image level, then study level)", ""]
+             "Table 1: Abnormality Classification – Model Comparison (image level, then study level; each at its "
+             "own threshold)", ""]
+    for note in notes:
+        lines += [note, ""]
     with_parts = [m for m in models if m["body_part"] is not None]
     if with_parts:
         rows = [[m["name"], _pct(m["body_part"]["accuracy"]), _pct(m["body_part"]["macro_f1"])] for m in with_parts]
         lines += [*_markdown_table(["Model", "Accuracy", "Macro F1"], rows), "",
                   "Table 2: Body Part Classification – Model Comparison", ""]
-    return "\n".join(lines).rstrip() + "\n", {"models": models}
+    return "\n".join(lines).rstrip() + "\n", {"models": models, "notes": notes}
 
 
 def write_comparison(dirs: Sequence[str], out_uri: str) -> tuple[str, dict[str, Any]]:
@@ -792,17 +938,22 @@ def write_comparison(dirs: Sequence[str], out_uri: str) -> tuple[str, dict[str, 
 def _load_for_comparison(uri: str) -> dict[str, Any]:
     name = posixpath.basename(uri.rstrip("/")) or uri
     if storage.exists(storage.join(uri, "report.json")):
-        report = storage.read_json(storage.join(uri, "report.json"))
+        report_uri = storage.join(uri, "report.json")
     elif storage.exists(storage.join(uri, "report", "report.json")):
-        report = storage.read_json(storage.join(uri, "report", "report.json"))
+        report_uri = storage.join(uri, "report", "report.json")
         card_uri = storage.join(uri, "model", "model_card.json")
         if storage.exists(card_uri):
-            name = storage.read_json(card_uri).get("backbone") or name
+            card = _read_json_or_refuse(card_uri, "a model card")
+            backbone = card.get("backbone") if isinstance(card, dict) else None
+            name = backbone if isinstance(backbone, str) and backbone else name
     else:
         raise FileNotFoundError(
             f"{uri} is neither a report directory (report.json) nor a run directory (report/report.json)"
         )
-    entry: dict[str, Any] = {"name": name, "source": uri, "threshold": report.get("threshold")}
+    report = _read_json_or_refuse(report_uri, "a jobs/report.py report")
+    _check_comparable(report, report_uri)
+    entry: dict[str, Any] = {"name": name, "source": uri, "threshold": report["threshold"],
+                             "n_images": report["n_images"], "n_studies": report["n_studies"]}
     for level in ("image_level", "study_level"):
         m = report[level]
         entry[level] = {
@@ -816,3 +967,41 @@ def _load_for_comparison(uri: str) -> dict[str, Any]:
         {"accuracy": body_part["accuracy"], "macro_f1": body_part["macro_f1"]} if body_part else None
     )
     return entry
+
+
+def _read_json_or_refuse(uri: str, what: str) -> Any:
+    try:
+        return storage.read_json(uri)
+    except ValueError as e:
+        raise UserError(f"{uri} is not {what}: not valid JSON ({e})") from None
+
+
+def _check_comparable(report: Any, uri: str) -> None:
+    """Refuse a report.json without what the comparison reads (written by something else, or damaged)."""
+
+    def number(value: Any, nullable: bool = False) -> bool:
+        return (value is None and nullable) or (isinstance(value, int | float) and not isinstance(value, bool))
+
+    if not isinstance(report, dict):
+        problems = [f"a JSON {type(report).__name__}, not an object"]
+    else:
+        problems = [key for key in ("n_images", "n_studies", "threshold") if not number(report.get(key))]
+        for level in ("image_level", "study_level"):
+            m = report.get(level)
+            if not isinstance(m, dict):
+                problems.append(level)
+                continue
+            problems += [f"{level}.{key}" for key, nullable in (("accuracy", False), ("roc_auc", True),
+                                                                 ("cohen_kappa", True))
+                         if not number(m.get(key), nullable)]
+            avg = m.get("macro_avg")
+            if not isinstance(avg, dict) or not number(avg.get("f1")):
+                problems.append(f"{level}.macro_avg.f1")
+        body_part = report.get("body_part")
+        if body_part is not None and (not isinstance(body_part, dict) or not all(
+                number(body_part.get(key)) for key in ("accuracy", "macro_f1"))):
+            problems.append("body_part")
+        problems = [f"no valid {p}" for p in problems]
+    if problems:
+        raise UserError(f"{uri} is not a jobs/report.py report ({', '.join(problems[:6])}); pass report or run "
+                        "directories written by jobs/report.py, score or train")

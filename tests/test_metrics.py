@@ -179,3 +179,133 @@ def test_choose_threshold_errors():
         choose_threshold(YV, PV, "f1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="target_sensitivity"):
         choose_threshold(YV, PV, "sensitivity", target_sensitivity=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bootstrap by study (cluster) and its bookkeeping
+
+
+def _naive_study_bootstrap(y, p, threshold, studies, n_resamples, seed):
+    """The textbook study bootstrap: draw as many studies as there are, with replacement, and compute the metrics
+    on all images of the drawn studies (one-class resamples skipped for AUC, undefined kappa skipped)."""
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    pred = (p >= threshold).astype(int)
+    rows = [np.flatnonzero(studies == s) for s in np.unique(studies)]
+    aucs, kappas = [], []
+    for _ in range(n_resamples):
+        idx = np.concatenate([rows[i] for i in rng.integers(0, len(rows), len(rows))])
+        yy, pp, dd = y[idx], p[idx], pred[idx]
+        if 0 < yy.sum() < yy.size:
+            aucs.append(roc_auc_score(yy, pp))
+        if not (np.unique(yy).size == 1 and (yy == dd).all()):
+            kappas.append(cohen_kappa_score(yy, dd))
+    return {"roc_auc_ci95": np.percentile(aucs, [2.5, 97.5]), "cohen_kappa_ci95": np.percentile(kappas, [2.5, 97.5])}
+
+
+def test_image_level_bootstrap_by_study_matches_a_naive_study_bootstrap():
+    # 24 studies of 3-6 images each; images of a study are strongly correlated (a shared study effect).
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(3, 7, 24)
+    studies = np.repeat(np.arange(24), sizes)
+    y = (studies % 2).astype(int)
+    logit = 0.8 * (2 * y - 1) + np.repeat(rng.normal(0, 1.2, 24), sizes) + rng.normal(0, 0.1, studies.size)
+    p = np.round(1 / (1 + np.exp(-logit)), 3)
+    by_study = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n_resamples=600, seed=0,
+                                    groups=[f"S{s}" for s in studies])
+    naive = _naive_study_bootstrap(y, p, 0.5, studies, 600, seed=100)
+    by_image = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n_resamples=600, seed=0)
+    assert by_study["n_units"] == 24 and by_image["n_units"] == studies.size
+    for key in ("roc_auc_ci95", "cohen_kappa_ci95"):
+        lo, hi = naive[key]
+        width = hi - lo
+        # The same resampling scheme: the same interval, up to Monte Carlo error (a fraction of its width).
+        assert by_study[key] == pytest.approx([lo, hi], abs=0.2 * width), key
+        assert 0.8 * width < by_study[key][1] - by_study[key][0] < 1.25 * width, key
+        # Resampling images one by one ignores the correlation: an interval about half as wide (the power of the
+        # check above).
+        assert by_image[key][1] - by_image[key][0] < 0.7 * width, key
+
+
+def test_image_level_bootstrap_of_duplicated_images_equals_the_study_level_one():
+    # Every study is 3 copies of one image: at image level, drawing studies (each with its 3 copies) is the study
+    # bootstrap exactly, so the image-level CIs equal the study-level ones. Drawing images one by one would make
+    # them narrower.
+    rng = np.random.default_rng(3)
+    study_p = rng.random(40)
+    study_y = (rng.random(40) < 0.2 + 0.6 * study_p).astype(int)
+    image_p, image_y = np.repeat(study_p, 3), np.repeat(study_y, 3)
+    study_of_image = np.repeat([f"study{k}" for k in range(40)], 3)
+    images = compute_binary_metrics(image_y, image_p, 0.5, bootstrap=200, seed=5, groups=study_of_image,
+                                    unit="study")
+    studies = compute_binary_metrics(study_y, study_p, 0.5, bootstrap=200, seed=5, unit="study")
+    for key in ("roc_auc_ci95", "cohen_kappa_ci95"):
+        assert images[key] == pytest.approx(studies[key], rel=1e-9, abs=1e-12), key
+    assert images["bootstrap"] == studies["bootstrap"]
+    assert images["bootstrap"]["unit"] == "study" and images["bootstrap"]["n_units"] == 40
+    rows = compute_binary_metrics(image_y, image_p, 0.5, bootstrap=200, seed=5)
+    assert rows["bootstrap"]["unit"] == "row" and rows["bootstrap"]["n_units"] == 120
+    width = studies["roc_auc_ci95"][1] - studies["roc_auc_ci95"][0]
+    assert rows["roc_auc_ci95"][1] - rows["roc_auc_ci95"][0] < 0.8 * width
+
+
+def test_bootstrap_without_merging_groups_draws_the_same(monkeypatch):
+    # Groups with the same cells are merged into classes unless that would take too much memory; both ways draw
+    # the same groups from the same seed here, so the intervals agree exactly.
+    rng = np.random.default_rng(4)
+    studies = np.repeat(np.arange(30), rng.integers(1, 4, 30))
+    y = (studies % 3 == 0).astype(int)
+    p = np.round(rng.random(studies.size) * 0.6 + 0.3 * y, 1)  # coarse: many studies share cells
+    merged = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n_resamples=100, seed=0, groups=studies)
+    monkeypatch.setattr(metrics, "_MAX_SIGNATURE_CELLS", 0)
+    unmerged = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n_resamples=100, seed=0, groups=studies)
+    for key in ("roc_auc_ci95", "cohen_kappa_ci95"):
+        assert unmerged[key] == pytest.approx(merged[key], rel=1e-12), key
+    assert unmerged["n_resamples_used"] == merged["n_resamples_used"]
+
+
+def test_bootstrap_by_study_is_seeded():
+    y, p = np.array(Y6 * 5), np.array(P6 * 5)
+    studies = np.repeat(np.arange(10), 3)
+    a = compute_binary_metrics(y, p, 0.5, bootstrap=50, seed=1, groups=studies)
+    b = compute_binary_metrics(y, p, 0.5, bootstrap=50, seed=1, groups=studies)
+    c = compute_binary_metrics(y, p, 0.5, bootstrap=50, seed=2, groups=studies)
+    assert (a["roc_auc_ci95"], a["cohen_kappa_ci95"]) == (b["roc_auc_ci95"], b["cohen_kappa_ci95"])
+    assert (a["roc_auc_ci95"], a["cohen_kappa_ci95"]) != (c["roc_auc_ci95"], c["cohen_kappa_ci95"])
+
+
+def test_bootstrap_groups_must_be_complete():
+    with pytest.raises(ValueError, match="missing ids"):
+        metrics.bootstrap_ci(np.array(Y6), np.array(P6), np.zeros(6), n_resamples=5, groups=["a", None] * 3)
+
+
+@pytest.mark.filterwarnings("error")
+def test_bootstrap_counts_the_resamples_each_metric_used():
+    # One abnormal image in six: a resample misses it with probability (5/6)^6 = 33%, and then has no AUC. Kappa
+    # is still defined there while some drawn normal image is called abnormal (0.6 and 0.7 are >= 0.5): it is 0.
+    # Only resamples of the three images called normal (0.1, 0.2, 0.3) alone have neither ((3/6)^6 = 1.6%).
+    y = [0, 0, 0, 0, 0, 1]
+    p = [0.1, 0.2, 0.6, 0.7, 0.3, 0.9]
+    m = compute_binary_metrics(y, p, 0.5, bootstrap=1000, seed=0)
+    used = m["bootstrap"]["n_resamples_used"]
+    assert 600 < used["roc_auc"] < 740  # ~665 expected
+    assert used["roc_auc"] < used["cohen_kappa"] < 1000
+    assert used["cohen_kappa"] > 960  # ~984 expected
+    assert m["notes"]["roc_auc_ci95"].startswith(f"from {used['roc_auc']} of 1000 bootstrap resamples")
+    assert f"from {used['cohen_kappa']} of 1000" in m["notes"]["cohen_kappa_ci95"]
+    # Kappa's interval includes the one-class resamples, where kappa is 0.
+    assert m["cohen_kappa_ci95"][0] <= 0.0
+    # With every resample usable, no note.
+    m = compute_binary_metrics(Y6 * 50, P6 * 50, 0.5, bootstrap=20, seed=0)
+    assert m["bootstrap"]["n_resamples_used"] == {"roc_auc": 20, "cohen_kappa": 20}
+    assert "roc_auc_ci95" not in m["notes"] and "cohen_kappa_ci95" not in m["notes"]
+
+
+def test_aggregate_studies_flags_mixed_labels_and_refuses_missing_ids():
+    studies = aggregate_studies(["A", "A", "B", "B", "C"], [0.9, 0.2, 0.6, 0.8, 0.1], [1, 0, 1, 1, 0])
+    assert studies["mixed_labels"].tolist() == [True, False, False]
+    assert studies["label"].tolist() == [1, 1, 0]
+    for missing in (None, ""):
+        with pytest.raises(ValueError, match="1 rows have no study id"):
+            aggregate_studies(["A", missing], [0.1, 0.2], [0, 1])

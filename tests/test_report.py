@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,14 @@ import pytest
 from mura_ray import storage
 from mura_ray.config import UserError
 from mura_ray.labels import BODY_PARTS
-from mura_ray.report import ReportConfig, build_report, compare_reports, load_predictions, write_report
+from mura_ray.report import (
+    ReportConfig,
+    build_report,
+    compare_reports,
+    load_predictions,
+    render_markdown,
+    write_report,
+)
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "report.py"
 
@@ -38,7 +46,7 @@ ROWS = [
 ]
 
 
-def predictions_table(rows: list[tuple] = ROWS) -> pa.Table:
+def predictions_table(rows: list[tuple] = ROWS, model_id: str = "resnet18-test") -> pa.Table:
     """The scoring job's schema, filled from `rows`."""
     n = len(rows)
     image_id, study_id, part, part_pred, prob, label, error = (list(c) for c in zip(*rows, strict=True))
@@ -54,17 +62,17 @@ def predictions_table(rows: list[tuple] = ROWS) -> pa.Table:
             "prob_abnormal": pa.array(prob, pa.float32()),
             "pred_abnormal": pa.array([None if p is None else int(p >= 0.5) for p in prob], pa.int8()),
             "label": pa.array(label, pa.int8()),
-            "model_id": pa.array(["resnet18-test"] * n, pa.string()),
+            "model_id": pa.array([model_id] * n, pa.string()),
             "scored_at": pa.array([dt.datetime(2026, 1, 1)] * n, pa.timestamp("us")),
             "error": pa.array(error, pa.string()),
         }
     )
 
 
-def write_predictions(directory: Path, rows: list[tuple] = ROWS) -> Path:
+def write_predictions(directory: Path, rows: list[tuple] = ROWS, model_id: str = "resnet18-test") -> Path:
     """A Parquet dataset directory of two files, like a Ray Data write."""
     directory.mkdir(parents=True)
-    table = predictions_table(rows)
+    table = predictions_table(rows, model_id)
     half = table.num_rows // 2
     pq.write_table(table.slice(0, half), directory / "part-0.parquet")
     pq.write_table(table.slice(half), directory / "part-1.parquet")
@@ -360,3 +368,232 @@ def test_study_level_single_image_studies_match_image_level():
     r = build_report(predictions_table(rows).to_pandas(), bootstrap=0)
     assert r["n_studies"] == 50
     assert r["study_level"]["roc_auc"] == pytest.approx(r["image_level"]["roc_auc"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audit fixes: what is read, what is refused, what is recorded
+
+
+def _scoring_output(dest: Path, rows: list[tuple] = ROWS, *, committed: bool = True, tta: bool = False,
+                    model_id: str = "resnet18-test") -> Path:
+    """A scoring output as mura_ray.score leaves it: committed parts in predictions/ listed by manifest.json, or
+    (committed=False) a run that has staged its first chunk in _staging/ but committed nothing yet (no
+    predictions/ folder, a manifest with no parts)."""
+    if committed:
+        write_predictions(dest / "predictions", rows, model_id)
+        parts = {"part-0.parquet": {"chunk": 0}, "part-1.parquet": {"chunk": 0}}
+    else:
+        write_predictions(dest / "_staging" / "0123abcd", rows, model_id)
+        parts = {}
+    storage.write_json(str(dest / "manifest.json"), {"version": 1, "model_ids": [model_id], "threshold": 0.5,
+                                                      "tta": tta, "parts": parts})
+    return dest
+
+
+def test_scoring_output_with_nothing_committed_is_refused_not_read_from_staging(tmp_path, capsys):
+    dest = _scoring_output(tmp_path / "dest", committed=False)
+    with pytest.raises(UserError, match="nothing committed yet"):
+        load_predictions(str(dest))
+    assert load_job().main(["--predictions", str(dest), "--out", str(tmp_path / "r"), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing committed yet" in err[0], err
+    # Once predictions/ exists (the first commit made it) but the manifest still lists nothing: the same.
+    write_predictions(dest / "predictions", ROWS[:2])
+    for uri in (dest, dest / "predictions"):
+        with pytest.raises(UserError, match="nothing committed yet"):
+            load_predictions(str(uri))
+
+
+def test_scoring_output_reads_committed_parts_never_staged_ones(tmp_path):
+    dest = _scoring_output(tmp_path / "dest")
+    write_predictions(dest / "_staging" / "0123abcd", [("z1", "Z", None, None, 0.5, 1, None)])
+    assert sorted(load_predictions(str(dest))["image_id"]) == sorted(r[0] for r in ROWS)
+
+
+def test_plain_folder_skips_underscore_and_dot_folders(tmp_path):
+    pred = write_predictions(tmp_path / "pred")
+    stray = [("z1", "Z", None, None, 0.5, 1, None)]
+    write_predictions(pred / "_staging" / "abc", stray)
+    write_predictions(pred / ".hidden", stray)
+    pq.write_table(predictions_table(stray), pred / "_tmp.parquet")
+    write_predictions(pred / "more", [("m1", "M", None, None, 0.4, 0, None)])  # a visible subfolder is read
+    assert sorted(load_predictions(str(pred))["image_id"]) == sorted([r[0] for r in ROWS] + ["m1"])
+
+
+def test_a_foreign_manifest_is_refused(tmp_path):
+    pred = write_predictions(tmp_path / "pred")
+    storage.write_json(str(pred / "manifest.json"), {"files": ["part-0.parquet"]})
+    with pytest.raises(UserError, match="not a scoring manifest"):
+        load_predictions(str(pred))
+
+
+def test_duplicate_image_ids_are_refused(df, tmp_path, capsys):
+    twice = pd.concat([df, df.iloc[:3]], ignore_index=True)
+    with pytest.raises(UserError, match=r"3 image_id\(s\) more than once \(6 rows\), e\.g\. a1, a2, a3"):
+        build_report(twice, bootstrap=0)
+    # Two scoring outputs' predictions under one folder.
+    write_predictions(tmp_path / "both" / "run1")
+    write_predictions(tmp_path / "both" / "run2")
+    assert load_job().main(["--predictions", str(tmp_path / "both"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "8 image_id(s) more than once (16 rows)" in err[0], err
+
+
+def test_blank_study_id_is_its_own_study_and_mixed_labels_are_counted(df):
+    r = build_report(df, bootstrap=0)
+    # Study B holds b1 (normal) and b2 (abnormal): labelled abnormal, and counted.
+    assert r["n_studies_mixed_labels"] == 1 and "1 of 4 studies" in r["notes"]["n_studies_mixed_labels"]
+    df.loc[df["image_id"].isin(["c", "d"]), "study_id"] = ["", "  "]
+    r = build_report(df, bootstrap=0)
+    assert r["n_studies"] == 4  # c and d are still two studies of their own, not one study ""
+    assert r["study_level"]["confusion_matrix"] == [[1, 1], [1, 1]]
+    df.loc[df["image_id"] == "a3", "label"] = 0
+    r = build_report(df, bootstrap=0)
+    assert r["n_studies_mixed_labels"] == 2
+    md = render_markdown(r)
+    assert "2 studies have normal and abnormal images" in md and "2 of 4 studies have normal and abnormal" in md
+
+
+def test_report_bootstraps_studies_at_both_levels(df, tmp_path):
+    r = build_report(df, bootstrap=40, seed=2)
+    for level in ("image_level", "study_level"):
+        boot = r[level]["bootstrap"]
+        assert boot["unit"] == "study" and boot["n_units"] == 4 and boot["seed"] == 2
+        assert set(boot["n_resamples_used"]) == {"roc_auc", "cohen_kappa"}
+        assert 0 < boot["n_resamples_used"]["roc_auc"] <= 40
+    write_report(r, df, str(tmp_path / "out"))
+    assert "drawn by study at both levels" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_calibrate_on_refuses_another_models_validation_predictions(tmp_path, capsys):
+    pred = write_predictions(tmp_path / "pred")
+    val = write_predictions(tmp_path / "val", model_id="densenet121-other")
+    argv = ["--predictions", str(pred), "--calibrate-on", str(val), "--out", str(tmp_path / "r"), "--bootstrap", "0"]
+    assert load_job().main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "densenet121-other" in err[0] and "resnet18-test" in err[0], err
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_calibrate_on_refuses_another_tta_setting(tmp_path, capsys):
+    pred = _scoring_output(tmp_path / "test_scored", tta=True)
+    val = _scoring_output(tmp_path / "val_scored", tta=False)
+    job = load_job()
+    argv = ["--predictions", str(pred), "--calibrate-on", str(val), "--out", str(tmp_path / "r"), "--bootstrap", "0"]
+    assert job.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tta" in err[0] and str(val) in err[0] and str(pred) in err[0], err
+    # Alike: accepted, and what was checked is recorded.
+    storage.write_json(str(val / "manifest.json"), {**storage.read_json(str(val / "manifest.json")), "tta": True})
+    assert job.main(argv) == 0
+    point = json.loads((tmp_path / "r" / "report.json").read_text())["operating_point"]
+    assert point["model_id"] == "resnet18-test" and point["model_check"].startswith("same model_id")
+    assert point["tta"] is True
+
+
+def test_calibrate_level_study(tmp_path):
+    pred = write_predictions(tmp_path / "pred")
+    # Validation studies: N1 (normal) images 0.1, 0.9 -> mean 0.5; N2 0.2, 0.2 -> 0.2;
+    #                     A1 (abnormal) 0.6, 0.6 -> 0.6;   A2 0.7, 0.8 -> 0.75.
+    # Images: Youden's J is best at 0.6 (all 4 abnormal, 3 of 4 normal: J = 0.75).
+    # Studies: 0.6 catches both abnormal studies and neither normal one: J = 1.
+    val_rows = [(f"v{k}", study, "HAND", "HAND", p, y, None) for k, (study, p, y) in enumerate(
+        [("N1", 0.1, 0), ("N1", 0.9, 0), ("N2", 0.2, 0), ("N2", 0.2, 0),
+         ("A1", 0.6, 1), ("A1", 0.6, 1), ("A2", 0.7, 1), ("A2", 0.8, 1)])]
+    val = write_predictions(tmp_path / "val", val_rows)
+    job = load_job()
+    at_image, at_study = (1.0, 0.75), (1.0, 1.0)  # (sensitivity, specificity) at 0.6
+    for level in ("image", "study"):
+        out = tmp_path / level
+        assert job.main(["--predictions", str(pred), "--calibrate-on", str(val), "--calibrate-level", level,
+                         "--out", str(out), "--bootstrap", "0"]) == 0
+        point = json.loads((out / "report.json").read_text())["operating_point"]
+        assert point["level"] == level and point["threshold"] == pytest.approx(0.6)
+        v = point["validation"]
+        assert (v["image_level"]["n"], v["study_level"]["n"]) == (8, 4)
+        assert (v["image_level"]["sensitivity"], v["image_level"]["specificity"]) == pytest.approx(at_image)
+        assert (v["study_level"]["sensitivity"], v["study_level"]["specificity"]) == pytest.approx(at_study)
+        assert (point["val_sensitivity"], point["val_specificity"]) == pytest.approx(
+            at_image if level == "image" else at_study)
+        md = (out / "report.md").read_text()
+        assert f"on the {level}-level probabilities of {val}" in md
+        assert "8 images, sensitivity 1.0000, specificity 0.7500; 4 studies" in md
+
+
+def test_calibrate_level_changes_the_threshold(tmp_path):
+    pred = write_predictions(tmp_path / "pred")
+    # Sensitivity target 1.0. Images: the lowest abnormal image is 0.3 -> threshold 0.3. Studies: A's mean is
+    # (0.3 + 0.9) / 2 = 0.6 and B's 0.8 -> threshold 0.6; normal study N: (0.1 + 0.5) / 2 = 0.3.
+    val_rows = [(f"v{k}", study, None, None, p, y, None) for k, (study, p, y) in enumerate(
+        [("N", 0.1, 0), ("N", 0.5, 0), ("A", 0.3, 1), ("A", 0.9, 1), ("B", 0.8, 1)])]
+    val = write_predictions(tmp_path / "val", val_rows)
+    job = load_job()
+    thresholds = {}
+    for level in ("image", "study"):
+        out = tmp_path / level
+        assert job.main(["--predictions", str(pred), "--calibrate-on", str(val), "--operating-point", "sensitivity",
+                         "--target-sensitivity", "1.0", "--calibrate-level", level, "--out", str(out),
+                         "--bootstrap", "0"]) == 0
+        thresholds[level] = json.loads((out / "report.json").read_text())["threshold"]
+    assert thresholds == pytest.approx({"image": 0.3, "study": 0.6})
+
+
+def test_calibrate_level_needs_calibrate_on(tmp_path, capsys):
+    write_predictions(tmp_path / "pred")
+    assert load_job().main(["--predictions", str(tmp_path / "pred"), "--calibrate-level", "study",
+                            "--out", str(tmp_path / "r")]) == 2
+    assert "--calibrate-level needs --calibrate-on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"n_images": 3}', "no valid n_studies"),
+        ("[]", "a JSON list, not an object"),
+        ('{"n_images": 3, "n_studies": 2, "threshold": 0.5, "image_level": {}, "study_level": []}',
+         "no valid image_level.accuracy"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_compare_refuses_a_malformed_report(tmp_path, capsys, content, problem):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "report.json").write_text(content)
+    assert load_job().main(["--compare", str(tmp_path / "bad"), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'bad' / 'report.json'} is not" in err[0] and problem in err[0], err
+
+
+def test_compare_shows_threshold_and_test_set_size(tmp_path, df):
+    full = build_report(df, bootstrap=0, threshold=0.25)
+    fewer = build_report(df[df["image_id"] != "d"], bootstrap=0)
+    storage.write_json(str(tmp_path / "full" / "report.json"), full)
+    storage.write_json(str(tmp_path / "fewer" / "report.json"), fewer)
+    md, data = compare_reports([str(tmp_path / "full"), str(tmp_path / "full")])
+    assert "| Model " in md and "| Threshold | Images | Studies |" in md
+    assert "| 0.2500    | 7      | 4       |" in md
+    assert data["notes"] == [] and "Note:" not in md
+    md, data = compare_reports([str(tmp_path / "full"), str(tmp_path / "fewer")])
+    assert "| 0.5000    | 6      | 3       |" in md
+    fewer_entry = data["models"][1]
+    assert (fewer_entry["n_images"], fewer_entry["n_studies"], fewer_entry["threshold"]) == (6, 3, 0.5)
+    assert len(data["notes"]) == 1 and "not on the same test set" in data["notes"][0]
+    assert "full 7 images / 4 studies, fewer 6 images / 3 studies" in md
+
+
+def test_load_predictions_from_s3_skips_staging(s3_server):
+    boto3 = pytest.importorskip("boto3")
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="preds")
+
+    def put(key: str, rows: list[tuple]) -> None:
+        buf = io.BytesIO()
+        pq.write_table(predictions_table(rows), buf)
+        storage.write_bytes(f"s3://preds/{key}", buf.getvalue())
+
+    put("plain/part-0.parquet", ROWS)
+    put("plain/_staging/abc/part-0.parquet", [("z1", "Z", None, None, 0.5, 1, None)])
+    assert sorted(load_predictions("s3://preds/plain")["image_id"]) == sorted(r[0] for r in ROWS)
+    # A scoring output whose run has staged but not committed anything.
+    put("dest/_staging/abc/part-0.parquet", ROWS)
+    storage.write_json("s3://preds/dest/manifest.json", {"parts": {}, "tta": False})
+    with pytest.raises(UserError, match="nothing committed yet"):
+        load_predictions("s3://preds/dest")
