@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--concurrency", type=int, default=1, help="scoring actors, each with a copy of the model(s) (default 1)")
     a("--gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per actor: auto when present")
     a("--cpus-per-actor", type=float, default=1.0, help="CPUs per scoring actor (default 1); images are decoded "
-      "in CPU tasks in front of GPU actors, inside CPU actors")
+      "by 1-CPU tasks in front of GPU actors, inside CPU actors of 1 CPU")
     a("--no-amp", action="store_true", help="score in float32 on GPU too (default: bfloat16/float16 autocast on "
       "GPU; CPU scoring is always float32)")
     a("--tta", action="store_true", help="test-time augmentation: average over a horizontal flip (a re-run into "

@@ -57,7 +57,8 @@ def select_examples(predictions: pd.DataFrame, n: int, threshold: float) -> dict
         usable &= predictions["error"].isna()
     rows = predictions[usable]
     positive = rows["label"].astype(int) == 1
-    flagged = rows["prob_abnormal"] >= threshold
+    flagged = rows["prob_abnormal"].astype(np.float64) >= threshold  # as scoring decided (NumPy 2 would compare
+    # a float32 column in float32)
     n = max(n, 0)
 
     def _top(mask: pd.Series, highest_first: bool) -> pd.DataFrame:

@@ -576,6 +576,9 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
     except OSError as e:
         lock.release()
         raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
+    except BaseException:
+        lock.release()
+        raise
     try:
         manifest = read_manifest(cfg.out)
         if manifest and manifest["parts"]:

@@ -218,11 +218,21 @@ class OutputLock:
             record, age = held
             if age < self.stale_after_s:
                 raise self._refuse(record, age)
+            fs, path = resolve(self.uri)
+            if isinstance(fs, pafs.LocalFileSystem):
+                # Renamed aside, not deleted: of runs taking over together only one rename succeeds, and a later
+                # delete cannot remove a lock the winner has just created.
+                try:
+                    os.rename(path, f"{path}.stale-{self.token}")
+                except FileNotFoundError:
+                    raise self._refuse({"holder": "another run taking over the same stale lock"}, 0.0) from None
+                os.unlink(f"{path}.stale-{self.token}")
+            else:
+                fs.delete_file(path)
             logger.warning("%s: taking over the lock of a run not seen for %.0f s (%s on %s, pid %s)", self.folder,
                            age, record.get("holder"), record.get("host"), record.get("pid"))
-            fs, path = resolve(self.uri)
-            fs.delete_file(path)
         self._started = time.time()
+        self._stop.clear()
         fs, path = resolve(self.uri)
         data = json.dumps(self._record()).encode("utf-8")
         if isinstance(fs, pafs.LocalFileSystem):
@@ -250,13 +260,14 @@ class OutputLock:
             try:
                 self.check()
                 write_bytes(self.uri, json.dumps(self._record()).encode("utf-8"))
-            except RuntimeError:
+            except UserError as e:
+                logger.warning("%s", e)
                 return
             except OSError as e:  # a transient storage error: the next beat tries again
                 logger.warning("%s: could not refresh the lock (%s)", self.folder, e)
 
     def check(self) -> None:
-        """Raise RuntimeError when the lock is no longer this run's (taken over after this run was judged dead)."""
+        """Raise UserError when the lock is no longer this run's (taken over after this run was judged dead)."""
         if self.lost is None:
             held = self._read()
             if held is None or held[0].get("token") != self.token:
@@ -264,7 +275,7 @@ class OutputLock:
                              f" ({held[0].get('holder')} on {held[0].get('host')}, pid {held[0].get('pid')})"
                              if held else f"{self.folder}: this run's lock ({self.uri}) was deleted")
         if self.lost is not None:
-            raise RuntimeError(f"{self.lost}; stopped before writing again (what is committed is sound)")
+            raise UserError(f"{self.lost}; stopped before writing again (what is committed is sound)")
 
     def release(self) -> None:
         """Stop refreshing the lock and delete it, if this run (still) holds it; a no-op when it never did."""
@@ -275,10 +286,13 @@ class OutputLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        held = self._read()
-        if held is not None and held[0].get("token") == self.token:
-            fs, path = resolve(self.uri)
-            fs.delete_file(path)
+        try:
+            held = self._read()
+            if held is not None and held[0].get("token") == self.token:
+                fs, path = resolve(self.uri)
+                fs.delete_file(path)
+        except OSError as e:  # the run's own outcome stands; the lock goes stale and is taken over later
+            logger.warning("%s: could not remove the lock %s (%s)", self.folder, self.uri, e)
 
     def __enter__(self) -> OutputLock:
         return self.acquire()

@@ -554,6 +554,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     cfg = replace(cfg, out=out if storage.is_remote(out) else os.path.abspath(os.path.expanduser(out)))
     # Fail fast, before any cluster work, on a misspelt backbone and on weights that cannot be had or do not fit
     # (in the workers, each retried `max_failures` times, such an error would end as a Ray traceback).
+    torch.manual_seed(cfg.seed)  # the probe's head is what the workers start from when it carries pretrained weights
     probe = build_model(cfg.backbone, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
                         freeze=cfg.freeze, multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding,
                         dropout=cfg.dropout, image_size=cfg.image_size)

@@ -50,6 +50,9 @@ def test_16_bit_samples_of_fewer_bits_are_scaled_by_the_bits_they_use():
     assert png_significant_bits(declared) == 12 and png_significant_bits(_png(Image.fromarray(dim))) is None
     assert decode_radiograph(declared).tolist() == [[0, 62, 127]]
     assert decode_radiograph(_png(Image.fromarray(dim))).tolist() == [[0, 124, 255]]  # 11 bits hold it
+    # The PNG spec's layout: samples scaled up to 16 bits, sBIT recording the original 12: a full-range image.
+    spec = np.array([[0, 1365 * 16, 4095 * 16]], dtype=np.uint16)
+    assert decode_radiograph(_with_sbit(_png(Image.fromarray(spec)), 12)).tolist() == [[0, 84, 254]]
 
 
 def test_rgb_and_grayscale_and_jpeg_become_one_channel():

@@ -461,7 +461,7 @@ def test_a_run_whose_lock_was_taken_over_stops_before_committing(tmp_path):
     record = json.loads((tmp_path / "out" / "_lock.json").read_text())
     lock.check()
     (tmp_path / "out" / "_lock.json").write_text(json.dumps({**record, "token": "other", "holder": "second"}))
-    with pytest.raises(RuntimeError, match="lock was taken over by another run \\(second on"):
+    with pytest.raises(UserError, match="lock was taken over by another run \\(second on"):
         lock.check()
     time.sleep(0.2)  # the heartbeat saw it too, and did not write over the new holder's lock
     assert json.loads((tmp_path / "out" / "_lock.json").read_text())["token"] == "other"
@@ -588,3 +588,15 @@ def test_scoring_module_leaves_torch_to_the_predictor():
     code = "import sys, mura_ray.score; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_committer_whose_lock_was_taken_over_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    lock = storage.OutputLock(str(out), "first").acquire()
+    record = json.loads((out / "_lock.json").read_text())
+    (out / "_lock.json").write_text(json.dumps({**record, "token": "other", "holder": "second"}))
+    committer = score_lib._Committer(str(out), {"parts": {}}, 0, 10, 10, lock)
+    with pytest.raises(UserError, match="taken over"):
+        committer.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["_lock.json"]
+    lock.release()

@@ -89,7 +89,12 @@ def to_grayscale(img: Image.Image, significant_bits: int | None = None) -> np.nd
         arr = np.asarray(img)
         if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
             top = int(arr.max()) if arr.size else 0
-            bits = min(significant_bits or max(8, top.bit_length()), 32)
+            bits = max(8, top.bit_length())
+            if significant_bits and top <= (1 << significant_bits) - 1:
+                # sBIT with the data in the low bits (what DICOM exporters write); the PNG spec's layout, scaled up
+                # to the full 16-bit range, has larger values and is scaled by the bits they use
+                bits = significant_bits
+            bits = min(bits, 32)
             full = (1 << bits) - 1
             return (np.clip(arr.astype(np.int64), 0, full) * 255 // full).astype(np.uint8)
         return np.clip(arr, 0, 255).astype(np.uint8)
