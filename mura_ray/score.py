@@ -569,17 +569,10 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
     """Take --out's lock (another run writing there is refused), then the manifest this run continues (or a new
     one), written back before any scoring: an --out that cannot be written fails now, as one error line, not after
     the first chunk was scored. The lock is released again if this fails."""
-    try:
+    try:  # lock.release() is a no-op when acquire() failed
         lock.acquire()
         if overwrite:  # what another run holds is never deleted: the lock comes first
             storage.clear_dir(cfg.out, keep=(lock.NAME,))
-    except OSError as e:
-        lock.release()
-        raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
-    except BaseException:
-        lock.release()
-        raise
-    try:
         manifest = read_manifest(cfg.out)
         if manifest and manifest["parts"]:
             _check_continuable(cfg.out, manifest)

@@ -181,11 +181,12 @@ class OutputLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        self._started = time.time()
 
     def _record(self) -> dict[str, Any]:
         now = time.time()
         return {"holder": self.what, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                "started_at": getattr(self, "_started", now), "heartbeat_at": now}
+                "started_at": self._started, "heartbeat_at": now}
 
     def _read(self) -> tuple[dict[str, Any], float] | None:
         """(the lock's record, seconds since it was last refreshed), or None when there is no lock."""
@@ -293,9 +294,3 @@ class OutputLock:
                 fs.delete_file(path)
         except OSError as e:  # the run's own outcome stands; the lock goes stale and is taken over later
             logger.warning("%s: could not remove the lock %s (%s)", self.folder, self.uri, e)
-
-    def __enter__(self) -> OutputLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
