@@ -202,6 +202,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from mura_ray.train import EpochStream
+
     torch.manual_seed(0)
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -215,10 +217,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step = make_step(config["backbone"], ray.train.torch.prepare_model) if phase == "train" else None
         if step is not None:
             warm_up(step, batch_size, config["image_size"], device)
-        results[phase] = []
-        for _ in range(epochs + PHASE_WARM_UP_EPOCHS[phase]):
+
+        def batches():
             # The arguments of mura_ray.train._iter_batches (training's iterator), with prefetch as a knob.
-            batches = shard.iter_torch_batches(
+            return shard.iter_torch_batches(
                 batch_size=batch_size,
                 dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64,
                         "ok": torch.float32},
@@ -226,7 +228,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 prefetch_batches=config["prefetch_batches"],
                 local_shuffle_buffer_size=batch_size * 8,
             )
-            results[phase].append(run_epoch(batches, step))
+
+        n_epochs = epochs + PHASE_WARM_UP_EPOCHS[phase]
+        # Training's EpochStream (each epoch's input starts when the previous one has delivered its last batch),
+        # made after the model and its warm-up steps: the phase's first epoch waits for its whole start-up.
+        # --epoch-prefetch 0: a new iterator per epoch, started when the loop asks for it (the code before).
+        stream = EpochStream(batches, n_epochs, depth=config["epoch_prefetch"]) if config["epoch_prefetch"] else None
+        results[phase] = []
+        for _ in range(n_epochs):
+            results[phase].append(run_epoch(stream.epoch() if stream else batches(), step))
+        if stream is not None:
+            stream.close()
     everyone = [results]
     if ctx.get_world_size() > 1:
         import torch.distributed as dist
@@ -267,7 +279,8 @@ def run_ours(data: str, args: argparse.Namespace, mean: float, std: float) -> di
             train_loop_per_worker,
             train_loop_config={"batch_size": args.batch_size, "input_epochs": args.input_epochs,
                                "train_epochs": args.train_epochs, "backbone": args.backbone,
-                               "prefetch_batches": args.prefetch_batches, "image_size": args.image_size},
+                               "prefetch_batches": args.prefetch_batches, "image_size": args.image_size,
+                               "epoch_prefetch": args.epoch_prefetch},
             scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=False,
                                                    resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(name="input_pipeline", storage_path=storage,
@@ -309,6 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="num_cpus per decode task (default 1, build_input's as training runs it)")
     p.add_argument("--map-batch-size", type=int, default=32, help="rows per decode batch (build_input's)")
     p.add_argument("--prefetch-batches", type=int, default=4, help="iter_torch_batches prefetch (training's)")
+    p.add_argument("--epoch-prefetch", type=int, default=8,
+                   help="batches training's EpochStream pulls ahead (its default); 0 = a new iterator per epoch, "
+                   "started when the loop asks for it (the code before)")
     p.add_argument("--rows-per-block", type=int, default=0,
                    help="what-if: split read blocks to this many rows before decoding; 0 = build_input as is")
     p.add_argument("--skip-baseline", action="store_true", help="measure only the Ray side")
@@ -347,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": args.image_size, "source_size": args.source_size, "batch_size": args.batch_size,
         "backbone": args.backbone, "workers": args.workers, "loader_workers": args.loader_workers,
         "decode_cpus": args.decode_cpus, "map_batch_size": args.map_batch_size,
-        "prefetch_batches": args.prefetch_batches, "rows_per_block": args.rows_per_block,
+        "prefetch_batches": args.prefetch_batches, "epoch_prefetch": args.epoch_prefetch,
+        "rows_per_block": args.rows_per_block,
         "cores": cores(), "ray_cpus": args.ray_cpus, "load_1m_start": load_start, "load_1m_end": load_1m(),
         "seconds": round(time.perf_counter() - started, 1),
         "ours": ours, "baseline": baseline,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import subprocess
 import tempfile
 import threading
@@ -98,43 +99,79 @@ def _iter_batches(shard, batch_size: int, shuffle: bool, device):
     )
 
 
-class _StartedEpoch:
-    """An epoch's batches whose first batch is pulled in a background thread as soon as this is made.
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
 
-    Each epoch is a new Ray Data execution: its read and decode tasks start, and the local shuffle buffer fills,
-    before the first batch arrives (seconds). Made before validation, the next training epoch does that while the
-    model is being validated, and the loop's first `next` only waits for what is still missing. Iterate it once.
+
+class EpochStream:
+    """Consecutive epochs' batches, pulled by a background thread up to `depth` batches ahead of the loop.
+
+    Each epoch is a new Ray Data execution: read and decode tasks start and the local shuffle buffer fills before
+    its first batch arrives (seconds). The thread starts epoch e+1 as soon as epoch e has handed over its last batch,
+    so that wait overlaps the loop's last `depth` steps of epoch e and whatever comes between epochs (validation,
+    the checkpoint); made before the model is built, it overlaps the first epoch's start with the model's set-up.
+    Each `epoch()` yields one epoch's batches, in order; `close()` drops what was pulled ahead (early stopping).
     """
 
-    def __init__(self, batches):
-        self._it = iter(batches)
-        self._first: tuple[bool, Any] = (False, None)
-        self._thread = threading.Thread(target=self._pull, name="next-epoch-input", daemon=True)
+    _END = object()
+
+    def __init__(self, make_batches: Callable[[], Any], epochs: int, depth: int = 8):
+        self._make = make_batches
+        self._unread = epochs  # epochs not yet handed to the loop
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pull, args=(epochs,), name="epoch-input", daemon=True)
         self._thread.start()
 
-    def _pull(self) -> None:
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pull(self, epochs: int) -> None:
         try:
-            self._first = (True, next(self._it, None))
+            for _ in range(epochs):
+                it = iter(self._make())
+                try:
+                    for batch in it:
+                        if not self._put(batch):
+                            return
+                finally:  # a dropped epoch ends this worker's part of its Ray Data execution now
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()
+                if not self._put(self._END):
+                    return
         except BaseException as e:  # re-raised in the training loop's thread
-            self._first = (False, e)
+            self._put(_Failed(e))
 
-    def close(self) -> None:
-        """Drop the epoch unread (early stopping): closing the batch iterator ends this worker's part of the epoch's
-        Ray Data execution now, instead of leaving it running until the workers are torn down."""
-        self._thread.join()
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
-
-    def __iter__(self):
-        self._thread.join()
-        ok, first = self._first
-        if not ok:
-            raise first
-        if first is None:
+    def epoch(self):
+        """The next epoch's batches (an error in the input is raised here); nothing after the last epoch."""
+        if self._unread <= 0:
             return
-        yield first
-        yield from self._it
+        self._unread -= 1
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop pulling and drop what was pulled ahead. The thread ends after the batch it is waiting for, if any."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout)
 
 
 def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype | None, loss_kwargs: dict[str, Any],
@@ -162,7 +199,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
             if "body_part" in out:
                 part_pred.append(out["body_part"].argmax(1).cpu().numpy())
     if not weights:
-        raise RuntimeError("the validation split produced no decodable rows")
+        raise RuntimeError(f"the validation split has no labelled image that decodes ({skipped} failed to decode): "
+                           "nothing to compute the validation loss on")
     metrics = compute_val_metrics(
         np.concatenate(labels), np.concatenate(probs), np.concatenate(parts),
         np.concatenate(part_pred) if part_pred else np.array([]), threshold,
@@ -277,17 +315,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainConfig(**loop_config["cfg"])
-    pos_weight = loop_config.get("pos_weight")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
-    # Pretrained weights come from the driver, which loaded them once (PreparedRun.weights).
-    model = build_model(cfg.backbone, freeze=cfg.freeze, multitask=cfg.multitask,
-                        body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, image_size=cfg.image_size)
-    if loop_config.get("weights") is not None:
-        model.load_state_dict(ray.get(loop_config["weights"]))
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     state = load_checkpoint_state(checkpoint) if checkpoint else None
@@ -309,16 +341,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(last, checkpoint=None)
             return
 
+    # The first epoch's input starts now, while the model is built, and each next epoch's as soon as the previous
+    # one has delivered its last batch.
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    stream = EpochStream(lambda: _iter_batches(train_shard, cfg.batch_size, True, device),
+                         epochs=cfg.epochs - (state["epoch"] + 1 if state is not None else 0))
+    try:
+        _train(cfg, loop_config, state, stream, val_shard, device, rank, world)
+    finally:
+        stream.close()
+
+
+def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] | None, stream: EpochStream,
+           val_shard, device: torch.device, rank: int, world: int) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    # Pretrained weights come from the driver, which loaded them once (PreparedRun.weights).
+    model = build_model(cfg.backbone, freeze=cfg.freeze, multitask=cfg.multitask,
+                        body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, image_size=cfg.image_size)
+    if loop_config.get("weights") is not None:
+        model.load_state_dict(ray.get(loop_config["weights"]))
+    pos_weight = loop_config.get("pos_weight")
     run = setup_training(model, cfg, state, ray.train.torch.prepare_model, device)
     model, raw_model, optimizer, scheduler, scaler, amp = (
         run.model, run.raw_model, run.optimizer, run.scheduler, run.scaler, run.amp)
     start_epoch, best_val_loss, bad_epochs = run.start_epoch, run.best_val_loss, run.bad_epochs
     loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
                    "body_part_weight": cfg.body_part_weight if cfg.multitask else 0.0}
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-
-    started: _StartedEpoch | None = None
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             break
@@ -327,8 +379,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t_start = time.perf_counter()
         wait = 0.0
         seen, skipped, left_out, loss_sum = 0, 0, 0, 0.0
-        it = iter(started or _iter_batches(train_shard, cfg.batch_size, True, device))
-        started = None
+        it = iter(stream.epoch())
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -363,8 +414,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data_stall_share": wait / max(elapsed, 1e-9),
             "lr": lr,
         }
-        if epoch + 1 < cfg.epochs:  # every worker starts its next epoch's input now, to arrive during validation
-            started = _StartedEpoch(_iter_batches(train_shard, cfg.batch_size, True, device))
         if rank == 0:
             val = evaluate(raw_model, _iter_batches(val_shard, cfg.batch_size * 2, False, device), device,
                            amp, loss_kwargs, cfg.threshold)
@@ -383,9 +432,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             bad_epochs += 1
         metrics["best_val_loss"] = best_val_loss
         metrics["stopped_early"] = bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
-        if started is not None and metrics["stopped_early"]:  # every worker decides alike (rank 0's val loss)
-            started.close()
-            started = None
+        if metrics["stopped_early"]:  # every worker decides alike (rank 0's val loss): drop the next epoch's input
+            stream.close()
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
             if rank == 0:
@@ -579,6 +627,11 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     for split in ("train", "val"):
         if split not in summary["splits"]:
             raise UserError(f"--data {data}: has no {split} split; training needs train and val")
+        counts = summary["splits"][split]
+        if counts.get("images", 1) == 0 or ("positive_rate" in counts and counts["positive_rate"] is None):
+            # Found now, not in the workers after the first epoch (where Ray Train would retry it max_failures times)
+            raise UserError(f"--data {data}: its {split} split has no labelled images; training needs labelled "
+                            "train and val images (score unlabelled sets with jobs/score.py)")
     if summary.get("layout_version", 1) < LAYOUT_VERSION:
         logger.warning("--data %s was ingested by an older mura_ray, in path order: epochs are shuffled only within "
                        "a local buffer. Re-run jobs/ingest.py with --overwrite for a fully shuffled train split.", data)

@@ -55,43 +55,62 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
     assert {st["metrics"]["left_out_images"] for st in states} == {1}
 
 
-def test_started_epoch_pulls_its_first_batch_ahead_and_yields_everything_once():
+def test_epoch_stream_starts_the_next_epoch_while_the_loop_is_still_on_this_one():
     import threading
 
-    from mura_ray.train import _StartedEpoch
+    from mura_ray.train import EpochStream
 
-    pulled_in = []
+    made, pulled_in = [], []
+    epoch_ended = [threading.Event() for _ in range(3)]
 
-    def batches(n):
-        for i in range(n):
-            pulled_in.append(threading.current_thread().name)
-            yield i
+    def make():
+        e = len(made)
+        made.append(e)
 
-    started = _StartedEpoch(batches(3))
-    started._thread.join(timeout=10)
-    assert pulled_in == ["next-epoch-input"]  # the first batch was fetched before the loop asked for it
-    assert list(started) == [0, 1, 2] and len(pulled_in) == 3
-    assert list(_StartedEpoch(batches(0))) == []
+        def batches():
+            for i in range(4):
+                pulled_in.append(threading.current_thread().name)
+                yield (e, i)
+            epoch_ended[e].set()
+
+        return batches()
+
+    stream = EpochStream(make, epochs=3, depth=10)
+    assert epoch_ended[1].wait(10)  # no batch taken yet: epochs 0 and 1 were pulled ahead (8 batches, 2 ends)
+    assert set(pulled_in) == {"epoch-input"}
+    first = stream.epoch()
+    assert next(first) == (0, 0)
+    assert list(first) == [(0, 1), (0, 2), (0, 3)]
+    assert epoch_ended[2].wait(10)  # a free slot in the queue let epoch 2 start before epoch 1 is read
+    assert [list(stream.epoch()) for _ in range(3)] == [[(1, i) for i in range(4)], [(2, i) for i in range(4)], []]
+    assert made == [0, 1, 2]  # one execution per epoch, none beyond the last
+    stream.close()
 
     def broken():
         raise OSError("object store lost")
         yield
 
+    failing = EpochStream(broken, epochs=2)
     with pytest.raises(OSError, match="object store lost"):
-        list(_StartedEpoch(broken()))
+        list(failing.epoch())
+    failing.close()
 
-    # Early stopping drops a started epoch: its iterator is closed (Ray's ends the worker's part of the execution).
-    closed = []
+    # Early stopping drops what was pulled ahead: the open epoch's iterator is closed (Ray's ends this worker's
+    # part of the execution) and no further epoch is started.
+    closed, started = [], []
 
     def held():
+        started.append(True)
         try:
-            yield from range(5)
+            yield from range(100)
         finally:
             closed.append(True)
 
-    unread = _StartedEpoch(held())
+    unread = EpochStream(held, epochs=5, depth=2)
+    assert list(zip(range(3), unread.epoch())) == [(0, 0), (1, 1), (2, 2)]
     unread.close()
-    assert closed == [True]
+    assert not unread._thread.is_alive()
+    assert closed == [True] and started == [True]
 
 
 @pytest.mark.parametrize("known_parts, weight", [(False, 1.0), (True, 0.0)])
@@ -304,6 +323,20 @@ def test_dataset_of_an_older_ingest_layout_trains_with_a_warning(ray_cluster, mu
     assert "was ingested by an older mura_ray" in caplog.text and "--overwrite" in caplog.text
 
 
+def test_a_split_without_labelled_images_is_refused_before_training(ray_cluster, mura_dataset, tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for split in ("train", "val", "test"):
+        (unlabelled / split).symlink_to(Path(mura_dataset) / split, target_is_directory=True)
+    summary = json.loads((Path(mura_dataset) / "ingest_summary.json").read_text())
+    summary["splits"]["val"]["positive_rate"] = None  # what ingest writes for a split with no labels
+    (unlabelled / "ingest_summary.json").write_text(json.dumps(summary))
+    assert train_job.main(["--data", str(unlabelled), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "val split has no labelled images" in err[-1]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     from mura_ray.train import best_state, build_trainer, prepare_run
@@ -424,6 +457,9 @@ def test_evaluate_leaves_out_undecoded_and_unlabelled_rows():
     assert got["val_skipped_images"] == 1 and want["val_skipped_images"] == 0
     assert {k: v for k, v in got.items() if k != "val_skipped_images"} == pytest.approx(
         {k: v for k, v in want.items() if k != "val_skipped_images"})
+    nothing = {**batch, "ok": torch.tensor([0.0, 0, 0, 0, 1, 0])}  # undecoded, or decoded without a label
+    with pytest.raises(RuntimeError, match="no labelled image that decodes"):
+        evaluate(model, [nothing], torch.device("cpu"), None, kwargs, 0.5)
 
 
 def _tiny_batch(dtype=None):
