@@ -62,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_run, build_parser(), argv)
+    return run_main(_run, build_parser(), argv,
+                    rerun="what was committed is kept: run the same command again to score the rest")
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_run, build_parser(), argv)
+    return run_main(_run, build_parser(), argv,
+                    rerun="run it again with the same --out to resume from the last finished epoch")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_run, build_parser(), argv)
+    return run_main(_run, build_parser(), argv, rerun="run the same command again to resume the search")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Ray start-up and job plumbing shared by the entry points: attach or start Ray, quiet logs, one-line errors."""
+"""Ray start-up and job plumbing shared by the entry points: attach or start Ray, quiet logs, one-line errors, an
+orderly exit on SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import importlib.util
 import logging
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 from mura_ray.config import UserError
 
@@ -124,6 +128,12 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
                  _node_ip_address="127.0.0.1", runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
         global _started_local
         _started_local = True
+    if _sigterm_held and threading.current_thread() is threading.main_thread():
+        # ray.init sets a SIGTERM handler of its own (`sys.exit(15)`; for a Ray it starts, a drain of the node,
+        # then exit code 1): take SIGTERM back, and put Ray's back when run_main returns. During ray.init, Ray's
+        # handler unwinds the job as well (`finally:` blocks run), only without the one-line message and code 143.
+        global _sigterm_previous
+        _sigterm_previous = signal.signal(signal.SIGTERM, _on_sigterm)
     ctx = ray.data.DataContext.get_current()
     if not sys.stderr.isatty():
         # Progress bars are for terminals; in `ray job` logs and CI they are walls of carriage returns.
@@ -158,23 +168,89 @@ def user_error_cause(exc: BaseException) -> UserError | None:
     return None
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread by the handler `run_main` installs: the job unwinds as it does after
+    Ctrl+C (`finally:` blocks run, so an output lock is released) and exits with 128 + the signal's number, as a
+    shell reports a process killed by it. A SystemExit: `except Exception` clauses let it pass, and raised where
+    nothing catches it, it still ends the process with that code and no traceback."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+_terminating: int | None = None
+"""The signal being handled, once SIGTERM came (repeats are ignored while the job unwinds)."""
+_sigterm_held = False
+"""`run_main` has SIGTERM (it is taken back after ray.init); `_sigterm_previous` is put back when it returns."""
+_sigterm_previous: Any = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _terminating
+    if _terminating is not None:
+        return  # a repeat while the first unwinds: let the clean-up (releasing a lock) finish; SIGKILL still kills
+    _terminating = signum
+    raise Terminated(signum)
+
+
+def _hold_sigterm() -> None:
+    """SIGTERM (`ray job stop`, `kill`, `timeout`, a container being stopped) becomes `Terminated` in the main
+    thread. Python's default action ends the process at once, without running `finally:` blocks: the lock of
+    the output being written would stay, and refuse the next run until it goes stale. ray.init sets a handler that
+    unwinds (see `init_ray`), but only from then on, after a job has taken its lock (on S3: written, then settled
+    for seconds), and it exits with code 15, or 1 after draining a local node, without a word. Signal handlers can
+    only be set from the main thread; elsewhere (a job run from a thread) SIGTERM keeps its handler."""
+    global _sigterm_held, _sigterm_previous, _terminating
+    if threading.current_thread() is threading.main_thread():
+        _terminating = None
+        _sigterm_previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm_held = True
+
+
+def _release_sigterm() -> None:
+    global _sigterm_held
+    if _sigterm_held:
+        _sigterm_held = False
+        # None: a handler not set from Python; SIG_DFL is what such a process has for SIGTERM.
+        signal.signal(signal.SIGTERM, _sigterm_previous if _sigterm_previous is not None else signal.SIG_DFL)
+
+
+def _interrupted(signum: int, rerun: str) -> int:
+    """The one line of a job stopped by a signal, and its exit code (128 + the signal's number, as shells do)."""
+    name = "SIGINT (Ctrl+C)" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(f"interrupted by {name}" + (f"; {rerun}" if rerun else ""), file=sys.stderr)
+    return 128 + signum
+
+
 def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
-             argv: list[str] | None) -> int:
+             argv: list[str] | None, *, rerun: str = "") -> int:
     """Parse argv and run `fn`; a UserError (also one raised remotely, see `user_error_cause`) becomes one
-    `error:` line on stderr and exit code 2."""
+    `error:` line on stderr and exit code 2.
+
+    SIGTERM and SIGINT (Ctrl+C) stop `fn` by an exception in the main thread (`Terminated`, KeyboardInterrupt),
+    so its `finally:` blocks run, and end in one `interrupted by ...` line on stderr, followed by `rerun` (what a
+    run of the same command again does), and exit code 143 or 130.
+    """
     args = parser.parse_args(argv)
     setup_logging()
+    _hold_sigterm()
     try:
         return int(fn(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        return _interrupted(e.signum, rerun)
     except Exception as e:
         cause = user_error_cause(e)
-        if cause is None:
-            raise
-        print(f"error: {first_line(cause)}", file=sys.stderr)
-        return 2
+        if cause is not None:
+            print(f"error: {first_line(cause)}", file=sys.stderr)
+            return 2
+        if _terminating is not None:  # a failure while unwinding from SIGTERM (a library turned it into another)
+            return _interrupted(_terminating, rerun)
+        raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(signal.SIGINT, rerun)
+    finally:
+        _release_sigterm()

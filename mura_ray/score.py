@@ -12,10 +12,12 @@ second run is refused with one line naming the first, and the lock of a run that
 minutes) is taken over with a warning. Without it, two runs would clean each other's staged parts and commit parts
 of the same names.
 
-The manifest also records what the predictions mean: models, input, threshold and TTA. A re-run that differs in any
-of them is refused rather than mixing rows of two settings under one --out. A manifest written before the threshold
-and TTA were recorded is taken to hold the defaults (the model's threshold, no TTA): only a run with those
-defaults continues it, which records them from then on.
+The manifest also records what the predictions mean: models, input, threshold, TTA and `amp` (whether the models
+ran under autocast: on GPU unless --no-amp; CPU scoring is float32). A re-run that differs in any of them is
+refused rather than mixing rows of two settings under one --out. A manifest written before the threshold and TTA
+were recorded is taken to hold the defaults (the model's threshold, no TTA): only a run with those defaults
+continues it, which records them from then on. One written before `amp` was recorded does not say whether it was
+scored on GPU (autocast) or on CPU (float32): any run continues it, and records its own setting from then on.
 """
 
 from __future__ import annotations
@@ -564,6 +566,23 @@ def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: lis
                         "this run its own --out")
 
 
+def _check_precision(cfg: ScoreConfig, manifest: dict[str, Any], amp: bool, use_gpu: bool) -> None:
+    """Refuse to add rows scored under autocast to rows scored in float32, or the reverse: autocast (bfloat16, or
+    float16 on GPUs without it: `models.amp_dtype`, decided on each actor's GPU) changes probabilities slightly,
+    enough to flip decisions at the threshold, as TTA does. Known once `--gpu auto` is resolved, with Ray up, so
+    checked after `_open_output`; a manifest older than the key is not checked (see the module docstring)."""
+    if not manifest["parts"] or "amp" not in manifest or bool(manifest["amp"]) == amp:
+        return
+    if manifest["amp"]:
+        this = "--no-amp" if use_gpu else "on CPU"
+        raise UserError(f"--out {cfg.out} holds predictions scored under autocast on GPU, this run scores in "
+                        f"float32 ({this}); re-run on GPU (--gpu yes) without --no-amp to add to them, or give "
+                        "this run its own --out")
+    raise UserError(f"--out {cfg.out} holds predictions scored in float32 (on CPU or with --no-amp), this run "
+                    "scores under autocast on GPU; re-run with --no-amp to add to them, or give this run its own "
+                    "--out")
+
+
 def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, threshold_source: str,
                  model_threshold: float, *, overwrite: bool, lock: storage.OutputLock) -> dict[str, Any]:
     """Take --out's lock (another run writing there is refused), then the manifest this run continues (or a new
@@ -667,6 +686,9 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
 
     init_ray()
     use_gpu = _resolve_gpu(cfg.gpu)
+    amp = cfg.amp and use_gpu  # what the Predictor does: autocast on its GPU, float32 on CPU
+    _check_precision(cfg, manifest, amp, use_gpu)
+    manifest["amp"] = amp
     parts_before = set(manifest["parts"])
     done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(parts_before))
 

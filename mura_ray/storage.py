@@ -162,12 +162,13 @@ class OutputLock:
     """Keeps a second writer out of an output folder: `FOLDER/_lock.json` names the run that holds it (host, pid,
     start, a random token) and is refreshed every `heartbeat_s` by a background thread.
 
-    A lock not refreshed for `stale_after_s` belongs to a run that died without releasing it (a killed pod) and is
-    taken over with a warning. A local lock is created atomically (`O_EXCL`). pyarrow offers object stores no
-    create-if-absent, so a remote lock is written and read back after `settle_s`: of runs that raced past the check,
-    only the last writer finds its own token there, and the others stop. The holder re-reads the lock on every
-    refresh and before each commit (`check`): a lock that was taken over (its run judged dead) stops it before it
-    writes again.
+    A lock not refreshed for `stale_after_s` (the age of the file, by the storage's clock: see `_read`) belongs to a
+    run that died without releasing it (a SIGKILLed pod, a lost node) and is taken over with a warning; a run
+    stopped by SIGTERM or Ctrl+C releases it on the way out (`runtime.run_main`). A local lock is created atomically
+    (`O_EXCL`). pyarrow offers object stores no create-if-absent, so a remote lock is written and read back after
+    `settle_s`: of runs that raced past the check, only the last writer finds its own token there, and the others
+    stop. The holder re-reads the lock on every refresh and before each commit (`check`): a lock that was taken over
+    (its run judged dead) stops it before it writes again.
     """
 
     NAME = "_lock.json"
@@ -189,20 +190,41 @@ class OutputLock:
                 "started_at": self._started, "heartbeat_at": now}
 
     def _read(self) -> tuple[dict[str, Any], float] | None:
-        """(the lock's record, seconds since it was last refreshed), or None when there is no lock."""
+        """(the lock's record, seconds since it was last refreshed), or None when there is no lock.
+
+        The age is that of the lock file: the reader's clock against the modification time the storage gave it
+        when the holder last wrote it (the local kernel, an NFS server, S3 at upload), not against the record's
+        `heartbeat_at`, which is the holder's own clock. On a cluster the holder is another host, and a clock a
+        few minutes off there would make a live lock look stale (taken over under a running job) or a dead one
+        look fresh. The file's age still compares two clocks, but the same two for every holder: the storage's
+        (on S3 the provider's, one clock for all readers) and the reader's, the host that decides. `heartbeat_at`
+        counts only where the storage reports no modification time.
+        """
+        try:
+            data = read_bytes(self.uri)
+        except FileNotFoundError:
+            return None
+        # Stat after reading: a lock replaced in between (refreshed, or taken over) is dated by the newer file, which
+        # errs towards refusing; the other way round, a new holder's record could be dated by the stale file it
+        # replaced, and taken over at once.
         fs, path = resolve(self.uri)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             return None
         try:
-            record = json.loads(read_bytes(self.uri).decode("utf-8"))
-            beat = float(record["heartbeat_at"])
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError):  # being written, or foreign: its age is the file's
+            record = json.loads(data.decode("utf-8"))
+        except ValueError:  # being written, or foreign
+            record = None
+        if not isinstance(record, dict):
             record = {}
-            beat = info.mtime.timestamp() if info.mtime else time.time()
-        return record, max(0.0, time.time() - beat)
+        if info.mtime is not None:
+            written = info.mtime.timestamp()
+        else:
+            try:
+                written = float(record["heartbeat_at"])
+            except (KeyError, TypeError, ValueError):
+                written = time.time()
+        return record, max(0.0, time.time() - written)
 
     def _refuse(self, record: dict[str, Any], age: float) -> UserError:
         started = record.get("started_at")
@@ -236,11 +258,15 @@ class OutputLock:
         self._stop.clear()
         fs, path = resolve(self.uri)
         data = json.dumps(self._record()).encode("utf-8")
+        # Held from before the lock is written: a run stopped from here on (SIGTERM during the settle, see
+        # runtime.run_main) has release() delete the lock it wrote, which is one with its token.
+        self._held = True
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
+                self._held = False
                 held = self._read()
                 raise self._refuse(*(held or ({}, 0.0))) from None
             with os.fdopen(fd, "wb") as f:
@@ -250,8 +276,8 @@ class OutputLock:
             time.sleep(self.settle_s)
             held = self._read()
             if held is None or held[0].get("token") != self.token:
+                self._held = False
                 raise self._refuse(*(held or ({}, 0.0)))
-        self._held = True
         self._thread = threading.Thread(target=self._heartbeat, name="output-lock-heartbeat", daemon=True)
         self._thread.start()
         return self

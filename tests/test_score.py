@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -427,6 +431,40 @@ def test_rerun_with_other_tta_or_threshold_is_refused(exported_model, tmp_path, 
     assert json.loads((tmp_path / "old" / "manifest.json").read_text())["threshold"] == model_threshold
 
 
+def test_amp_is_recorded_and_a_rerun_with_the_other_is_refused(ray_cluster, exported_model, tmp_path, capsys):
+    """Autocast changes predictions slightly, as TTA does: the manifest records whether it was in use (on GPU unless
+    --no-amp; CPU scoring is float32, whatever --no-amp says), and a re-run that would mix the two is refused."""
+    src = _raw_folder(tmp_path / "archive", 2)
+    out = tmp_path / "scored"
+    args = ["--model", str(exported_model), "--input", str(src), "--out", str(out), "--no-report"]
+    assert score_job.main(args) == 0  # amp requested (the default), on CPU: float32
+    manifest_file = out / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["amp"] is False
+
+    # As if scored under autocast on GPU: this CPU run would add float32 rows to them.
+    manifest_file.write_text(json.dumps({**manifest, "amp": True}))
+    capsys.readouterr()
+    assert score_job.main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "holds predictions scored under autocast on GPU, this run scores in float32 (on CPU)" in line, line
+    assert not (out / "_lock.json").exists()
+
+    # A manifest older than the key does not say (GPU runs used autocast): continued, this run's setting recorded.
+    manifest_file.write_text(json.dumps({k: v for k, v in manifest.items() if k != "amp"}))
+    Image.fromarray(np.full((40, 36), 128, dtype=np.uint8)).save(src / "misc" / "new.png")
+    assert score_job.main(args) == 0
+    assert json.loads(manifest_file.read_text())["amp"] is False
+    assert len(_predictions(out)) == 4
+
+    cfg = ScoreConfig(models=(str(exported_model),), input=str(src), out=str(out))
+    with pytest.raises(UserError, match=r"holds predictions scored in float32 \(on CPU or with --no-amp\), this run "
+                                        r"scores under autocast on GPU; re-run with --no-amp"):
+        score_lib._check_precision(cfg, {"parts": {"p": {}}, "amp": False}, amp=True, use_gpu=True)
+    with pytest.raises(UserError, match=r"in float32 \(--no-amp\); re-run on GPU \(--gpu yes\) without --no-amp"):
+        score_lib._check_precision(cfg, {"parts": {"p": {}}, "amp": True}, amp=False, use_gpu=True)
+
+
 def test_a_second_run_into_an_out_in_use_is_refused(exported_model, tmp_path, capsys):
     """Two runs into one --out would both clean, number and commit parts there: the second is refused, untouched."""
     out = tmp_path / "scored"
@@ -448,12 +486,110 @@ def test_the_lock_of_a_dead_run_is_taken_over_and_released(exported_model, mura_
     dead = {"holder": "jobs/score.py", "host": "a-pod-long-gone", "pid": 7, "token": "dead",
             "started_at": time.time() - 7200, "heartbeat_at": time.time() - 3600}
     (out / "_lock.json").write_text(json.dumps(dead))
+    os.utime(out / "_lock.json", (time.time() - 3600, time.time() - 3600))  # last written an hour ago
     with caplog.at_level(logging.WARNING, logger="mura_ray.storage"):
         summary = score_lib.score(ScoreConfig(models=(str(exported_model),), input=f"{mura_dataset}/test",
                                               out=str(out), report=False))
     assert summary["scored"] == summary["n_rows_total"] > 0
     assert "taking over the lock of a run not seen for 3600 s (jobs/score.py on a-pod-long-gone, pid 7)" in caplog.text
     assert not (out / "_lock.json").exists()
+
+
+_SLOW_COMMITS = """
+import runpy, sys, time
+import mura_ray.score as score
+commit = score._commit_chunk
+
+def slow_commit(*args, **kwargs):  # a long run: each chunk's commit takes a second
+    time.sleep(1.0)
+    return commit(*args, **kwargs)
+
+score._commit_chunk = slow_commit
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_scoring_job_releases_its_lock_and_a_rerun_finishes(sig, ray_cluster, exported_model, tmp_path,
+                                                                      capsys):
+    """`ray job stop`, `kill` and `timeout` send SIGTERM; a terminal sends SIGINT. jobs/score.py, in a process of
+    its own on the session's Ray, is stopped after its first committed chunk: it exits 143 or 130 with one line, its
+    lock is gone, what it committed is kept, and the same command then scores the rest. (Ray's own SIGTERM handler,
+    set by ray.init, unwinds too, but exits 15 without a word; before ray.init Python's default action left the
+    lock: see tests/test_runtime.py.)"""
+    src = _raw_folder(tmp_path / "archive", 13)  # 14 images with the broken one
+    out = tmp_path / "scored"
+    args = ["--model", str(exported_model), "--input", str(src), "--out", str(out), "--chunk-size", "4",
+            "--no-report"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    job = Path(score_job.__file__)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMMITS, str(job), *args], cwd=job.parents[1], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not ((out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text())["parts"]):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.1)
+        assert (out / "_lock.json").exists()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT (Ctrl+C)"
+    line = f"interrupted by {name}; what was committed is kept: run the same command again to score the rest"
+    assert line in err.splitlines() and "Traceback" not in err, err
+    assert not (out / "_lock.json").exists()
+    kept = _predictions(out)
+    assert 4 <= len(kept) < 14
+
+    capsys.readouterr()
+    assert score_job.main(args) == 0
+    assert f"skipped {len(kept)} already done" in capsys.readouterr().out
+    df = _predictions(out)
+    assert len(df) == 14 and df["image_id"].is_unique
+    assert json.loads((out / "manifest.json").read_text())["amp"] is False  # CPU scoring: float32
+
+
+def test_the_age_of_a_lock_is_its_files_not_the_holders_clock(tmp_path, caplog):
+    """`heartbeat_at` is the holder's clock (another host): the lock's age is its file's, by the storage's clock."""
+    out = tmp_path / "scored"
+    out.mkdir()
+    lock_file = out / "_lock.json"
+    record = {"holder": "jobs/score.py", "host": "skewed-node", "pid": 7, "token": "theirs",
+              "started_at": time.time()}
+    # A live run on a host whose clock is an hour behind: its heartbeat reads an hour old, its file was just written.
+    lock_file.write_text(json.dumps({**record, "heartbeat_at": time.time() - 3600}))
+    with pytest.raises(UserError, match=r"by another run \(jobs/score.py on skewed-node.*last seen [0-9] s ago"):
+        storage.OutputLock(str(out), "second").acquire()
+    # A dead run whose clock was an hour ahead: its heartbeat reads fresh, its file was last written 20 minutes ago.
+    lock_file.write_text(json.dumps({**record, "heartbeat_at": time.time() + 3600}))
+    os.utime(lock_file, (time.time() - 1200, time.time() - 1200))
+    with caplog.at_level(logging.WARNING, logger="mura_ray.storage"):
+        lock = storage.OutputLock(str(out), "second").acquire()
+    try:
+        assert "taking over the lock of a run not seen for 1200 s (jobs/score.py on skewed-node" in caplog.text
+        assert json.loads(lock_file.read_text())["token"] == lock.token
+    finally:
+        lock.release()
+    assert not lock_file.exists()
+
+
+def test_the_age_of_an_s3_lock_is_its_objects(s3_server):
+    """On S3 the age is the object's LastModified, the server's clock, whatever the holder's clock wrote."""
+    import boto3
+
+    bucket = f"locks-{time.time_ns()}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    folder = f"s3://{bucket}/scores"
+    storage.write_json(f"{folder}/_lock.json", {"holder": "jobs/score.py", "host": "skewed-node", "pid": 7,
+                                                "token": "theirs", "heartbeat_at": time.time() - 3600})
+    with pytest.raises(UserError, match=r"\(jobs/score.py on skewed-node, pid 7.*last seen [0-9] s ago"):
+        storage.OutputLock(folder, "second", settle_s=0.1).acquire()
+    assert storage.read_json(f"{folder}/_lock.json")["token"] == "theirs"
 
 
 def test_a_run_whose_lock_was_taken_over_stops_before_committing(tmp_path):
