@@ -12,6 +12,18 @@ from mura_ray.config import ScoreConfig  # noqa: E402
 from mura_ray.runtime import run_main  # noqa: E402
 
 
+def pool_size(text: str) -> tuple[int, int | None]:
+    """`N` (a fixed pool) or `MIN-MAX` (autoscaling), as (min, max or None)."""
+    low, sep, high = text.partition("-")
+    try:
+        sizes = (int(low), int(high) if sep else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX (e.g. 4 or 1-8), got {text!r}") from None
+    if sizes[0] < 1 or (sizes[1] is not None and sizes[1] < sizes[0]):
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jobs/score.py",
@@ -24,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--input", required=True, help="ingested Parquet split (DEST/test) or folder of images, local or s3://")
     a("--out", required=True, help="destination: predictions/, manifest.json, report/ (when labelled)")
     a("--batch-size", type=int, default=64, help="images per model call (default 64)")
-    a("--concurrency", type=int, default=1, help="scoring actors, each with a copy of the model(s) (default 1)")
+    a("--concurrency", type=pool_size, default=(1, None), metavar="N|MIN-MAX",
+      help="scoring actors, each with a copy of the model(s) (default 1); MIN-MAX (e.g. 1-8): a pool that grows "
+      "while input waits, as far as the cluster has or its autoscaler adds room (one GPU each with --gpu)")
     a("--gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per actor: auto when present")
     a("--cpus-per-actor", type=float, default=1.0, help="CPUs per scoring actor (default 1); images are decoded "
       "by 1-CPU tasks in front of GPU actors, inside CPU actors of 1 CPU")
@@ -49,7 +63,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = ScoreConfig(
         models=tuple(args.models), input=args.input, out=args.out, batch_size=args.batch_size,
-        concurrency=args.concurrency, gpu=args.gpu, tta=args.tta, threshold=args.threshold,
+        concurrency=args.concurrency[0], max_concurrency=args.concurrency[1], gpu=args.gpu, tta=args.tta,
+        threshold=args.threshold,
         bootstrap=args.bootstrap, report=not args.no_report, cpus_per_actor=args.cpus_per_actor,
         chunk_images=args.chunk_images, explain=args.explain, amp=not args.no_amp,
     )

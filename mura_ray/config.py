@@ -311,7 +311,10 @@ class ScoreConfig:
     """Destination: predictions/ (Parquet), report/ when the input has labels, manifest.json."""
     batch_size: int = 64
     concurrency: int = 1
-    """Scoring actors (one model copy each)."""
+    """Scoring actors (one model copy each); with `max_concurrency`, the pool's smallest size."""
+    max_concurrency: int | None = None
+    """Autoscaling: the pool grows from `concurrency` up to this many actors while input waits for them (on an
+    autoscaling cluster, the GPU nodes they need are added); None: a fixed pool of `concurrency` actors."""
     gpu: GpuMode = "auto"
     tta: bool = False
     """Average the probabilities over a horizontal flip (test-time augmentation)."""
@@ -341,6 +344,8 @@ class ScoreConfig:
         _check_positive(problems, self, "bootstrap", "explain", allow_zero=True)
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             problems.append(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.max_concurrency is not None and self.max_concurrency < self.concurrency:
+            problems.append(f"--concurrency MIN-MAX needs MIN <= MAX, got {self.concurrency}-{self.max_concurrency}")
         _raise_if(problems)
         return self
 

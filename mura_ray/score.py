@@ -510,6 +510,18 @@ def _resolve_gpu(mode: str) -> bool:
     return mode == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def _check_pool_fits(cfg: ScoreConfig, use_gpu: bool) -> None:
+    """A pool the cluster cannot place yet is waited for (an autoscaler may add nodes), not an error: say so."""
+    import ray
+
+    what, need = ("GPU", float(cfg.concurrency)) if use_gpu else ("CPU", cfg.concurrency * cfg.cpus_per_actor)
+    have = ray.cluster_resources().get(what, 0.0)
+    if have < need:
+        logger.warning("The cluster has %g %s, the %d scoring actors need %g: the job waits for an autoscaler to add "
+                       "nodes. --concurrency 1-%d starts with what there is and grows as nodes join.", have, what,
+                       cfg.concurrency, need, cfg.max_concurrency or cfg.concurrency)
+
+
 def _same_input(uri: str) -> str:
     """An input as compared between runs: remote URIs without a trailing slash, local paths absolute."""
     return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
@@ -630,13 +642,22 @@ def _get(ref: Any) -> Any:
 
 
 def scoring_dataset(dataset: Any, models: list[str], sizes: list[int], predictor_args: dict[str, Any], *,
-                    batch_size: int, concurrency: int, cpus_per_actor: float) -> Any:
+                    batch_size: int, concurrency: int, cpus_per_actor: float,
+                    max_concurrency: int | None = None) -> Any:
     """Input rows (image bytes) → predictions: a decode stage, then `Predictor` on an actor pool.
 
     Decoding is a stage of its own: Ray fuses it into CPU actors (same resources, no extra hand-over), and runs it
     as a pool of CPU tasks in front of GPU actors, where one decoding thread per actor would leave the GPU idle.
+    The pool has `concurrency` actors, or autoscales from `concurrency` to `max_concurrency`: Ray Data adds an
+    actor while input waits and the cluster has (or its autoscaler adds) room for one, and the job starts as soon
+    as the smallest pool runs.
     """
     from ray.data import ActorPoolStrategy
+
+    if max_concurrency is None or max_concurrency == concurrency:
+        pool = ActorPoolStrategy(size=concurrency)
+    else:
+        pool = ActorPoolStrategy(min_size=concurrency, max_size=max_concurrency)
 
     decoded = dataset.map_batches(decode_for_scoring, batch_format="pandas", fn_kwargs={"sizes": sizes},
                                   num_cpus=1.0)
@@ -646,7 +667,7 @@ def scoring_dataset(dataset: Any, models: list[str], sizes: list[int], predictor
         fn_constructor_kwargs=predictor_args,
         batch_size=batch_size,
         batch_format="pandas",
-        compute=ActorPoolStrategy(size=concurrency),
+        compute=pool,
         num_gpus=1 if predictor_args["use_gpu"] else 0,
         num_cpus=cpus_per_actor,
     )
@@ -686,6 +707,7 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
 
     init_ray()
     use_gpu = _resolve_gpu(cfg.gpu)
+    _check_pool_fits(cfg, use_gpu)
     amp = cfg.amp and use_gpu  # what the Predictor does: autocast on its GPU, float32 on CPU
     _check_precision(cfg, manifest, amp, use_gpu)
     manifest["amp"] = amp
@@ -706,7 +728,8 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
         dataset = _chunk_dataset(run, done_ref, read_cpus=1.0)
         skipped_refs.append(ray.remote(_count_done).options(num_cpus=0.25).remote(run, done_ref))
         predictions = scoring_dataset(dataset, list(cfg.models), sizes, predictor_args, batch_size=cfg.batch_size,
-                                      concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor)
+                                      concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor,
+                                      max_concurrency=cfg.max_concurrency)
         for table in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(table)
     committer.commit()

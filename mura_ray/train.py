@@ -111,7 +111,11 @@ class EpochStream:
     its first batch arrives (seconds). The thread starts epoch e+1 as soon as epoch e has handed over its last batch,
     so that wait overlaps the loop's last `depth` steps of epoch e and whatever comes between epochs (validation,
     the checkpoint); made before the model is built, it overlaps the first epoch's start with the model's set-up.
-    Each `epoch()` yields one epoch's batches, in order; `close()` drops what was pulled ahead (early stopping).
+    Each `epoch()` yields one epoch's batches, in order (an epoch left part-way is skipped to its end by the next
+    call); `close()` drops what was pulled ahead (early stopping).
+
+    Batches are queued as `make_batches` delivers them: on the GPU when it moves them there, so up to `depth` + 1
+    batches of GPU memory stay in use between epochs (51 MB each at 256 single-channel images of 224 px).
     """
 
     _END = object()
@@ -119,6 +123,7 @@ class EpochStream:
     def __init__(self, make_batches: Callable[[], Any], epochs: int, depth: int = 8):
         self._make = make_batches
         self._unread = epochs  # epochs not yet handed to the loop
+        self._open = False  # an epoch handed to the loop whose end it has not reached
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pull, args=(epochs,), name="epoch-input", daemon=True)
@@ -150,22 +155,34 @@ class EpochStream:
         except BaseException as e:  # re-raised in the training loop's thread
             self._put(_Failed(e))
 
+    def _next(self) -> Any:
+        item = self._queue.get()
+        if isinstance(item, _Failed):
+            self._open = False
+            raise item.error
+        if item is self._END:
+            self._open = False
+        return item
+
     def epoch(self):
         """The next epoch's batches (an error in the input is raised here); nothing after the last epoch."""
+        while self._open:  # the loop left the previous epoch part-way: its rest is not this one's
+            self._next()
         if self._unread <= 0:
             return
         self._unread -= 1
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
+        self._open = True
+        while (item := self._next()) is not self._END:
             yield item
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop pulling and drop what was pulled ahead. The thread ends after the batch it is waiting for, if any."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop pulling and drop what was pulled ahead; again, a no-op. The thread ends after the batch it is
+        waiting for, if any; it is not waited for longer than `timeout` (a daemon, and Ray Train shuts the
+        dataset's executions down with the workers)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        self._open = False
         while True:
             try:
                 self._queue.get_nowait()
@@ -345,16 +362,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # one has delivered its last batch.
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    stream = EpochStream(lambda: _iter_batches(train_shard, cfg.batch_size, True, device),
-                         epochs=cfg.epochs - (state["epoch"] + 1 if state is not None else 0))
+    start = state["epoch"] + 1 if state is not None else 0  # as setup_training resumes
+    stream = EpochStream(lambda: _iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start)
     try:
-        _train(cfg, loop_config, state, stream, val_shard, device, rank, world)
+        _train(cfg, loop_config, state, stream, val_shard, device, rank, world, start)
     finally:
         stream.close()
 
 
 def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] | None, stream: EpochStream,
-           val_shard, device: torch.device, rank: int, world: int) -> None:
+           val_shard, device: torch.device, rank: int, world: int, start: int) -> None:
     import ray
     import ray.train
     import ray.train.torch
@@ -369,6 +386,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
     model, raw_model, optimizer, scheduler, scaler, amp = (
         run.model, run.raw_model, run.optimizer, run.scheduler, run.scaler, run.amp)
     start_epoch, best_val_loss, bad_epochs = run.start_epoch, run.best_val_loss, run.bad_epochs
+    assert start_epoch == start, "the input stream was made for other epochs than the loop runs"
     loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
                    "body_part_weight": cfg.body_part_weight if cfg.multitask else 0.0}
     for epoch in range(start_epoch, cfg.epochs):
@@ -432,8 +450,6 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             bad_epochs += 1
         metrics["best_val_loss"] = best_val_loss
         metrics["stopped_early"] = bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
-        if metrics["stopped_early"]:  # every worker decides alike (rank 0's val loss): drop the next epoch's input
-            stream.close()
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
             if rank == 0:
@@ -445,6 +461,8 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
                 })
                 reported = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=reported)
+        if metrics["stopped_early"]:  # every worker decides alike (rank 0's val loss): drop the next epoch's input
+            stream.close()
 
 
 # ---------------------------------------------------------------------------------------------------- driver

@@ -245,10 +245,7 @@ def _optimized_physical_plan(dataset, capsys) -> str:
 def test_gpu_actors_get_images_decoded_by_cpu_tasks(ray_cluster, exported_model, capsys):
     """With GPU actors the decode is a pool of CPU tasks of its own (one decoding thread in each GPU actor would
     starve its GPU); with CPU actors Ray fuses it into them. Planned, not run: this machine has no GPU."""
-    import ray
-
-    rows = ray.data.from_pandas(pd.DataFrame({"image_id": ["a"], "image": [b""], "path": ["a"], "study_id": [None],
-                                              "body_part": [None], "label": [None]}))
+    rows = _one_row()
     for use_gpu, stages in ((True, ["TaskPoolMapOperator[MapBatches(decode_for_scoring)]",
                                     "ActorPoolMapOperator[MapBatches(Predictor)]"]),
                             (False, ["ActorPoolMapOperator[MapBatches(decode_for_scoring)->MapBatches(Predictor)]"])):
@@ -256,6 +253,42 @@ def test_gpu_actors_get_images_decoded_by_cpu_tasks(ray_cluster, exported_model,
         plan = _optimized_physical_plan(score_lib.scoring_dataset(
             rows, [str(exported_model)], [32], args, batch_size=8, concurrency=1, cpus_per_actor=1.0), capsys)
         assert all(stage in plan for stage in stages), plan
+
+
+def test_concurrency_min_max_is_an_autoscaling_pool(ray_cluster, exported_model, mura_dataset, tmp_path, caplog):
+    assert score_job.pool_size("4") == (4, None) and score_job.pool_size("1-8") == (1, 8)
+    rows = _one_row()
+    args = {"use_gpu": False, "tta": False, "threshold": None, "amp": True}
+    for sizes, want in (((2, None), (2, 2)), ((1, 2), (1, 2))):
+        ds = score_lib.scoring_dataset(rows, [str(exported_model)], [32], args, batch_size=8, concurrency=sizes[0],
+                                       max_concurrency=sizes[1], cpus_per_actor=1.0)
+        pool = ds._logical_plan.dag.compute  # planned, not run
+        assert (pool.min_size, pool.max_size) == want
+    # A pool that grows from 1 to 64 actors scores everything, starting with what the cluster has (a warning says
+    # that a fixed pool of 64 would wait for nodes).
+    split = f"{mura_dataset}/test"
+    with caplog.at_level(logging.WARNING, logger="mura_ray.score"):
+        assert score_job.main(["--model", str(exported_model), "--input", split, "--out", str(tmp_path / "auto"),
+                               "--concurrency", "1-64", "--no-report"]) == 0
+        assert "waits for an autoscaler" not in caplog.text
+    got = _predictions(tmp_path / "auto")
+    assert len(got) == got["image_id"].nunique() == pq.read_table(split, columns=["image_id"]).num_rows
+    assert score_lib.read_manifest(str(tmp_path / "auto"))["n_rows"] == len(got)
+    with caplog.at_level(logging.WARNING, logger="mura_ray.score"):
+        score_lib._check_pool_fits(ScoreConfig(models=("m",), input="i", out="o", concurrency=64), use_gpu=False)
+    assert "the 64 scoring actors need 64: the job waits for an autoscaler" in caplog.text
+    for bad in ("0", "8-1", "two", "1-"):
+        with pytest.raises(SystemExit) as exit_:
+            score_job.main(["--model", str(exported_model), "--input", split, "--out", str(tmp_path / "x"),
+                            "--concurrency", bad])
+        assert exit_.value.code == 2
+
+
+def _one_row():
+    import ray
+
+    return ray.data.from_pandas(pd.DataFrame({"image_id": ["a"], "image": [b""], "path": ["a"], "study_id": [None],
+                                              "body_part": [None], "label": [None]}))
 
 
 def test_decode_tasks_score_like_the_fused_actors(exported_model, mura_dataset, tmp_path):

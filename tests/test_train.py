@@ -81,7 +81,7 @@ def test_epoch_stream_starts_the_next_epoch_while_the_loop_is_still_on_this_one(
     first = stream.epoch()
     assert next(first) == (0, 0)
     assert list(first) == [(0, 1), (0, 2), (0, 3)]
-    assert epoch_ended[2].wait(10)  # a free slot in the queue let epoch 2 start before epoch 1 is read
+    assert epoch_ended[2].wait(10)  # free slots in the queue let epoch 2 be pulled to its end before epoch 1 is read
     assert [list(stream.epoch()) for _ in range(3)] == [[(1, i) for i in range(4)], [(2, i) for i in range(4)], []]
     assert made == [0, 1, 2]  # one execution per epoch, none beyond the last
     stream.close()
@@ -111,6 +111,17 @@ def test_epoch_stream_starts_the_next_epoch_while_the_loop_is_still_on_this_one(
     unread.close()
     assert not unread._thread.is_alive()
     assert closed == [True] and started == [True]
+    unread.close()  # again (the loop's finally after early stopping): nothing to do, nothing waited for
+
+    # An epoch the loop leaves part-way is not continued by the next one.
+    def short():
+        yield from range(3)
+
+    partial = EpochStream(short, epochs=2)
+    assert next(partial.epoch()) == 0
+    assert list(partial.epoch()) == [0, 1, 2]
+    assert list(partial.epoch()) == []
+    partial.close()
 
 
 @pytest.mark.parametrize("known_parts, weight", [(False, 1.0), (True, 0.0)])
