@@ -198,7 +198,7 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
                               fn_kwargs=kwargs)
     # The read's CPUs are the decode's: operators with different resources would not fuse.
     ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=shuffle_seed, files=files,
-                    override_num_blocks=len(files), ray_remote_args={"num_cpus": num_cpus})
+                    override_num_blocks=len(files), num_cpus=num_cpus)
     ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
     return ds.map_batches(
         preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=num_cpus,
