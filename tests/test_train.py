@@ -315,18 +315,26 @@ class _RecordReports:
         return Recorder()
 
 
+def _with_summary(dataset: str, dest: Path, edit) -> Path:
+    """`dataset`'s splits (linked) under `dest`, with its ingest summary as `edit` changes it."""
+    dest.mkdir()
+    for split in ("train", "val", "test"):
+        (dest / split).symlink_to(Path(dataset) / split, target_is_directory=True)
+    summary = json.loads((Path(dataset) / "ingest_summary.json").read_text())
+    edit(summary)
+    (dest / "ingest_summary.json").write_text(json.dumps(summary))
+    return dest
+
+
 def test_dataset_of_an_older_ingest_layout_trains_with_a_warning(ray_cluster, mura_dataset, tmp_path, caplog):
     import logging
 
     from mura_ray.train import prepare_run
 
-    old = tmp_path / "old"
-    old.mkdir()
-    for split in ("train", "val", "test"):
-        (old / split).symlink_to(Path(mura_dataset) / split, target_is_directory=True)
-    summary = json.loads((Path(mura_dataset) / "ingest_summary.json").read_text())
-    assert summary.pop("layout_version") >= 2
-    (old / "ingest_summary.json").write_text(json.dumps(summary))
+    def older(summary):
+        assert summary.pop("layout_version") >= 2
+
+    old = _with_summary(mura_dataset, tmp_path / "old", older)
     with caplog.at_level(logging.WARNING, logger="mura_ray.train"):
         prepare_run(TrainConfig(data=mura_dataset, out=str(tmp_path / "new-run"), backbone="custom_cnn"))
         assert "older mura_ray" not in caplog.text
@@ -335,13 +343,10 @@ def test_dataset_of_an_older_ingest_layout_trains_with_a_warning(ray_cluster, mu
 
 
 def test_a_split_without_labelled_images_is_refused_before_training(ray_cluster, mura_dataset, tmp_path, capsys):
-    unlabelled = tmp_path / "unlabelled"
-    unlabelled.mkdir()
-    for split in ("train", "val", "test"):
-        (unlabelled / split).symlink_to(Path(mura_dataset) / split, target_is_directory=True)
-    summary = json.loads((Path(mura_dataset) / "ingest_summary.json").read_text())
-    summary["splits"]["val"]["positive_rate"] = None  # what ingest writes for a split with no labels
-    (unlabelled / "ingest_summary.json").write_text(json.dumps(summary))
+    def without_labels(summary):
+        summary["splits"]["val"]["positive_rate"] = None  # what ingest writes for a split with no labels
+
+    unlabelled = _with_summary(mura_dataset, tmp_path / "unlabelled", without_labels)
     assert train_job.main(["--data", str(unlabelled), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "val split has no labelled images" in err[-1]
