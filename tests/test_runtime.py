@@ -51,8 +51,11 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 
 _HOLDER = textwrap.dedent("""
-    import argparse, sys, time
+    import argparse, signal, sys, time
     from mura_ray import storage
+    # A test session run in the background (`nohup`, `&`) starts its children with SIGINT ignored, as a shell does
+    # for background jobs; Ctrl+C reaches a job in a terminal's foreground, where Python's handler is on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from mura_ray.runtime import run_main
 
     def job(args):

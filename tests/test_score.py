@@ -529,8 +529,9 @@ def test_the_lock_of_a_dead_run_is_taken_over_and_released(exported_model, mura_
 
 
 _SLOW_COMMITS = """
-import runpy, sys, time
+import runpy, signal, sys, time
 import mura_ray.score as score
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as tests/test_runtime.py's _HOLDER explains
 commit = score._commit_chunk
 
 def slow_commit(*args, **kwargs):  # a long run: each chunk's commit takes a second
