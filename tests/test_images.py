@@ -55,6 +55,33 @@ def test_16_bit_samples_of_fewer_bits_are_scaled_by_the_bits_they_use():
     assert decode_radiograph(_with_sbit(_png(Image.fromarray(spec)), 12)).tolist() == [[0, 84, 254]]
 
 
+def _png16(arr: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG of `arr` (H x W x C, uint16), written by hand: Pillow cannot write 16-bit colour PNGs."""
+    import struct
+    import zlib
+
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_16_bit_colour_pngs_with_values_in_the_low_bits_are_refused_not_darkened():
+    """Pillow reads 16-bit RGB and grey+alpha PNGs as 8-bit, keeping each sample's top byte: full-range data
+    decodes right, 12-bit data would become 16 levels of near-black, and is refused with a reason instead."""
+    ramp = np.array([0, 2000, 4095], dtype=np.uint16)
+    rgb12 = np.broadcast_to(ramp[None, :, None], (2, 3, 3)).copy()
+    grey_alpha12 = np.stack([np.broadcast_to(ramp, (2, 3)), np.full((2, 3), 65535, np.uint16)], axis=-1)
+    for arr, colour_type in ((rgb12, 2), (grey_alpha12, 4)):
+        with pytest.raises(DecodeError, match="16-bit colour PNG whose values use the low bits only"):
+            decode_radiograph(_png16(arr, colour_type))
+    assert decode_radiograph(_png16(rgb12 * 16, 2))[0].tolist() == [0, 125, 255]  # full range: read as is
+
+
 def test_rgb_and_grayscale_and_jpeg_become_one_channel():
     rgb = np.zeros((4, 5, 3), dtype=np.uint8)
     rgb[..., 0] = 200

@@ -74,6 +74,13 @@ def png_significant_bits(data: bytes) -> int | None:
     return None
 
 
+def png_colour_depth(data: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, or None for anything else."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 26 or data[12:16] != b"IHDR":
+        return None
+    return data[24], data[25]
+
+
 def to_grayscale(img: Image.Image, significant_bits: int | None = None) -> np.ndarray:
     """One-channel uint8 array; 16-bit and 32-bit data are scaled by their bit depth, not clipped.
 
@@ -106,5 +113,15 @@ def to_grayscale(img: Image.Image, significant_bits: int | None = None) -> np.nd
 def decode_radiograph(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> np.ndarray:
-    """Decode image bytes to a (height, width) uint8 array, raising DecodeError with a reason."""
-    return to_grayscale(open_radiograph(data, max_pixels, draft_size), png_significant_bits(data))
+    """Decode image bytes to a (height, width) uint8 array, raising DecodeError with a reason.
+
+    16-bit colour and grey+alpha PNGs are refused when their values sit in the low bits: Pillow keeps only the top
+    8 bits of each such sample, so 12-bit data would come out as 16 grey levels, nearly black (16-bit grayscale,
+    the usual radiograph export, is read whole and scaled by `to_grayscale`).
+    """
+    out = to_grayscale(open_radiograph(data, max_pixels, draft_size), png_significant_bits(data))
+    header = png_colour_depth(data)
+    if header is not None and header[0] == 16 and header[1] in (2, 4, 6) and out.size and int(out.max()) < 128:
+        raise DecodeError(f"16-bit colour PNG whose values use the low bits only (Pillow keeps the top 8 bits of "
+                          f"each sample: at most {int(out.max())} of 255 here); save it as 16-bit grayscale")
+    return out
