@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mura_ray import storage  # noqa: E402
 from mura_ray.config import IngestConfig  # noqa: E402
 from mura_ray.runtime import init_ray, run_main  # noqa: E402
 
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-rate", type=float, default=0.01,
                    help="exit non-zero when more than this share of images is unusable (default 0.01)")
     p.add_argument("--body-part", default=None, help="body part of every image of a --source folder set, e.g. WRIST")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at --out, once the new one is complete (a failed run leaves it); "
+                   "an --out holding anything but an ingested dataset is refused")
     p.add_argument("--file-mb", type=int, default=64,
                    help="most image MiB per Parquet file (default 64); files are written 64 images at a time")
     p.add_argument("--rows-per-file", type=int, default=256,
@@ -42,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from mura_ray.data.ingest import IngestFailed, format_summary, ingest
 
+    # Local paths absolute here, on the driver: relative ones would be resolved in each Ray worker's directory.
     cfg = IngestConfig(
-        source=args.source, root=args.root, out=args.out, val_fraction=args.val_fraction, seed=args.seed,
+        source=args.source, root=storage.absolute(args.root), out=storage.absolute(args.out),
+        val_fraction=args.val_fraction, seed=args.seed,
         max_error_rate=args.max_error_rate, body_part=args.body_part, overwrite=args.overwrite,
         file_mb=args.file_mb, rows_per_file=args.rows_per_file,
     ).validate()

@@ -69,6 +69,33 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (`~` expanded, a `file://` prefix dropped); a URI (`s3://...`) as it is.
+
+    Jobs resolve their local paths on the driver, once: a relative path would otherwise be resolved again in each
+    Ray worker's working directory (under `ray job submit --working-dir`, Ray's copy of it), and logged and recorded
+    as given rather than as where the data is.
+    """
+    if is_remote(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether `inner` is the folder `outer` or lies anywhere under it. Local paths are compared absolute with
+    symbolic links resolved (a link to a folder is that folder); URIs as `scheme://bucket/key` strings, empty path
+    segments dropped. A local path and a URI never contain each other."""
+
+    def _key(uri: str) -> str:
+        if is_remote(uri):
+            scheme, rest = uri.split("://", 1)
+            return f"{scheme}://" + "/".join(part for part in rest.split("/") if part)
+        return os.path.realpath(absolute(uri))
+
+    a, b = _key(outer), _key(inner)
+    return b == a or b.startswith(a.rstrip("/") + "/")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with `/`."""
     out = uri.rstrip("/")
@@ -144,6 +171,43 @@ def clear_dir(uri: str, keep: tuple[str, ...] = ()) -> None:
             fs.delete_dir(info.path)
         else:
             fs.delete_file(info.path)
+
+
+PROBE_PREFIX = "_probe-"
+"""Name prefix of the file `probe_writable` writes and deletes again (one left behind by a killed run is junk)."""
+
+
+def probe_writable(uri: str) -> None:
+    """Create the folder `uri` and write and delete a small file in it; raises OSError when that fails.
+
+    A job checks its output this way before its long work, so that an output that cannot be written (a path under
+    a regular file, a missing bucket, an unreachable endpoint, no permission to write or to delete) fails at once,
+    not after hours of work.
+    """
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    probe = f"{path}/{PROBE_PREFIX}{uuid.uuid4().hex}"
+    with fs.open_output_stream(probe) as f:
+        f.write(b"probe\n")
+    fs.delete_file(probe)
+
+
+def move(src: str, dst: str) -> None:
+    """Move a file, or a folder with everything in it, to `dst` (which must not exist). Locally that is one
+    rename; object stores have no rename, so there each object is copied (server-side, no data goes through this
+    process) and then deleted, 16 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, src_path = resolve(src)
+    _, dst_path = resolve(dst)
+    if isinstance(fs, pafs.LocalFileSystem) or fs.get_file_info(src_path).type != pafs.FileType.Directory:
+        fs.move(src_path, dst_path)
+        return
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(src_path, recursive=True))
+             if i.type == pafs.FileType.File]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda path: fs.move(path, dst_path + path[len(src_path):]), files))
+    fs.delete_dir(src_path)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

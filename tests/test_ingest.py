@@ -361,3 +361,228 @@ def test_one_s3_filesystem_per_environment(monkeypatch):
     assert first.region == "eu-west-1"
     monkeypatch.setenv("AWS_REGION", "us-east-2")
     assert storage.s3_filesystem() is not first and storage.s3_filesystem().region == "us-east-2"
+
+
+def _images_tree(root: Path, n: int = 3) -> Path:
+    """A tiny `--source images` archive: `root/XR_WRIST/{0..n-1}.png`."""
+    tree = root / "XR_WRIST"
+    tree.mkdir(parents=True)
+    for i in range(n):
+        Image.new("L", (20, 30), color=i * 40).save(tree / f"{i}.png")
+    return root
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _files(folder: Path, skip: str = "_staging") -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and skip not in p.relative_to(folder).parts}
+
+
+@pytest.mark.parametrize("case", ["same", "out_inside", "root_inside", "link"])
+def test_out_overlapping_the_archive_is_refused_and_nothing_is_deleted(ray_cluster, tmp_path, capsys, case):
+    archive = _images_tree(tmp_path / "archive")
+    if case == "link":
+        (tmp_path / "link").symlink_to(archive)
+    out = {"same": archive, "out_inside": archive / "parquet", "root_inside": tmp_path, "link": tmp_path / "link"}
+    before = sorted(tmp_path.rglob("*"))
+    rc = ingest_job.main(["--source", "images", "--root", str(archive), "--out", str(out[case]), "--overwrite"])
+    err = _one_error_line(capsys)
+    assert rc == 2 and f"--out {out[case]}" in err and "archive" in err and "give an --out outside it" in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_out_beside_mura_in_its_parent_is_not_an_overlap(tmp_path):
+    """For MURA the archive is its MURA-v1.1 folder: `--root ~/data --out ~/data/mura-parquet` is fine."""
+    from mura_ray.config import UserError
+    from mura_ray.data.ingest import _check_apart
+
+    mura = str(tmp_path / "MURA-v1.1")
+    _check_apart(str(tmp_path / "mura-parquet"), mura, str(tmp_path))
+    _check_apart(str(tmp_path / "MURA-v1.1-parquet"), mura, str(tmp_path))
+    _check_apart("s3://bucket/data/mura-parquet", "s3://bucket/data/MURA-v1.1", "s3://bucket/data")
+    for out, archive in [(str(tmp_path), mura), (mura + "/out", mura), ("s3://bucket//data/", "s3://bucket/data/x"),
+                         ("s3://bucket/data/MURA-v1.1/out", "s3://bucket/data/MURA-v1.1")]:
+        with pytest.raises(UserError, match="give an --out outside it"):
+            _check_apart(out, archive, archive)
+
+
+@pytest.mark.parametrize("content", ["user_files", "user_train_folder", "dataset_and_user_file"])
+def test_overwrite_deletes_only_an_ingested_dataset(ray_cluster, tmp_path, capsys, content):
+    archive = _images_tree(tmp_path / "archive")
+    out = tmp_path / "out"
+    args = ["--source", "images", "--root", str(archive), "--out", str(out)]
+    if content == "dataset_and_user_file":
+        assert ingest_job.main(args) == 0
+        (out / "notes.txt").write_text("mine")
+        shown = "notes.txt"
+    else:
+        (out / "train").mkdir(parents=True)
+        (out / "train" / "scan.png").write_bytes(b"not ours")
+        shown = "train/scan.png"
+        if content == "user_files":
+            (out / "notes.txt").write_text("mine")
+            shown = "notes.txt, train/scan.png"
+    capsys.readouterr()
+    before = _files(out)
+    for extra in ([], ["--overwrite"]):
+        assert ingest_job.main([*args, *extra]) == 2
+        err = _one_error_line(capsys)
+        assert f"not an ingested dataset (it holds {shown})" in err and "give a new or empty folder" in err
+    assert _files(out) == before and not (out / "_lock.json").exists()
+
+
+def test_relative_root_and_out_are_made_absolute_on_the_driver(ray_cluster, tmp_path, monkeypatch):
+    """The README's command, `--root MURA-v1.1 --out DEST`, run from the folder holding MURA-v1.1."""
+    from mura_ray.data.synthetic import generate_mura
+
+    generate_mura(tmp_path, n_images=40, image_size=16, seed=2)
+    monkeypatch.chdir(tmp_path)
+    assert ingest_job.main(["--source", "mura", "--root", "MURA-v1.1", "--out", "ds"]) == 0
+    summary = json.loads((tmp_path / "ds" / "ingest_summary.json").read_text())
+    assert Path(summary["root"]) == (tmp_path / "MURA-v1.1").resolve()
+    n_listed = sum(len(_csv_rows(tmp_path / "MURA-v1.1" / f"{s}_image_paths.csv")) for s in ("train", "valid"))
+    assert summary["n_images"] == n_listed
+
+
+def test_storage_errors_are_one_line_and_come_before_decoding(ray_cluster, s3_bucket, tmp_path, capsys,
+                                                              monkeypatch):
+    from mura_ray.data import ingest as ingest_module
+
+    def no_decoding(batch, max_pixels):
+        raise AssertionError("images decoded before --root and --out were checked")
+
+    monkeypatch.setattr(ingest_module, "inspect_images", no_decoding)
+    archive = str(_images_tree(tmp_path / "archive"))
+    (tmp_path / "file.txt").write_text("a regular file")
+    for root, out, what in [
+        (archive, str(tmp_path / "file.txt" / "ds"), "cannot write there"),
+        (archive, "s3://no-such-bucket-for-mura/ds", "cannot write there"),
+        (f"s3://{s3_bucket}/archive", str(tmp_path / "o"), "cannot read it"),  # with the endpoint below
+    ]:
+        if root.startswith("s3://"):
+            monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+        assert ingest_job.main(["--source", "images", "--root", root, "--out", out]) == 2
+        err = _one_error_line(capsys)
+        named = f"--root {root}" if what == "cannot read it" else f"--out {out}"
+        assert f"{named}: {what} (" in err, err
+    # An unreachable endpoint for --out, too.
+    assert ingest_job.main(["--source", "images", "--root", archive, "--out", f"s3://{s3_bucket}/ds"]) == 2
+    assert f"--out s3://{s3_bucket}/ds: cannot write there (" in _one_error_line(capsys)
+
+
+def test_a_failed_or_stopped_overwrite_keeps_the_old_dataset(ray_cluster, tmp_path, capsys, monkeypatch):
+    from mura_ray.data import ingest as ingest_module
+    from mura_ray.data.synthetic import generate_mura
+
+    root = tmp_path / "m"
+    generate_mura(root, n_images=60, image_size=32, seed=3)
+    out = tmp_path / "out"
+    args = ["--source", "mura", "--root", str(root), "--out", str(out)]
+    assert ingest_job.main([*args, "--rows-per-file", "4"]) == 0
+    old = _files(out)
+    assert len(list((out / "train").glob("*.parquet"))) > 1
+
+    # Too many unusable images: the new dataset fails its check, the old one stays as it was.
+    for p in [r[0] for r in _csv_rows(root / "MURA-v1.1" / "train_image_paths.csv")][:5]:
+        (root / p).write_bytes(b"")
+    capsys.readouterr()
+    assert ingest_job.main([*args, "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"see {out}/_staging/errors.jsonl" in err and f"the dataset at {out} is unchanged" in err
+    assert _files(out) == old
+    staged = [json.loads(line) for line in (out / "_staging" / "errors.jsonl").read_text().splitlines()]
+    assert sum(e["reason"] == "empty file" for e in staged) == 5
+
+    # Stopped (Ctrl+C) once the new splits are written, before they replace the old ones: the same, lock released.
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ingest_module, "_commit", stopped)
+        assert ingest_job.main([*args, "--overwrite", "--max-error-rate", "0.2"]) == 130
+    assert _files(out) == old and (out / "_staging" / "train").is_dir()
+    assert not (out / "_lock.json").exists()
+
+    # Within the limit: the new dataset replaces the old one whole (none of its 4-row files left beside the new).
+    assert ingest_job.main([*args, "--overwrite", "--max-error-rate", "0.2", "--rows-per-file", "64"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["errors.jsonl", "ingest_summary.json", "test", "train", "val"]
+    summary = json.loads((out / "ingest_summary.json").read_text())
+    assert summary["n_errors"] == 5
+    assert [len(list((out / s).glob("*.parquet"))) for s in ("train", "val", "test")] == [1, 1, 1]
+    assert sum(len(_read_split(out, s)) for s in ("train", "val", "test")) == summary["n_images"]
+
+
+def test_one_ingest_at_a_time_writes_an_out(ray_cluster, tmp_path, capsys):
+    from mura_ray import storage
+    from mura_ray.data.ingest import read_summary
+    from mura_ray.data.pipeline import split_files
+
+    archive = str(_images_tree(tmp_path / "archive"))
+    out = tmp_path / "bulk"
+    args = ["--source", "images", "--root", archive, "--out", str(out)]
+    assert ingest_job.main(args) == 0
+    assert not (out / "_lock.json").exists()
+    capsys.readouterr()
+    before = _files(out)
+    other = storage.OutputLock(str(out), "another jobs/ingest.py").acquire()
+    try:
+        for extra in ([], ["--overwrite"]):
+            assert ingest_job.main([*args, *extra]) == 2
+            err = _one_error_line(capsys)
+            assert "is being written by another run (another jobs/ingest.py on" in err
+        # Nothing deleted, the other run's lock least of all; readers of the dataset do not mind the lock.
+        assert json.loads((out / "_lock.json").read_text())["token"] == other.token
+        assert {k: v for k, v in _files(out).items() if k != "_lock.json"} == before
+        assert read_summary(str(out))["n_images"] == 3
+        assert len(split_files(str(out), "test")) == 1
+    finally:
+        other.release()
+
+    # The lock of a run killed before it wrote anything is taken over, and is no dataset: no --overwrite needed.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "_lock.json").write_text(json.dumps({"holder": "jobs/ingest.py", "host": "gone", "pid": 1}))
+    os.utime(fresh / "_lock.json", (time.time() - 3600, time.time() - 3600))
+    assert ingest_job.main([*args[:-1], str(fresh)]) == 0
+    assert sorted(p.name for p in fresh.iterdir()) == ["errors.jsonl", "ingest_summary.json", "test"]
+
+
+def test_s3_overwrite_replaces_the_dataset(ray_cluster, s3_bucket, tmp_path):
+    """On S3 the staged dataset is moved into place object by object (S3 has no rename)."""
+    from mura_ray import storage
+    from mura_ray.data.pipeline import read_split
+
+    archive = str(_images_tree(tmp_path / "archive", n=4))
+    dest = f"s3://{s3_bucket}/datasets/bulk"
+    args = ["--source", "images", "--root", archive, "--out", dest]
+    assert ingest_job.main([*args, "--rows-per-file", "1"]) == 0
+    assert len(storage.list_files(dest, ".parquet")) == 4
+    assert ingest_job.main([*args, "--rows-per-file", "2", "--overwrite"]) == 0
+    assert storage.list_files(dest) == [f"{dest}/{name}" for name in (
+        "errors.jsonl", "ingest_summary.json", "test/part-00000.parquet", "test/part-00001.parquet")]
+    assert read_split(dest, "test").count() == 4
+
+
+def test_a_folder_set_without_split_folders_warns_where_its_images_go(tmp_path, caplog):
+    """`--source folder --root set/train` (one split's folder, not the set's) puts every image in `test`: said."""
+    import logging
+
+    from mura_ray.data.ingest import list_folder
+
+    for cls in ("fractured", "not fractured"):
+        folder = tmp_path / "set" / "train" / cls
+        folder.mkdir(parents=True)
+        Image.new("L", (8, 8)).save(folder / "a.png")
+    with caplog.at_level(logging.WARNING, logger="mura_ray.data.ingest"):
+        listing = list_folder(str(tmp_path / "set" / "train"), None)
+    assert set(listing.records["split"]) == {"test"}
+    assert "2 of 2 images are not in a train/, val/ (valid/) or test/ folder; they go to the test split" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mura_ray.data.ingest"):
+        assert set(list_folder(str(tmp_path / "set"), None).records["split"]) == {"train"}
+    assert not caplog.records

@@ -4,6 +4,10 @@ Listing is cheap driver work (MURA's CSVs are the source of truth; folders are w
 Every image is then read and fully decoded once by parallel Ray Data tasks; unusable files go to `errors.jsonl`.
 Usable images are streamed again into `DEST/<split>/` Parquet files with their original bytes. `ingest_summary.json`
 is written last: a dataset without it is incomplete and every reader refuses it.
+
+One run at a time writes a DEST: it holds `DEST/_lock.json` (`storage.OutputLock`) from before it looks at DEST until
+it ends. `--overwrite` replaces only what an ingest writes (a DEST holding anything else is refused), and only once
+the new dataset is complete: it is written under `DEST/_staging/` and moved into place at the end (see `_commit`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,7 @@ from mura_ray import storage
 from mura_ray.config import IngestConfig, UserError
 from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, open_radiograph
 from mura_ray.labels import BODY_PARTS, parse_body_part, parse_class_folder, parse_split_folder
+from mura_ray.runtime import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ LAYOUT_VERSION = 2
 """Version of the written layout, in the summary as `layout_version`. 2: the train split's rows are in a seeded
 random order over files of at most `IngestConfig.rows_per_file` rows (1: path order, up to 2,000 rows a file)."""
 ERRORS_FILE = "errors.jsonl"
+STAGING_DIR = "_staging"
+"""Where `--overwrite` writes the new dataset (DEST/_staging/) until it is complete. Readers skip `_` folders."""
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MURA_DIR = "MURA-v1.1"
 MURA_CSVS: tuple[str, ...] = (
@@ -72,10 +79,13 @@ _MURA_STUDY = re.compile(
 
 @dataclass(frozen=True)
 class Listing:
-    """What a source holds: one record per candidate image, and files ignored before decoding (with reasons)."""
+    """What a source holds: one record per candidate image, files ignored before decoding (with reasons), and the
+    folder the images are read from (`archive`: --root, or for MURA its MURA-v1.1 folder), which --out must keep
+    clear of."""
 
     records: pd.DataFrame
     ignored: list[dict[str, str]]
+    archive: str
 
 
 def image_id_for(rel_path: str) -> str:
@@ -178,7 +188,7 @@ def list_mura(root: str, val_fraction: float, seed: int) -> Listing:
     moved = val_assignment(df.loc[is_train, "patient_id"], val_fraction, seed)
     df.loc[moved[moved].index, "split"] = "val"
     df["source"] = "mura"
-    return Listing(_with_ids(df, base), ignored)
+    return Listing(_with_ids(df, base), ignored, storage.join(base, MURA_DIR))
 
 
 def _walk(root: str) -> tuple[str, list[str]]:
@@ -230,13 +240,23 @@ def list_folder(root: str, body_part: str | None) -> Listing:
                 "study_id": None,
                 "body_part": part,
                 "label": label,
-                "split": split or "test",
+                "split": split,
                 "source": "folder",
             }
         )
     if not records:
         raise UserError(f"--root {root}: no images in class folders (e.g. train/fractured/*.png) found")
-    return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored)
+    outside = sum(r["split"] is None for r in records)
+    if outside:
+        # Not an error: a set without split folders is a test set. But `--root set/train` is a likely slip (the
+        # folder of one split given instead of the set's): say where its images went.
+        logger.warning(
+            "--root %s: %d of %d images are not in a train/, val/ (valid/) or test/ folder; they go to the test "
+            "split. To keep a set's splits, give the folder that holds its train/, val/ and test/ folders",
+            root, outside, len(records))
+    for r in records:
+        r["split"] = r["split"] or "test"
+    return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored, root)
 
 
 def list_images(root: str) -> Listing:
@@ -258,7 +278,7 @@ def list_images(root: str) -> Listing:
         )
     if not records:
         raise UserError(f"--root {root}: no PNG or JPEG images found")
-    return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored)
+    return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored, root)
 
 
 def _with_ids(df: pd.DataFrame, base: str) -> pd.DataFrame:
@@ -365,16 +385,124 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _prepare_destination(out: str, overwrite: bool) -> None:
-    if storage.is_empty_dir(out):
-        return
-    if not storage.is_dir(out):
-        raise UserError(f"--out {out}: exists and is not a folder")
+def _check_apart(out: str, archive: str, root: str) -> None:
+    """--out must be neither the archive's folder nor inside it nor above it: `--overwrite` would delete the archive
+    (`--root X --out X`, or `--root ~/data/MURA-v1.1 --out ~/data`), and a dataset inside a tree of images would
+    be read back as part of it by the next run. For MURA the archive is its MURA-v1.1 folder, so an --out beside it
+    in --root (`--root ~/data --out ~/data/mura-parquet`) is fine."""
+    inside, above = storage.contains(archive, out), storage.contains(out, archive)
+    if inside or above:
+        where = "the same folder as" if inside and above else ("inside" if inside else "a folder above")
+        raise UserError(
+            f"--out {out} is {where} the archive it reads ({archive}, from --root {root}); --overwrite would delete "
+            "the archive's files: give an --out outside it")
+
+
+def _ours(info: pafs.FileInfo) -> bool:
+    """Whether a top-level entry of --out is one an ingest writes (or a run of it left behind while writing)."""
+    name = info.base_name
+    if info.type == pafs.FileType.Directory:
+        return name in SPLITS or name == STAGING_DIR
+    return name in (SUMMARY_FILE, ERRORS_FILE) or name.startswith(
+        (f"{SUMMARY_FILE}.tmp-", f"{ERRORS_FILE}.tmp-", storage.OutputLock.NAME, storage.PROBE_PREFIX))
+
+
+def _is_lock(name: str) -> bool:
+    """The lock and its transient siblings (`_lock.json.tmp-PID` while it is refreshed, `.stale-TOKEN` while a
+    stale one is taken over): never part of the dataset, never deleted by this run."""
+    return name.startswith(storage.OutputLock.NAME)
+
+
+def _contents(out: str) -> tuple[list[pafs.FileInfo], list[str]]:
+    """(what an earlier ingest left at the top of --out, the lock aside; names of anything else there). A split
+    folder is an ingest's only while it holds nothing but .parquet files: a folder of the user's called `train/`
+    is not deleted for being called so."""
+    fs, path = storage.resolve(out)
+    ours, foreign = [], []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), key=lambda i: i.base_name):
+        if not _ours(info):
+            foreign.append(info.base_name + ("/" if info.type == pafs.FileType.Directory else ""))
+        elif _is_lock(info.base_name) or info.base_name.startswith(storage.PROBE_PREFIX):
+            continue  # no dataset (a probe file is left only by a run killed while writing it)
+        elif info.base_name in SPLITS:
+            inside = fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+            other = [i for i in inside if i.type != pafs.FileType.File or not i.base_name.endswith(".parquet")]
+            if other:
+                foreign.append(other[0].path[len(path):].lstrip("/"))
+            else:
+                ours.append(info)
+        else:
+            ours.append(info)
+    return ours, foreign
+
+
+def _prepare_destination(out: str, overwrite: bool) -> str:
+    """Check what --out holds (with its lock held) and return the folder this run writes its dataset into: --out
+    itself when it holds no dataset, else (with --overwrite) `--out/_staging`, moved into place by `_commit` only
+    once the new dataset has passed its checks and is written. A re-run that fails (too many unusable images, a
+    crash, Ctrl+C) leaves the old dataset as it was.
+
+    Only what an ingest writes is ever replaced: an --out holding anything else (the user's files, a folder above
+    other data) is refused, with or without --overwrite, and says what is there.
+    """
+    ours, foreign = _contents(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"--out {out}: not an ingested dataset (it holds {shown}); give a new or empty folder")
+    if not ours:
+        return out
     if not overwrite:
         state = "a complete dataset" if storage.exists(storage.join(out, SUMMARY_FILE)) else "an incomplete dataset"
         raise UserError(f"--out {out}: already holds {state}; pass --overwrite to replace it")
-    logger.info("Removing the existing dataset at %s (--overwrite)", out)
-    storage.delete_dir(out)
+    staging = storage.join(out, STAGING_DIR)
+    storage.delete_dir(staging)  # what an earlier run that failed or was stopped left there
+    logger.info("Writing the new dataset to %s; it replaces the one at %s once it is complete (--overwrite)",
+                staging, out)
+    return staging
+
+
+def _open_destination(out: str, overwrite: bool, lock: storage.OutputLock) -> str:
+    """Take --out's lock, check that --out can be written (and deleted from), and `_prepare_destination`: all
+    before any image is decoded, so that a wrong --out costs seconds, not a decode pass. Storage errors (a path
+    under a regular file, a missing bucket, an unreachable endpoint, bad credentials) become one line."""
+    try:
+        if storage.exists(out) and not storage.is_dir(out):
+            raise UserError(f"--out {out}: exists and is not a folder")
+        lock.acquire()
+        storage.probe_writable(out)
+        return _prepare_destination(out, overwrite)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({first_line(e)})") from None
+
+
+def _commit(out: str, work: str, summary: dict[str, Any], lock: storage.OutputLock) -> None:
+    """Make the dataset written to `work` the one at `out`, and write its summary, last.
+
+    With --overwrite (`work` is `out/_staging`) the old dataset goes only now: its summary first, so that from
+    here until the new summary is written a reader refuses the folder as incomplete instead of reading a mix of two
+    datasets; then its files (never the lock: `_is_lock`), then the new ones are moved in. Locally that window is
+    a few renames; on S3 each new file is copied once (server-side). A run stopped inside it leaves an incomplete
+    dataset, which the next run with --overwrite replaces.
+    """
+    lock.check()  # a run whose lock was taken over (judged dead) must not replace what the other run writes
+    if work != out:
+        fs, path = storage.resolve(out)
+        summary_path = storage.resolve(storage.join(out, SUMMARY_FILE))[1]
+        if fs.get_file_info(summary_path).type == pafs.FileType.File:
+            fs.delete_file(summary_path)
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            if not _ours(info) or _is_lock(info.base_name) or info.base_name == STAGING_DIR:
+                continue
+            if info.type == pafs.FileType.Directory:
+                fs.delete_dir(info.path)
+            else:
+                fs.delete_file(info.path)
+        staged = fs.get_file_info(pafs.FileSelector(storage.resolve(work)[1]))
+        for info in staged:
+            storage.move(storage.join(work, info.base_name), storage.join(out, info.base_name))
+        storage.delete_dir(work)
+    # Written last: its presence marks the dataset complete.
+    storage.write_json(storage.join(out, SUMMARY_FILE), summary)
 
 
 def _errors_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
@@ -401,16 +529,35 @@ def _file_chunks(df: pd.DataFrame, max_rows: int, max_bytes: int) -> list[pd.Dat
 
 
 def ingest(cfg: IngestConfig) -> dict[str, Any]:
-    """Run the whole ingestion; returns the summary written to `ingest_summary.json`."""
-    import ray
+    """Run the whole ingestion; returns the summary written to `ingest_summary.json`.
 
-    cfg.validate()
-    listing = list_source(cfg)
-    _prepare_destination(cfg.out, cfg.overwrite)
+    Holds --out's lock (`storage.OutputLock`) from before it looks at --out until it returns or fails: a second
+    ingest into the same --out is refused, and `--overwrite` never deletes another run's work or lock.
+    """
+    cfg = cfg.validate()
+    cfg = replace(cfg, root=storage.absolute(cfg.root), out=storage.absolute(cfg.out))
+    try:
+        listing = list_source(cfg)
+    except OSError as e:  # an unreachable endpoint, a missing bucket, bad credentials, no permission
+        raise UserError(f"--root {cfg.root}: cannot read it ({first_line(e)})") from None
     records = listing.records
     if records["image_id"].duplicated().any():
         dup = records.loc[records["image_id"].duplicated(), "path"].iloc[0]
         raise UserError(f"--root {cfg.root}: {dup} is listed more than once")
+    _check_apart(cfg.out, listing.archive, cfg.root)
+    lock = storage.OutputLock(cfg.out, "jobs/ingest.py")
+    try:  # lock.release() is a no-op when acquire() failed
+        work = _open_destination(cfg.out, cfg.overwrite, lock)
+        return _ingest_locked(cfg, listing, work, lock)
+    finally:
+        lock.release()
+
+
+def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage.OutputLock) -> dict[str, Any]:
+    """`ingest` once this run holds --out's lock: decode, check, write the splits to `work`, `_commit`."""
+    import ray
+
+    records = listing.records
     logger.info("Found %d images (%d other files ignored); decoding each once", len(records), len(listing.ignored))
 
     n_blocks = max(1, min(len(records) // 64, 512))
@@ -424,17 +571,19 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     good = records[records["error"].isna()].copy()
     error_rows = [{"path": p, "reason": r} for p, r in zip(bad["path"], bad["error"], strict=True)]
     error_rows += [{**row, "ignored": True} for row in listing.ignored]
-    storage.write_bytes(storage.join(cfg.out, ERRORS_FILE), _errors_jsonl(error_rows))
+    errors_uri = storage.join(work, ERRORS_FILE)
+    storage.write_bytes(errors_uri, _errors_jsonl(error_rows))
     error_rate = len(bad) / len(records)
+    kept = f"; the dataset at {cfg.out} is unchanged" if work != cfg.out else ""
     if len(good) == 0:
-        raise IngestFailed(f"no usable images: all {len(records)} failed to decode (see {cfg.out}/{ERRORS_FILE})")
+        raise IngestFailed(f"no usable images: all {len(records)} failed to decode (see {errors_uri}){kept}")
     if error_rate > cfg.max_error_rate:
         raise IngestFailed(
             f"{len(bad)} of {len(records)} images ({error_rate:.1%}) are unusable, more than --max-error-rate "
-            f"{cfg.max_error_rate:.1%} (see {cfg.out}/{ERRORS_FILE}); nothing was written"
+            f"{cfg.max_error_rate:.1%} (see {errors_uri}); nothing was written{kept}"
         )
 
-    fs, _ = storage.resolve(cfg.out)
+    fs, _ = storage.resolve(work)
     for split in SPLITS:
         rows = good[good["split"] == split].sort_values("path")
         if rows.empty:
@@ -446,7 +595,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         columns = [c for c in SCHEMA.names if c != "image"] + ["uri", "nbytes"]
         # One task per file, each file bounded by --file-mb and written a row group at a time: memory stays at
         # (CPUs writing) x (one row group) however large the archive.
-        directory = storage.join(cfg.out, split)
+        directory = storage.join(work, split)
         fs.create_dir(storage.resolve(directory)[1], recursive=True)
         written = (
             ray.data.from_pandas(_file_chunks(rows[columns], cfg.rows_per_file, cfg.file_mb * 2**20))
@@ -455,7 +604,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         )
         if int(written["rows"].sum()) != len(rows):  # never a silent loss
             raise RuntimeError(f"{split}: wrote {int(written['rows'].sum())} of {len(rows)} rows")
-        logger.info("Wrote %d %s images to %s", len(rows), split, storage.join(cfg.out, split))
+        logger.info("Wrote %d %s images to %s", len(rows), split, directory)
 
     summary = {
         "source": cfg.source,
@@ -472,8 +621,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         "width_median": int(np.median(good["width"])),
         "height_median": int(np.median(good["height"])),
     }
-    # Written last: its presence marks the dataset complete.
-    storage.write_json(storage.join(cfg.out, SUMMARY_FILE), summary)
+    _commit(cfg.out, work, summary, lock)
     return summary
 
 
