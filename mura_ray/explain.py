@@ -197,17 +197,13 @@ def gradcam_images(
     return out
 
 
-def _is_parquet_input(input_uri: str) -> bool:
-    if storage.is_dir(input_uri):
-        return bool(storage.list_files(input_uri, ".parquet"))
-    return input_uri.endswith(".parquet")
-
-
 def _read_parquet_images(input_uri: str, image_ids: Sequence[str]) -> dict[str, bytes]:
     """Image bytes of `image_ids` from an ingested split, reading only the matching rows."""
     import pyarrow.dataset as ds
 
-    files = storage.list_files(input_uri, ".parquet") if storage.is_dir(input_uri) else [input_uri]
+    from mura_ray.score import parquet_files
+
+    files = parquet_files(input_uri) if storage.is_dir(input_uri) else [input_uri]
     fs, _ = storage.resolve(files[0])
     dataset = ds.dataset([storage.resolve(f)[1] for f in files], filesystem=fs, format="parquet")
     table = dataset.to_table(columns=["image_id", "image"], filter=ds.field("image_id").isin(list(image_ids)))
@@ -256,7 +252,9 @@ def explain_report_examples(
     rows = pd.concat(frames)
     if not storage.exists(input_uri):
         raise UserError(f"--input {input_uri}: no such file or folder (needed to read the images to explain)")
-    if _is_parquet_input(input_uri):
+    from mura_ray.score import is_parquet_input
+
+    if is_parquet_input(input_uri):
         images = _read_parquet_images(input_uri, sorted(set(rows["image_id"])))
     else:
         images = _read_folder_images(input_uri, rows)

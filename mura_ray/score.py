@@ -228,8 +228,31 @@ class Chunk:
         return len(self.parquet_files) + len(self.image_files)
 
 
-def _is_parquet_input(src: str) -> bool:
-    return bool(storage.list_files(src, ".parquet")) if storage.is_dir(src) else src.endswith(".parquet")
+def parquet_files(src: str) -> list[str]:
+    """The Parquet files of an input folder, without those under a name starting with `_` or `.` (as pyarrow's
+    datasets and Spark leave them out): an ingest's `_staging/`, a job's temporary files."""
+    base = src.rstrip("/")
+    return [f for f in storage.list_files(src, ".parquet")
+            if not any(part.startswith(("_", ".")) for part in f[len(base):].split("/"))]
+
+
+def is_parquet_input(src: str) -> bool:
+    return bool(parquet_files(src)) if storage.is_dir(src) else src.endswith(".parquet")
+
+
+INGEST_MARKS: tuple[str, ...] = ("errors.jsonl", "_staging", "_lock.json")
+"""What an ingest writes into its DEST before `ingest_summary.json`, which it writes last."""
+
+
+def _check_ingest_finished(src: str) -> None:
+    """Refuse a split of a dataset whose ingest has not finished (still running, or killed): its summary, written
+    last, is missing while ingest's other files are there, so the split may hold only part of its files."""
+    for dest in (src.rstrip("/"), src.rstrip("/").rsplit("/", 1)[0]):
+        if storage.exists(storage.join(dest, "ingest_summary.json")):
+            return
+        if any(storage.exists(storage.join(dest, mark)) for mark in INGEST_MARKS):
+            raise UserError(f"--input {src}: the ingest writing {dest} has not finished (it has no "
+                            "ingest_summary.json yet): wait for it, or re-run jobs/ingest.py with --overwrite")
 
 
 def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
@@ -237,8 +260,10 @@ def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
     of at least `chunk_images` paths (whole folders)."""
     if not storage.exists(src):
         raise UserError(f"--input {src}: no such file or folder")
-    if _is_parquet_input(src):
-        yield Chunk(parquet_files=tuple(storage.list_files(src, ".parquet") if storage.is_dir(src) else [src]))
+    if is_parquet_input(src):
+        if storage.is_dir(src):
+            _check_ingest_finished(src)
+        yield Chunk(parquet_files=tuple(parquet_files(src) if storage.is_dir(src) else [src]))
         return
     if not storage.is_dir(src):
         raise UserError(f"--input {src}: expected an ingested Parquet split or a folder of PNG/JPEG images")

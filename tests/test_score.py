@@ -417,6 +417,24 @@ def test_unusable_out_is_a_one_line_error(exported_model, tmp_path, capsys):
     assert "manifest.json is not valid JSON" in _one_error_line(capsys.readouterr().err)
 
 
+def test_a_dataset_whose_ingest_has_not_finished_is_refused_and_staging_is_never_read(
+        exported_model, mura_dataset, tmp_path, capsys):
+    dest = tmp_path / "dest"
+    shutil.copytree(Path(mura_dataset) / "test", dest / "test")
+    (dest / "errors.jsonl").write_text("")  # an ingest is writing dest: its summary comes last
+    out = tmp_path / "scored"
+    argv = ["--model", str(exported_model), "--out", str(out), "--no-report"]
+    assert score_job.main([*argv, "--input", str(dest / "test")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "has not finished (it has no ingest_summary.json" in err
+    # Finished, with what an interrupted --overwrite left in _staging/: a dataset's folder scores its splits only.
+    shutil.copy(Path(mura_dataset) / "ingest_summary.json", dest / "ingest_summary.json")
+    shutil.copytree(dest / "test", dest / "_staging" / "test")
+    assert score_job.main([*argv, "--input", str(dest)]) == 0
+    got = _predictions(out)
+    assert len(got) == got["image_id"].nunique() == pq.read_table(dest / "test", columns=["image_id"]).num_rows
+
+
 def test_corrupt_input_parquet_is_a_one_line_error(ray_cluster, exported_model, tmp_path, capsys):
     (tmp_path / "split").mkdir()
     (tmp_path / "split" / "part-0.parquet").write_bytes(b"PAR1 and then nothing that parses")
