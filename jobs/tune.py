@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cpus-per-worker", type=float, help="CPUs reserved per Train worker (default 1)")
     a("--grace-period", type=int, help="ASHA: epochs every trial runs before it may be stopped (default 1)")
     a("--reduction-factor", type=int, help="ASHA: keep 1/factor of the trials at each rung (default 2)")
-    a("--seed", type=int, help="seed of the sampling and of every trial's training (default 0)")
+    a("--seed", type=int, help="seed of the sampling; trial N of the search trains with seed + N, shown in the "
+      "leaderboard's seed column (default 0)")
     a("--demo-images", type=int, help="size of the synthetic demo set when no --data (default 600)")
     return p
 

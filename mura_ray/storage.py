@@ -7,6 +7,7 @@ code path reads it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -238,8 +239,9 @@ class OutputLock:
     NAME = "_lock.json"
 
     def __init__(self, folder: str, what: str, *, stale_after_s: float = 600.0, heartbeat_s: float = 60.0,
-                 settle_s: float = 2.0):
-        self.folder, self.what, self.uri = folder, what, join(folder, self.NAME)
+                 settle_s: float = 2.0, name: str = NAME):
+        # `name`: the lock file's path in `folder` (jobs/tune.py keeps it in a subfolder, out of Tune's reach)
+        self.folder, self.what, self.uri = folder, what, join(folder, name)
         self.stale_after_s, self.heartbeat_s, self.settle_s = stale_after_s, heartbeat_s, settle_s
         self.token = uuid.uuid4().hex
         self.lost: str | None = None
@@ -382,5 +384,9 @@ class OutputLock:
             if held is not None and held[0].get("token") == self.token:
                 fs, path = resolve(self.uri)
                 fs.delete_file(path)
+                parent = os.path.dirname(path)
+                if isinstance(fs, pafs.LocalFileSystem) and parent != resolve(self.folder)[1]:
+                    with contextlib.suppress(OSError):  # a lock's own subfolder, when empty
+                        os.rmdir(parent)
         except OSError as e:  # the run's own outcome stands; the lock goes stale and is taken over later
             logger.warning("%s: could not remove the lock %s (%s)", self.folder, self.uri, e)

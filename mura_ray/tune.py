@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import yaml
 
 from mura_ray import storage
 from mura_ray.config import DEMO_TRAIN_DEFAULTS, TrainConfig, TuneConfig, UserError, replace_from
+from mura_ray.runtime import first_line, user_error_cause
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,11 @@ DOMAINS = ("choice", "grid", "uniform", "loguniform")
 SET_BY_FLAGS = {
     "data": "--data", "out": "--out", "epochs": "--epochs", "workers": "--workers-per-trial", "gpu": "--gpu",
     "cpus_per_worker": "--cpus-per-worker", "demo_images": "--demo-images", "seed": "--seed",
+    "select_metric": "--metric",
 }
-"""Training options the search fixes for every trial from its own flags, so a space may not set them."""
+"""Training options the search sets for every trial from its own flags, so a space may not set them (it would be
+overwritten: `select_metric` is --metric, so that a trial keeps the checkpoint its leaderboard score comes from;
+`seed` is derived from --seed per trial, see `trial_seed`)."""
 MODES = {"val_auc": "max", "val_kappa": "max", "val_loss": "min"}
 TRIALS_DIR = "trials"
 """OUT/trials/<trial id>/ is each trial's Train run directory (its checkpoints)."""
@@ -206,9 +211,23 @@ def varied_options(spec: dict[str, Any]) -> list[str]:
     return ["backbone", *[n for n in names if n != "backbone"]]
 
 
-def trial_config(search: TuneConfig, params: dict[str, Any], *, data: str | None, out: str) -> TrainConfig:
+def trial_seed(seed: int, trial_id: str) -> int:
+    """The training seed of trial `trial_id`: --seed plus the trial's index in the search.
+
+    Trials seeded alike would all start from the same initial weights and see their batches in the same order, so
+    the search would compare options under a single draw of that noise. The index is the counter Tune's
+    BasicVariantGenerator ends a trial id with (`1a2b3_00003`), given when the trial is created and kept by a
+    resumed search, so a trial keeps its seed when it is resumed and when it is exported; trial 0 trains with --seed
+    itself. An id without that counter (another search algorithm) gets a seed from its hash, stable just the same.
+    """
+    tail = trial_id.rsplit("_", 1)[-1]
+    return seed + (int(tail) if tail.isdigit() else zlib.crc32(trial_id.encode("utf-8")) % 2**31)
+
+
+def trial_config(search: TuneConfig, params: dict[str, Any], *, trial_id: str, data: str | None,
+                 out: str) -> TrainConfig:
     """A trial's training options: training defaults (the demo's without --data), `extra`, the sampled space,
-    then what the search fixes for every trial."""
+    then what the search sets for every trial (its seed: `trial_seed`)."""
     cfg = TrainConfig()
     if search.data is None:
         cfg = replace_from(cfg, DEMO_TRAIN_DEFAULTS, source="demo defaults")
@@ -216,8 +235,8 @@ def trial_config(search: TuneConfig, params: dict[str, Any], *, data: str | None
     cfg = replace_from(cfg, params, source="search space")
     return replace(
         cfg, data=data, out=out, epochs=search.epochs, workers=search.workers_per_trial, gpu=search.gpu,
-        cpus_per_worker=search.cpus_per_worker, demo_images=search.demo_images, seed=search.seed,
-        select_metric=search.metric,
+        cpus_per_worker=search.cpus_per_worker, demo_images=search.demo_images,
+        seed=trial_seed(search.seed, trial_id), select_metric=search.metric,
     )
 
 
@@ -241,7 +260,8 @@ def run_trial(params: dict[str, Any], *, search: TuneConfig, data: str) -> None:
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     trial_id = ray.tune.get_context().get_trial_id()
-    run = prepare_run(trial_config(search, params, data=data, out=trial_run_dir(search.out, trial_id)))
+    run = prepare_run(trial_config(search, params, trial_id=trial_id, data=data,
+                                   out=trial_run_dir(search.out, trial_id)))
     build_trainer(run, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -256,6 +276,21 @@ def trial_status(last: dict[str, Any], *, error: bool, max_epochs: int) -> str:
     return STOPPED_BY_PATIENCE if last.get("stopped_early") else STOPPED_BY_ASHA
 
 
+def error_line(error: BaseException | str | None) -> str:
+    """The line of a trial's error that says what went wrong.
+
+    A UserError raised in the trial or in one of its Train workers is its own message; otherwise the last line of
+    Ray's report, the exception's type and message (Ray's report opens with the actor that failed and the traceback,
+    so its first line says nothing about the error).
+    """
+    if isinstance(error, BaseException):
+        cause = user_error_cause(error)
+        if cause is not None:
+            return first_line(cause)
+    lines = [ln.strip() for ln in str(error or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
 class _TrialLogger(ray.tune.Callback):
     """One log line per finished trial (Tune's own progress tables are off outside a terminal)."""
 
@@ -266,8 +301,7 @@ class _TrialLogger(ray.tune.Callback):
         self._log(trials, trial, error=None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        lines = [ln for ln in str(trial.get_error() or "").splitlines() if ln.strip()]
-        self._log(trials, trial, error=lines[-1].strip() if lines else "unknown error")
+        self._log(trials, trial, error=error_line(trial.get_error()))
 
     def _log(self, trials: list, trial: Any, error: str | None) -> None:
         finished = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
@@ -314,7 +348,7 @@ class _MlflowLogger(ray.tune.Callback):
                     self.experiment_id, run_name=trial.trial_id,
                     tags={"mura_ray.trial_id": trial.trial_id, "mura_ray.search": self.search.out},
                 ).info.run_id
-                cfg = trial_config(self.search, trial.config, data=self.data,
+                cfg = trial_config(self.search, trial.config, trial_id=trial.trial_id, data=self.data,
                                    out=trial_run_dir(self.search.out, trial.trial_id))
                 self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in asdict(cfg).items()])
             self._runs[trial.trial_id] = run_id
@@ -407,10 +441,14 @@ def render_leaderboard(rows: list[dict[str, Any]], columns: list[str], metric: s
 
 
 def write_leaderboard(rows: list[dict[str, Any]], out: str, *, metric: str, varied: list[str]) -> str:
-    """OUT/leaderboard.csv and OUT/leaderboard.md; returns the Markdown."""
+    """OUT/leaderboard.csv and OUT/leaderboard.md; returns the Markdown.
+
+    Rows carry each trial's training seed (`trial_seed`) beside its options: with them, jobs/train.py repeats the
+    trial."""
     import pandas as pd
 
-    columns = ["rank", "trial_id", *varied, *SCORE_COLUMNS, "epochs", "stopped_early", "status", "wall_time_s"]
+    columns = ["rank", "trial_id", *varied, "seed", *SCORE_COLUMNS, "epochs", "stopped_early", "status",
+               "wall_time_s"]
     csv = pd.DataFrame(rows, columns=columns).to_csv(index=False)
     storage.write_bytes(storage.join(out, "leaderboard.csv"), csv.encode("utf-8"))
     markdown = render_leaderboard(rows, columns, metric)
@@ -434,6 +472,17 @@ def _fmt_value(name: str, value: Any) -> str:
 def _absolute(uri: str) -> str:
     """Trials run in other processes (and working directories): local paths must not be relative."""
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def _check_out(out: str) -> None:
+    """An --out that is a bucket itself has no parent for Tune's experiment directory (nor a name for it)."""
+    if storage.is_remote(out) and "/" not in out.split("://", 1)[1].strip("/"):
+        raise UserError(f"--out {out}: give a search directory inside the bucket, such as "
+                        f"{out.rstrip('/')}/tune/NAME")
+
+
+def _cannot_write(out: str, e: OSError) -> UserError:
+    return UserError(f"--out {out}: cannot write there ({first_line(e)})")
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -479,9 +528,13 @@ def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: s
     fs, path = storage.resolve(source)
     state = best_state(ray.train.Result.from_path(path, storage_filesystem=fs), cfg.metric)
     logger.info("Exporting trial %s (epoch %d) to %s", trial_id, state["epoch"] + 1, dest)
-    result = finish_run(prepare_run(trial_config(cfg, params, data=cfg.data, out=dest)), state)
+    result = finish_run(prepare_run(trial_config(cfg, params, trial_id=trial_id, data=cfg.data, out=dest)), state)
     storage.write_json(marker, {"trial_id": trial_id, "source": source, "params": params, "result": result})
     return result
+
+
+LOCK = "_lock/_lock.json"
+"""The search's lock file in OUT (see `tune`)."""
 
 
 def tune(cfg: TuneConfig) -> dict[str, Any]:
@@ -490,15 +543,82 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     Writes OUT/leaderboard.{csv,md}, OUT/best/ (model/ and the test report/, as a jobs/train.py run directory),
     OUT/comparison.md (best trial of each backbone on the test split) and, for the backbones other than the
     winner's, OUT/best_per_backbone/<backbone>/.
+
+    One search at a time writes an OUT: it holds OUT/_lock/_lock.json (`storage.OutputLock`) from before its first
+    write until it returns, and a second one is refused with one line naming the first. Without it both would resume
+    the same search and train the same trials into the same trial directories. The lock is in a subfolder because
+    a resumed Tune search copies the .json files at the top of OUT into its staging directory and uploads them back
+    at every save: a lock there would be overwritten with its stale copy (and could come back after its release).
     """
+    cfg = cfg.validate()
+    _check_out(cfg.out)
+    cfg = replace(cfg, out=_absolute(cfg.out), data=_absolute(cfg.data) if cfg.data else None)
+    spec = resolve_space(cfg)
+    experiment_id = mlflow_experiment(cfg.mlflow_uri, cfg.out) if cfg.mlflow_uri else None
+    lock = storage.OutputLock(cfg.out, "jobs/tune.py", name=LOCK)
+    try:  # lock.release() is a no-op when acquire() failed
+        try:
+            lock.acquire()
+        except OSError as e:
+            raise _cannot_write(cfg.out, e) from None
+        return _tune_locked(cfg, spec, experiment_id, lock)
+    finally:
+        lock.release()
+
+
+def check_search_fits(cfg: TuneConfig) -> int:
+    """How many trials the cluster has room for at once; a search it cannot place one trial of fails here.
+
+    A trial's TorchTrainer waits for its workers' resources without end, and the training job's own check
+    (`train.check_cluster_fits`), which runs again inside each trial, cannot tell there whether this process started
+    the Ray it runs on, so it only warns, in a trial's log. Here it can: on a local Ray this process started (which
+    no autoscaler will grow) a trial that cannot be placed is a UserError; on an attached cluster an autoscaler may
+    still add nodes, so it is a warning saying what the trials wait for. A trial needs --workers-per-trial GPUs (when
+    it uses GPUs) and --workers-per-trial x --cpus-per-worker CPUs, and the cluster one CPU more, to read and decode
+    images, as the training job counts it. Fewer trials at once than --max-concurrent is a warning: the rest queue.
+    """
+    import ray
+
+    from mura_ray.runtime import started_local_ray
+    from mura_ray.train import _use_gpu
+
+    have = ray.cluster_resources()
+    gpus, cpus = have.get("GPU", 0), have.get("CPU", 0)
+    workers, trial_cpus = cfg.workers_per_trial, cfg.workers_per_trial * cfg.cpus_per_worker
+    use_gpu = _use_gpu(cfg.gpu)
+    by_gpu = math.floor(gpus / workers + 1e-9) if use_gpu else math.inf
+    by_cpu = max(0, math.floor((cpus - 1) / trial_cpus + 1e-9))
+    problems = []
+    if by_gpu < 1:
+        fix = "lower --workers-per-trial, or use --gpu no" if gpus else "use --gpu no"
+        problems.append(f"--workers-per-trial {workers} with --gpu {cfg.gpu} needs {workers} GPU(s) per trial, the "
+                        f"cluster has {gpus:g} ({fix} to train on CPUs)")
+    if by_cpu < 1:
+        problems.append(f"--workers-per-trial {workers} x --cpus-per-worker {cfg.cpus_per_worker:g} and one CPU to "
+                        f"decode images need {trial_cpus + 1:g} CPUs, the cluster has {cpus:g}")
+    if problems:
+        if started_local_ray():
+            raise UserError("; ".join(problems))
+        logger.warning("The cluster cannot place a trial of this search yet: %s. Its trials wait for an autoscaler to "
+                       "add nodes.", "; ".join(problems))
+        return 0
+    at_once = int(min(by_gpu, by_cpu))
+    if at_once < cfg.max_concurrent:
+        limit = (f"{gpus:g} GPU(s) for {workers} worker(s) each" if by_gpu <= by_cpu else
+                 f"{cpus:g} CPUs for {trial_cpus:g} each and one to decode images")
+        logger.warning("--max-concurrent %d: the cluster has room for %d trial(s) at once (%s); the others queue%s",
+                       cfg.max_concurrent, at_once, limit,
+                       "" if started_local_ray() else " unless an autoscaler adds nodes")
+    return at_once
+
+
+def _tune_locked(cfg: TuneConfig, spec: dict[str, Any], experiment_id: str | None,
+                 lock: storage.OutputLock) -> dict[str, Any]:
+    """`tune` once this search holds OUT's lock."""
     from mura_ray.runtime import init_ray
     from mura_ray.train import resolve_data
 
-    cfg = cfg.validate()
-    cfg = replace(cfg, out=_absolute(cfg.out), data=_absolute(cfg.data) if cfg.data else None)
-    spec = resolve_space(cfg)
-    varied = varied_options(spec)
-    experiment_id = mlflow_experiment(cfg.mlflow_uri, cfg.out) if cfg.mlflow_uri else None
+    varied, total = varied_options(spec), count_trials(spec, cfg.num_samples)
     record = _search_record(cfg, spec)
     fs, path = storage.resolve(cfg.out)
     resuming = ray.tune.Tuner.can_restore(path, storage_filesystem=fs)
@@ -506,6 +626,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         _check_same_search(cfg.out, record)
 
     init_ray(train_cpus=cfg.max_concurrent * cfg.workers_per_trial * cfg.cpus_per_worker)
+    check_search_fits(cfg)
     if not cfg.data:
         logger.info("No --data given: searching on the built-in SYNTHETIC demo radiographs (not MURA).")
     # Resolved once here, so concurrent trials never race to build the demo set.
@@ -517,7 +638,10 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         logger.info("Resuming the search in %s: finished trials are kept, unfinished ones continue", cfg.out)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        storage.write_json(storage.join(cfg.out, SEARCH_FILE), record)
+        try:
+            storage.write_json(storage.join(cfg.out, SEARCH_FILE), record)
+        except OSError as e:
+            raise _cannot_write(cfg.out, e) from None
         tuner = _new_tuner(cfg, spec, trainable, data=data, experiment_id=experiment_id)
     start = time.time()
     sigint = signal.getsignal(signal.SIGINT)
@@ -529,20 +653,24 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
             # export below stops the job instead of being swallowed.
             signal.signal(signal.SIGINT, sigint)
 
-    rows, configs = _summarize_grid(grid, cfg, varied)
+    lock.check()  # a search whose lock was taken over (judged dead) writes nothing more
+    rows, configs, failures = _summarize_grid(grid, cfg, varied)
     markdown = write_leaderboard(rows, cfg.out, metric=cfg.metric, varied=varied)
     summary: dict[str, Any] = {"out": cfg.out, "leaderboard": rows, "leaderboard_md": markdown,
                                "resumed": resuming, "interrupted": False}
     # A finished trial's last result says done (ASHA's stops included); after Ctrl+C Tune marks the trials it cut
-    # short as terminated, so their results are the only record that they are not finished.
-    unfinished = sum(r["status"] == "unfinished" for r in rows)
+    # short as terminated, so their results are the only record that they are not finished. Trials the search had
+    # not created yet (at most --max-concurrent are created ahead) are in no result at all: the search's trial count
+    # is what says they are missing.
+    unfinished = sum(r["status"] == "unfinished" for r in rows) + max(0, total - len(rows))
     if unfinished:
-        logger.warning("Search interrupted with %d of %d trials unfinished; its state is saved in %s: run the same "
-                       "command again to resume it", unfinished, len(rows), cfg.out)
+        logger.warning("Search interrupted with %d of %d trials unfinished (%d not started); its state is saved in %s: "
+                       "run the same command again to resume it", unfinished, total, max(0, total - len(rows)),
+                       cfg.out)
         return {**summary, "interrupted": True}
     logger.info("Search finished in %.0f s: %d trials, %d stopped early, %d failed", time.time() - start, len(rows),
                 sum(r["stopped_early"] for r in rows), grid.num_errors)
-    return {**summary, **_export_best(cfg, rows, configs)}
+    return {**summary, **_export_best(cfg, rows, configs, failures)}
 
 
 def _new_tuner(cfg: TuneConfig, spec: dict[str, Any], trainable: Any, *, data: str,
@@ -576,28 +704,44 @@ def _new_tuner(cfg: TuneConfig, spec: dict[str, Any], trainable: Any, *, data: s
     )
 
 
-def _summarize_grid(grid: Any, cfg: TuneConfig, varied: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Ranked leaderboard rows, and every trial's sampled options by trial id."""
+def _summarize_grid(grid: Any, cfg: TuneConfig, varied: list[str]
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[str, str]]]:
+    """Ranked leaderboard rows, every trial's sampled options by trial id, and (trial id, error line) of the trials
+    that failed, in the order the search created them."""
     configs: dict[str, dict[str, Any]] = {}
-    rows = []
+    rows, failures = [], []
     for result in grid:
         trial_id = os.path.basename(result.path.rstrip("/"))
         configs[trial_id] = dict(result.config)
-        trial_cfg = trial_config(cfg, configs[trial_id], data=cfg.data, out=trial_run_dir(cfg.out, trial_id))
+        trial_cfg = trial_config(cfg, configs[trial_id], trial_id=trial_id, data=cfg.data,
+                                 out=trial_run_dir(cfg.out, trial_id))
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-        rows.append(summarize_trial(trial_id, {k: getattr(trial_cfg, k) for k in varied}, history,
+        rows.append(summarize_trial(trial_id, {k: getattr(trial_cfg, k) for k in [*varied, "seed"]}, history,
                                     last=result.metrics or {}, error=result.error is not None,
                                     max_epochs=cfg.epochs))
-    return rank_trials(rows, cfg.metric), configs
+        if result.error is not None:
+            failures.append((trial_id, error_line(result.error)))
+    return rank_trials(rows, cfg.metric), configs, failures
 
 
-def _export_best(cfg: TuneConfig, rows: list[dict[str, Any]], configs: dict[str, Any]) -> dict[str, Any]:
+def _export_best(cfg: TuneConfig, rows: list[dict[str, Any]], configs: dict[str, Any],
+                 failures: list[tuple[str, str]]) -> dict[str, Any]:
     """Export the best trial to OUT/best and compare the best trial of each backbone on the test split."""
+    from ray.air.constants import EXPR_ERROR_FILE
+
     from mura_ray.report import write_comparison
 
     usable = [r for r in rows if r["epochs"] > 0]
     if not usable:
-        raise RuntimeError(f"every trial failed before finishing an epoch; see the errors above and {cfg.out}")
+        # Usually one cause for all (data, options, resources): the first trial's error says which, in one line.
+        if failures:
+            trial_id, line = failures[0]
+            first = (f"the first, {trial_id}: {line} (its full error: "
+                     f"{storage.join(cfg.out, trial_id, EXPR_ERROR_FILE)})")
+        else:
+            first = f"see the log above and {cfg.out}"
+        raise UserError(f"every trial of the search failed before finishing an epoch; {first}. Fix that and run the "
+                        "same command again, which retries the failed trials (with other flags, give a new --out)")
     best = usable[0]
     best_dir = storage.join(cfg.out, "best")
     best_result = export_trial(cfg, best["trial_id"], configs[best["trial_id"]], best_dir)

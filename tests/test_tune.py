@@ -10,13 +10,16 @@ import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from mura_ray import storage
 from mura_ray.config import TuneConfig, UserError
 from mura_ray.tune import (
     DEFAULT_SPACE,
     STOPPED_BY_ASHA,
+    check_search_fits,
     count_trials,
     load_space,
     rank_trials,
@@ -24,6 +27,7 @@ from mura_ray.tune import (
     summarize_trial,
     to_param_space,
     trial_config,
+    trial_seed,
     varied_options,
 )
 
@@ -84,7 +88,8 @@ def test_space_grammar(tmp_path):
     resolved = resolve_space(cfg)
     assert resolved["backbone"] == {"grid": ["custom_cnn", "resnet18"]} and resolved["image_size"] == 32
     assert count_trials(resolved, 3) == 12
-    trial = trial_config(cfg, {"backbone": "resnet18", "lr": 1e-3, "loss": "focal"}, data="d", out="o/t/x")
+    trial = trial_config(cfg, {"backbone": "resnet18", "lr": 1e-3, "loss": "focal"}, trial_id="1a2b3_00000",
+                         data="d", out="o/t/x")
     assert (trial.backbone, trial.lr, trial.loss, trial.epochs, trial.out) == ("resnet18", 1e-3, "focal", 3, "o/t/x")
     assert trial.select_metric == "val_auc"  # the trial keeps and exports the checkpoint its score comes from
 
@@ -98,13 +103,25 @@ def test_space_errors_name_every_bad_option(tmp_path):
         "loss: {choice: [bce, dice]}\n"
         "backbone: {grid: [resnet5O]}\n"
         "lr: {sample: [1, 2]}\n"
+        "select_metric: val_loss\n"  # --metric sets it: the trial must keep the checkpoints its score comes from
     ))
     with pytest.raises(UserError) as e:
         load_space(space)
     msg = str(e.value)
     for part in ("unknown option 'learning_rate'", "epochs is set by --epochs", "dropout: 1.5",
-                 "batch_size: uniform draws floats", "'dice'", "Did you mean 'resnet50'", "lr: a searched option"):
+                 "batch_size: uniform draws floats", "'dice'", "Did you mean 'resnet50'", "lr: a searched option",
+                 "select_metric is set by --metric"):
         assert part in msg
+
+
+def test_every_trial_has_its_own_seed_kept_across_resume():
+    """--seed plus the index Tune ends the trial id with: distinct per trial, the same whenever the id is seen again
+    (a resumed trial, its export, the leaderboard)."""
+    cfg = TuneConfig(data="d", out="o", seed=7)
+    seeds = [trial_config(cfg, {}, trial_id=f"1a2b3_{i:05d}", data="d", out="o/t").seed for i in range(4)]
+    assert seeds == [7, 8, 9, 10]
+    assert trial_config(cfg, {}, trial_id="9f8e7_00002", data="d", out="o/t").seed == 9  # a resumed search's prefix
+    assert trial_seed(7, "custom-id") == trial_seed(7, "custom-id") != trial_seed(7, "other-id")
 
 
 def test_ranking_follows_the_metric_direction():
@@ -137,6 +154,210 @@ def test_bad_space_file_exits_2(tmp_path, capsys):
     assert tune_job.main(["--space", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_a_search_the_cluster_cannot_place_is_refused(monkeypatch, caplog):
+    """A trial that cannot be placed would wait forever: refused on a Ray this process started, a warning on an
+    attached cluster (an autoscaler may add nodes); fewer trials at once than --max-concurrent is a warning."""
+    import ray
+
+    from mura_ray import runtime
+
+    def cluster(resources, *, local):
+        monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+        monkeypatch.setattr(runtime, "_started_local", local)
+
+    cluster({"CPU": 4.0}, local=True)
+    with pytest.raises(UserError, match=r"^--workers-per-trial 1 with --gpu yes needs 1 GPU\(s\) per trial, the "
+                                        r"cluster has 0 \(use --gpu no to train on CPUs\)$"):
+        check_search_fits(TuneConfig(gpu="yes"))
+    cluster({"CPU": 8.0, "GPU": 1.0}, local=True)
+    with pytest.raises(UserError, match=r"--workers-per-trial 2 with --gpu auto needs 2 GPU\(s\) per trial, the "
+                                        r"cluster has 1 \(lower --workers-per-trial, or use --gpu no"):
+        check_search_fits(TuneConfig(workers_per_trial=2))
+    with pytest.raises(UserError, match=r"x --cpus-per-worker 4 and one CPU to decode images need 9 CPUs"):
+        check_search_fits(TuneConfig(workers_per_trial=2, cpus_per_worker=4, gpu="no"))
+
+    cluster({"CPU": 4.0}, local=False)
+    caplog.set_level(logging.WARNING, logger="mura_ray.tune")
+    assert check_search_fits(TuneConfig(gpu="yes")) == 0
+    assert "cannot place a trial of this search yet" in caplog.text and "autoscaler" in caplog.text
+
+    caplog.clear()
+    cluster({"CPU": 16.0, "GPU": 2.0}, local=True)
+    assert check_search_fits(TuneConfig(max_concurrent=4)) == 2
+    assert "--max-concurrent 4: the cluster has room for 2 trial(s) at once (2 GPU(s) for 1 worker(s) each)" \
+        in caplog.text
+    caplog.clear()
+    assert check_search_fits(TuneConfig(max_concurrent=4, gpu="no")) == 15 and not caplog.text  # 1 CPU to decode
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """A search that must stop before any cluster work: reaching Ray fails the test instead of starting trials."""
+    from mura_ray import runtime
+
+    def init_ray(*args, **kwargs):
+        raise AssertionError("the search reached init_ray")
+
+    monkeypatch.setattr(runtime, "init_ray", init_ray)
+
+
+def test_a_search_that_cannot_be_placed_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    import ray
+    import tune as tune_job
+
+    from mura_ray import runtime, train
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *args, **kwargs: None)  # as if this process had started it
+    monkeypatch.setattr(runtime, "_started_local", True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+
+    def resolve_data(cfg):
+        raise AssertionError("the search went past the cluster check")
+
+    monkeypatch.setattr(train, "resolve_data", resolve_data)
+    out = tmp_path / "search"
+    space = _write(tmp_path / "space.yaml", "batch_size: 16\n")
+    rc = tune_job.main(["--data", str(tmp_path), "--out", str(out), "--space", space, "--backbones", "custom_cnn",
+                        "--gpu", "yes"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --workers-per-trial 1 with --gpu yes needs 1 GPU(s) per trial, the cluster "
+                               "has 0 (use --gpu no to train on CPUs)"]
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []  # no search.json, the lock released
+
+
+def test_out_that_cannot_be_written_or_is_a_bucket_exits_2(no_cluster, tmp_path, capsys):
+    import tune as tune_job
+
+    (tmp_path / "a-file").write_text("not a folder")
+    space = _write(tmp_path / "space.yaml", "batch_size: 16\n")
+    argv = ["--data", str(tmp_path), "--space", space, "--backbones", "custom_cnn"]
+    assert tune_job.main([*argv, "--out", str(tmp_path / "a-file" / "search")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {tmp_path / 'a-file' / 'search'}: cannot write there (")
+
+    assert tune_job.main([*argv, "--out", "s3://bucket/"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --out s3://bucket/: give a search directory inside the bucket, such as "
+                   "s3://bucket/tune/NAME"]
+
+
+def test_one_search_at_a_time_writes_an_out(tmp_path, monkeypatch, capsys):
+    """The search holds OUT/_lock/_lock.json from before its first write until it returns; a second is refused."""
+    import tune as tune_job
+
+    from mura_ray import runtime
+
+    out = tmp_path / "search"
+    space = _write(tmp_path / "space.yaml", "batch_size: 16\n")
+    argv = ["--data", str(tmp_path), "--out", str(out), "--space", space, "--backbones", "custom_cnn"]
+    held = []
+
+    def init_ray(*args, **kwargs):  # the first cluster work: the lock is this search's by then
+        held.append(json.loads((out / "_lock" / "_lock.json").read_text()))
+        raise UserError("stopped by the test")
+
+    monkeypatch.setattr(runtime, "init_ray", init_ray)
+    assert tune_job.main(argv) == 2
+    assert held[0]["holder"] == "jobs/tune.py" and held[0]["pid"] == os.getpid()
+    assert not (out / "_lock" / "_lock.json").exists()  # released on the way out
+    capsys.readouterr()
+
+    other = storage.OutputLock(str(out), "jobs/tune.py (another search)", name="_lock/_lock.json").acquire()
+    try:
+        assert tune_job.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out} is being written by another run (jobs/tune.py "
+                                                   "(another search) on ")
+        assert len(held) == 1 and sorted(p.name for p in out.iterdir()) == ["_lock"]
+        assert json.loads((out / "_lock" / "_lock.json").read_text())["token"] == other.token
+    finally:
+        other.release()
+
+
+class _Result:
+    def __init__(self, out, trial_id, *, epochs=0, error=None, backbone="custom_cnn"):
+        import pandas as pd
+
+        self.path, self.error = str(out / trial_id), error
+        self.config = {"backbone": backbone, "lr": 1e-3}
+        history = [{"epoch": e, "val_auc": 0.5 + e / 10, "val_kappa": 0.1, "val_loss": 0.7}
+                   for e in range(1, epochs + 1)]
+        self.metrics_dataframe = pd.DataFrame(history) if history else None
+        self.metrics = {**history[-1], "done": True, "time_total_s": 3.0} if history else {}
+
+
+class _Grid(list):
+    @property
+    def num_errors(self):
+        return sum(r.error is not None for r in self)
+
+
+@pytest.fixture
+def fake_search(ray_cluster, tmp_path, monkeypatch):
+    """tune() with the Tuner's results given: (cfg, run(results) -> tune's summary); no trial runs."""
+    import mura_ray.tune as tune_module
+
+    space = _write(tmp_path / "space.yaml", "lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    cfg = TuneConfig(data=str(tmp_path / "data"), out=str(tmp_path / "search"), space=space,
+                     backbones=("custom_cnn", "resnet18"), num_samples=2, epochs=2, gpu="no", seed=3)
+
+    def run(results):
+        monkeypatch.setattr(tune_module, "_new_tuner",
+                            lambda *args, **kwargs: SimpleNamespace(fit=lambda: _Grid(results)))
+        return tune_module.tune(cfg)
+
+    return cfg, run
+
+
+def test_a_search_missing_trials_is_interrupted_not_exported(fake_search, tmp_path):
+    """4 trials (2 backbones x 2 samples); Ctrl+C after the first 2 finished, before the others were created."""
+    import pandas as pd
+
+    cfg, run = fake_search
+    out = tmp_path / "search"
+    summary = run([_Result(out, "1a2b3_00000", epochs=2), _Result(out, "1a2b3_00001", epochs=2)])
+    assert summary["interrupted"] and "best" not in summary and not (out / "best").exists()
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert list(board["status"]) == ["completed", "completed"]
+    assert sorted(board["seed"]) == [3, 4]  # --seed 3 + the trial's index
+    assert not (out / "_lock" / "_lock.json").exists()
+
+
+def test_a_search_record_that_cannot_be_written_is_one_line(fake_search, tmp_path, monkeypatch):
+    def write_json(uri, obj):
+        raise PermissionError(13, "Permission denied", uri)
+
+    monkeypatch.setattr(storage, "write_json", write_json)
+    cfg, run = fake_search
+    with pytest.raises(UserError, match=rf"^--out {tmp_path / 'search'}: cannot write there \(\[Errno 13\] "
+                                        r"Permission denied: '.*search.json'\)$"):
+        run([])
+    assert not (tmp_path / "search" / "_lock" / "_lock.json").exists()
+
+
+def test_a_search_whose_every_trial_failed_says_why_in_one_line(fake_search, tmp_path, capsys):
+    from ray.exceptions import RayTaskError
+
+    cfg, run = fake_search
+    out = tmp_path / "search"
+    try:
+        raise UserError("--data /d: has no train split; training needs train and val")
+    except UserError as e:
+        from_trial = RayTaskError("ImplicitFunc.train", "Traceback ...\nUserError: ...", e)
+    errors = [RuntimeError("ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n  File x, line 1\nValueError: boom"),
+              from_trial, from_trial, from_trial]
+    with pytest.raises(UserError) as e:
+        run([_Result(out, f"1a2b3_0000{i}", error=err) for i, err in enumerate(errors)])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("every trial of the search failed before finishing an epoch; the "
+                                              f"first, 1a2b3_00000: ValueError: boom (its full error: "
+                                              f"{out}/1a2b3_00000/error.txt)")
+    assert not (out / "_lock" / "_lock.json").exists()
+
+    with pytest.raises(UserError, match="the first, 1a2b3_00000: --data /d: has no train split; training needs"):
+        run([_Result(out, f"1a2b3_0000{i}", error=from_trial) for i in range(4)])
+
+
 @pytest.mark.slow
 def test_search_end_to_end_and_resume(search_cluster, mura_dataset, tmp_path, caplog):
     """4 trials (2 backbones x 2 body-part weights), 2 epochs, ASHA on val_loss with grace 1 and factor 2.
@@ -165,8 +386,10 @@ def test_search_end_to_end_and_resume(search_cluster, mura_dataset, tmp_path, ca
 
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == 4 and set(board["backbone"]) == {"custom_cnn", "resnet18"}
-    assert {"lr", "dropout", "body_part_weight", "best_val_auc", "best_val_kappa", "best_val_loss", "epochs",
+    assert {"lr", "dropout", "body_part_weight", "seed", "best_val_auc", "best_val_kappa", "best_val_loss", "epochs",
             "stopped_early", "status", "wall_time_s"} <= set(board.columns)
+    assert sorted(board["seed"]) == [0, 1, 2, 3]  # --seed 0 + each trial's index
+    assert not (out / "_lock" / "_lock.json").exists()
     assert list(board["best_val_loss"]) == sorted(board["best_val_loss"]) and list(board["rank"]) == [1, 2, 3, 4]
     early = board[board["stopped_early"]]
     assert len(early) >= 1 and (early["epochs"] < 2).all() and (early["status"] == STOPPED_BY_ASHA).all()
@@ -179,6 +402,8 @@ def test_search_end_to_end_and_resume(search_cluster, mura_dataset, tmp_path, ca
     for name in ("model.safetensors", "config.json", "model_card.json"):
         assert (out / "best" / "model" / name).is_file()
     assert (out / "best" / "report" / "report.json").is_file()
+    card = json.loads((out / "best" / "model" / "model_card.json").read_text())
+    assert card["training"]["config"]["seed"] == board.loc[0, "seed"]  # the export trains nothing: it records it
     comparison = (out / "comparison.md").read_text()
     assert "custom_cnn" in comparison and "resnet18" in comparison
     other = ({"custom_cnn", "resnet18"} - {board.loc[0, "backbone"]}).pop()
@@ -192,6 +417,7 @@ def test_search_end_to_end_and_resume(search_cluster, mura_dataset, tmp_path, ca
         row = board[board["trial_id"] == run.data.tags["mura_ray.trial_id"]].iloc[0]
         assert run.data.params["backbone"] == row["backbone"]
         assert float(run.data.params["lr"]) == pytest.approx(row["lr"])
+        assert int(run.data.params["seed"]) == row["seed"]
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == list(range(1, row["epochs"] + 1))
         assert min(m.value for m in history) == pytest.approx(row["best_val_loss"])
@@ -207,6 +433,7 @@ def test_search_end_to_end_and_resume(search_cluster, mura_dataset, tmp_path, ca
     assert sorted(p.relative_to(out) for p in (out / "trials").rglob("*")) == trial_files
     assert len(client.search_runs([experiment.experiment_id])) == 4
     assert os.path.isfile(out / "best" / "trial.json")
+    assert not (out / "_lock" / "_lock.json").exists()
 
     # Other flags on an existing search are refused rather than silently ignored.
     assert tune_job.main([*argv[:-2], "--epochs", "4"]) == 2
@@ -241,7 +468,7 @@ def test_interrupted_search_resumes_trials_from_their_checkpoints(search_cluster
         watcher.join()
     assert rc == 130
     assert pd.read_csv(out / "leaderboard.csv").loc[0, "status"] == "unfinished"
-    assert not (out / "best").exists()
+    assert not (out / "best").exists() and not (out / "_lock" / "_lock.json").exists()
     _release_leftover_placement_groups()
 
     assert tune_job.main(argv) == 0
@@ -251,3 +478,4 @@ def test_interrupted_search_resumes_trials_from_their_checkpoints(search_cluster
     # The restarted trial reported once: its Train run continued from the epoch-1 checkpoint instead of starting over.
     assert (results[-1]["epoch"], results[-1]["iterations_since_restore"]) == (2, 1)
     assert (out / "best" / "model" / "model.safetensors").is_file()
+    assert not (out / "_lock" / "_lock.json").exists()  # released, and not brought back by Tune's state saves (resumed)
