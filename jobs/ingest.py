@@ -64,7 +64,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_run, build_parser(), argv)
+    return run_main(_run, build_parser(), argv,
+                    rerun="run it again with --overwrite to replace what it left unfinished")
 
 
 if __name__ == "__main__":

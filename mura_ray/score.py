@@ -30,7 +30,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -230,10 +230,11 @@ class Chunk:
 
 def parquet_files(src: str) -> list[str]:
     """The Parquet files of an input folder, without those under a name starting with `_` or `.` (as pyarrow's
-    datasets and Spark leave them out): an ingest's `_staging/`, a job's temporary files."""
-    base = src.rstrip("/")
+    datasets and Spark leave them out): an ingest's `_staging/`, a job's temporary files. Only the names below
+    `src` count (a relative, `~` or `file://` input is compared as the path it resolves to)."""
+    base = storage.resolve(src)[1].rstrip("/")
     return [f for f in storage.list_files(src, ".parquet")
-            if not any(part.startswith(("_", ".")) for part in f[len(base):].split("/"))]
+            if not any(part.startswith(("_", ".")) for part in storage.resolve(f)[1][len(base):].split("/"))]
 
 
 def is_parquet_input(src: str) -> bool:
@@ -542,9 +543,11 @@ def _check_pool_fits(cfg: ScoreConfig, use_gpu: bool) -> None:
     what, need = ("GPU", float(cfg.concurrency)) if use_gpu else ("CPU", cfg.concurrency * cfg.cpus_per_actor)
     have = ray.cluster_resources().get(what, 0.0)
     if have < need:
-        logger.warning("The cluster has %g %s, the %d scoring actors need %g: the job waits for an autoscaler to add "
-                       "nodes. --concurrency 1-%d starts with what there is and grows as nodes join.", have, what,
-                       cfg.concurrency, need, cfg.max_concurrency or cfg.concurrency)
+        from mura_ray.runtime import started_local_ray
+
+        later = "never, on this local Ray" if started_local_ray() else "when an autoscaler adds nodes"
+        logger.warning("The cluster has %g %s, the %d scoring actors need %g: the job scores on the actors that fit, "
+                       "the others start %s.", have, what, cfg.concurrency, need, later)
 
 
 def _same_input(uri: str) -> str:
@@ -706,6 +709,10 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
 
 
     cfg = cfg.validate()
+    # Local paths absolute, here on the driver: the Ray workers that read the input and load the models may run
+    # in another working directory (under `ray job submit --working-dir`, Ray's copy of it).
+    cfg = replace(cfg, input=storage.absolute(cfg.input), out=storage.absolute(cfg.out),
+                  models=tuple(storage.absolute(m) for m in cfg.models))
     model_ids, model_threshold, sizes = _check_models(cfg.models)
     if cfg.explain:
         import importlib.util

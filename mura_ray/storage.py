@@ -328,13 +328,19 @@ class OutputLock:
         # runtime.run_main) has release() delete the lock it wrote, which is one with its token.
         self._held = True
         if isinstance(fs, pafs.LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._held = False
-                held = self._read()
-                raise self._refuse(*(held or ({}, 0.0))) from None
+            for attempt in range(2):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    break
+                except FileNotFoundError:  # a lock's own subfolder, removed by a holder releasing just now
+                    if attempt:
+                        self._held = False
+                        raise
+                except FileExistsError:
+                    self._held = False
+                    held = self._read()
+                    raise self._refuse(*(held or ({}, 0.0))) from None
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         else:
