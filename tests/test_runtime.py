@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -81,7 +80,7 @@ def bucket(s3_server) -> str:
 
 
 @pytest.mark.parametrize("case", ["local-SIGTERM", "local-SIGINT", "s3-SIGTERM-while-settling"])
-def test_a_stopped_job_releases_its_lock(case, tmp_path, request):
+def test_a_stopped_job_releases_its_lock(case, tmp_path, request, spawn):
     """A process holding an OutputLock under run_main, stopped by a signal: it exits 143 or 130 with one line, and
     its lock is gone. On S3 the signal comes during the settle, after the lock was written and before it was read
     back. (Python's default action for SIGTERM ended the process with its lock in place; and a lock was counted as
@@ -91,21 +90,15 @@ def test_a_stopped_job_releases_its_lock(case, tmp_path, request):
     folder = f"s3://{request.getfixturevalue('bucket')}/scores" if where == "s3" else str(tmp_path / "scores")
     lock_uri = storage.join(folder, storage.OutputLock.NAME)
     settle = "60" if where == "s3" else "0"
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, folder, settle], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while not storage.exists(lock_uri):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.1)
-        if where == "local":  # holding it: past acquire, the heartbeat thread running
-            assert proc.stdout.readline() == "holding\n"
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = spawn([sys.executable, "-c", _HOLDER, folder, settle], cwd=REPO)
+    deadline = time.time() + 60
+    while not storage.exists(lock_uri):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    if where == "local":  # holding it: past acquire, the heartbeat thread running
+        assert proc.stdout.readline() == "holding\n"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + sig, err
     line = "interrupted by SIGINT (Ctrl+C)" if sig == signal.SIGINT else "interrupted by SIGTERM"
     assert err == f"{line}; run it again\n"

@@ -588,7 +588,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_scoring_job_releases_its_lock_and_a_rerun_finishes(sig, ray_cluster, exported_model, tmp_path,
-                                                                      capsys):
+                                                                      capsys, spawn):
     """`ray job stop`, `kill` and `timeout` send SIGTERM; a terminal sends SIGINT. jobs/score.py, in a process of
     its own on the session's Ray, is stopped after its first committed chunk: it exits 143 or 130 with one line, its
     lock is gone, what it committed is kept, and the same command then scores the rest. (Ray's own SIGTERM handler,
@@ -600,20 +600,14 @@ def test_a_stopped_scoring_job_releases_its_lock_and_a_rerun_finishes(sig, ray_c
             "--no-report"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     job = Path(score_job.__file__)
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMMITS, str(job), *args], cwd=job.parents[1], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not ((out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text())["parts"]):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.1)
-        assert (out / "_lock.json").exists()
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = spawn([sys.executable, "-c", _SLOW_COMMITS, str(job), *args], cwd=job.parents[1], env=env)
+    deadline = time.time() + 240
+    while not ((out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text())["parts"]):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    assert (out / "_lock.json").exists()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
     name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT (Ctrl+C)"
     line = f"interrupted by {name}; what was committed is kept: run the same command again to score the rest"
@@ -795,7 +789,6 @@ def test_executions_merge_chunks(monkeypatch):
 def test_scoring_module_leaves_torch_to_the_predictor():
     """Raw-folder read tasks and the already-scored task run functions of `mura_ray.score` in pooled Ray workers:
     importing the module must not import torch there (here: 0.9 s and 110 MiB instead of 3.1 s and 581 MiB)."""
-    import subprocess
     import sys
 
     code = "import sys, mura_ray.score; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
