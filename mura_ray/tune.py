@@ -469,11 +469,6 @@ def _fmt_value(name: str, value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def _absolute(uri: str) -> str:
-    """Trials run in other processes (and working directories): local paths must not be relative."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-
 def _check_out(out: str) -> None:
     """An --out that is a bucket itself has no parent for Tune's experiment directory (nor a name for it)."""
     if storage.is_remote(out) and "/" not in out.split("://", 1)[1].strip("/"):
@@ -552,7 +547,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     """
     cfg = cfg.validate()
     _check_out(cfg.out)
-    cfg = replace(cfg, out=_absolute(cfg.out), data=_absolute(cfg.data) if cfg.data else None)
+    cfg = replace(cfg, out=storage.absolute(cfg.out), data=storage.absolute(cfg.data) if cfg.data else None)
     spec = resolve_space(cfg)
     experiment_id = mlflow_experiment(cfg.mlflow_uri, cfg.out) if cfg.mlflow_uri else None
     lock = storage.OutputLock(cfg.out, "jobs/tune.py", name=LOCK)
@@ -630,7 +625,7 @@ def _tune_locked(cfg: TuneConfig, spec: dict[str, Any], experiment_id: str | Non
     if not cfg.data:
         logger.info("No --data given: searching on the built-in SYNTHETIC demo radiographs (not MURA).")
     # Resolved once here, so concurrent trials never race to build the demo set.
-    data = _absolute(resolve_data(TrainConfig(data=cfg.data, demo_images=cfg.demo_images)))
+    data = storage.absolute(resolve_data(TrainConfig(data=cfg.data, demo_images=cfg.demo_images)))
     # The trial only drives its TorchTrainer, which reserves the workers' resources itself; a whole CPU per trial
     # would starve those workers on small clusters. Tune refuses an empty request, hence 0.01.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, search=cfg, data=data), {"cpu": 0.01})
