@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mura_ray import storage  # noqa: E402
 from mura_ray.config import IngestConfig  # noqa: E402
-from mura_ray.runtime import init_ray, run_main  # noqa: E402
+from mura_ray.runtime import run_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         max_error_rate=args.max_error_rate, body_part=args.body_part, overwrite=args.overwrite,
         file_mb=args.file_mb, rows_per_file=args.rows_per_file,
     ).validate()
-    init_ray()
-    try:
+    try:  # Ray is started by ingest(), once --root and --out have passed their checks
         summary = ingest(cfg)
     except IngestFailed as e:
         print(f"error: {e}", file=sys.stderr)

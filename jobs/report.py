@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mura_ray.config import UserError  # noqa: E402
 from mura_ray.report import DEFAULT_BOOTSTRAP, ReportConfig, run  # noqa: E402
-from mura_ray.runtime import setup_logging  # noqa: E402
+from mura_ray.runtime import access_denied_line, setup_logging  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         ).validate()
         run(cfg)
     except (UserError, ValueError, OSError) as e:
-        # Bad flags, missing files and unusable predictions are the user's to fix: one line, no traceback.
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        # Bad flags, missing files, unusable predictions and S3 refusing the credentials are the user's to fix: one
+        # line, no traceback.
+        print(f"error: {access_denied_line(e) or ' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

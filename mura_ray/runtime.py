@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from mura_ray import storage
 from mura_ray.config import UserError
 
 logger = logging.getLogger("mura_ray")
@@ -143,8 +144,21 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
 
 
 def first_line(e: BaseException) -> str:
-    """An exception's message as one line (its type's name when it has none)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """An exception's message as one line (its type's name when it has none); S3 refusing a request for its
+    credentials or permissions says so, and what to check (`storage.access_denied`)."""
+    return storage.access_denied(e) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def access_denied_line(exc: BaseException) -> str | None:
+    """The `error:` line's text for S3 refusing a request for its credentials or permissions, naming the location
+    (`s3://bucket/key: access denied (...): ...`), also when raised in a Ray task (`RayTaskError.cause`); None for
+    any other error."""
+    for e in (getattr(exc, "cause", None), exc.__cause__, exc):
+        line = storage.access_denied(e) if isinstance(e, OSError) else None
+        if line is not None:
+            where = storage.s3_location(e)
+            return f"{where}: {line}" if where else line
+    return None
 
 
 def user_error_cause(exc: BaseException) -> UserError | None:
@@ -225,8 +239,8 @@ def _interrupted(signum: int, rerun: str) -> int:
 
 def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
              argv: list[str] | None, *, rerun: str = "") -> int:
-    """Parse argv and run `fn`; a UserError (also one raised remotely, see `user_error_cause`) becomes one
-    `error:` line on stderr and exit code 2.
+    """Parse argv and run `fn`; a UserError (also one raised remotely, see `user_error_cause`), and S3 refusing
+    the credentials or access (`access_denied_line`), become one `error:` line on stderr and exit code 2.
 
     SIGTERM and SIGINT (Ctrl+C) stop `fn` by an exception in the main thread (`Terminated`, KeyboardInterrupt),
     so its `finally:` blocks run, and end in one `interrupted by ...` line on stderr, followed by `rerun` (what a
@@ -246,6 +260,10 @@ def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.Ar
         cause = user_error_cause(e)
         if cause is not None:
             print(f"error: {first_line(cause)}", file=sys.stderr)
+            return 2
+        denied = access_denied_line(e)  # a storage check that no job step turned into a UserError of its own
+        if denied is not None:
+            print(f"error: {denied}", file=sys.stderr)
             return 2
         if _terminating is not None:  # a failure while unwinding from SIGTERM (a library turned it into another)
             return _interrupted(_terminating, rerun)

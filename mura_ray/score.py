@@ -565,6 +565,8 @@ def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     try:
         loaded = load_model(uri)
     except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
+        if storage.access_denied(e):  # nothing wrong with the model: this run may not read it
+            raise UserError(f"--model {uri}: cannot read it ({first_line(e)})") from None
         raise UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {first_line(e)}); "
                         "export it again from its run") from None
     if tuple(loaded[1].body_parts) != BODY_PARTS:  # body_part_probs and body_part_pred are named in this order

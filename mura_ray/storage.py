@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -56,6 +57,37 @@ def _s3_filesystem(environment: tuple[str | None, ...]) -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+# pyarrow's S3 errors are OSErrors reading "When <doing> for key 'K' in bucket 'B': AWS Error <TYPE> during <Op>
+# operation: <S3's message>", TYPE being the AWS SDK's name for the error, or UNKNOWN (HTTP status N). These types
+# (and HTTP 403) are S3 refusing the request: an unknown key, a wrong secret or token, or no permission.
+# A HEAD request (a file's or folder's information, the first request of most jobs) gets no error body from S3, so
+# even a wrong key or secret is ACCESS_DENIED there.
+_ACCESS_DENIED = re.compile(
+    r"AWS Error (?:ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|INCOMPLETE_SIGNATURE|INVALID_SIGNATURE"
+    r"|INVALID_CLIENT_TOKEN_ID|INVALID_TOKEN|MISSING_AUTHENTICATION_TOKEN|UNRECOGNIZED_CLIENT"
+    r"|UNKNOWN \(HTTP status 403\)) during ")
+_S3_LOCATION = re.compile(r"(?:key '([^']*)' in )?bucket '([^']+)'")
+
+
+def access_denied(e: BaseException) -> str | None:
+    """For an S3 request refused for its credentials or permissions (pyarrow's OSError `... AWS Error ACCESS_DENIED
+    during HeadObject operation: ...`, INVALID_ACCESS_KEY_ID, SIGNATURE_DOES_NOT_MATCH, ...): one line that says so
+    and what to check, then pyarrow's own first line. None for any other error."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    if not isinstance(e, OSError) or not _ACCESS_DENIED.search(line):
+        return None
+    return f"access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy): {line}"
+
+
+def s3_location(e: BaseException) -> str | None:
+    """The `s3://bucket/key` a pyarrow S3 error names (`... for key 'K' in bucket 'B': ...`), or None."""
+    match = _S3_LOCATION.search((str(e).strip().splitlines() or [""])[0])
+    if match is None:
+        return None
+    key, bucket = match.groups()
+    return f"s3://{bucket}/{key.strip('/')}" if key and key.strip("/") else f"s3://{bucket}"
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

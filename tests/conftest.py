@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -112,36 +114,127 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's standalone S3 server on 127.0.0.1 (pyarrow's C++ S3 client is not seen by in-process mocks)."""
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the moto server on 127.0.0.1:{port} did not start (exit code {proc.poll()})")
+
+
+@contextlib.contextmanager
+def _moto_server():
+    """moto's standalone server on 127.0.0.1 in a child process, stopped on exit; yields its endpoint URL."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=10)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 (pyarrow's C++ S3 client is not seen by in-process mocks)."""
+    with _moto_server() as endpoint:
+        env = {
+            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield endpoint
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthS3:
+    """An S3 server that checks credentials (see `s3_auth_server`)."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    read_only_key: str
+    read_only_secret: str
+
+    def env(self, access_key: str, secret_key: str) -> dict[str, str]:
+        """The environment of a job using this server with these credentials (and nothing else of AWS's)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update({"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": access_key,
+                    "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_REGION": "us-east-1",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+        return env
+
+    def use(self, monkeypatch: pytest.MonkeyPatch, access_key: str, secret_key: str) -> None:
+        """Point this process's AWS environment at this server, with these credentials, for one test."""
+        for name in [k for k in os.environ if k.startswith("AWS_")]:
+            monkeypatch.delenv(name)
+        for name, value in self.env(access_key, secret_key).items():
+            if name.startswith("AWS_"):
+                monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server() -> AuthS3:
+    """A second moto server, one that authenticates requests, as S3 does: only the access keys created here (a
+    user allowed everything on S3, and one allowed to read only) are accepted, with their own secret keys; any
+    other key or secret is refused (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied).
+
+    moto serves every request unchecked until it is told otherwise (`INITIAL_NO_AUTH_ACTION_COUNT`, infinite by
+    default): the users, their keys and a bucket are made first, then checking is switched on
+    (`POST /moto-api/reset-auth` with 0: no more unchecked requests).
+    """
+    import json
+    import urllib.request
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    with _moto_server() as endpoint:
+        setup = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
+                 "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **setup)
+        keys = {}
+        for user, actions in (("writer", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket"])):
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps({
+                "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            keys[user] = (key["AccessKeyId"], key["SecretAccessKey"])
+        bucket = "mura-auth"
+        boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+        request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+        server = AuthS3(endpoint, bucket, *keys["writer"], *keys["reader"])
+        # Checking is on: the writer's own key works, and nothing else does.
+        writer = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=keys["writer"][0],
+                              aws_secret_access_key=keys["writer"][1])
+        writer.put_object(Bucket=bucket, Key="check", Body=b"ok")
+        writer.delete_object(Bucket=bucket, Key="check")
+        with pytest.raises(ClientError, match="InvalidAccessKeyId"):
+            boto3.client("s3", **setup).list_objects_v2(Bucket=bucket)
+        yield server
 
 
 @pytest.fixture

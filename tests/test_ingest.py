@@ -475,6 +475,29 @@ def test_storage_errors_are_one_line_and_come_before_decoding(ray_cluster, s3_bu
     assert f"--out s3://{s3_bucket}/ds: cannot write there (" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("credentials", ["unknown key", "wrong secret", "read-only key"])
+def test_refused_s3_credentials_are_one_line_before_ray_starts(credentials, s3_auth_server, tmp_path):
+    """`python jobs/ingest.py ... --out s3://...` with credentials S3 refuses: one line naming --out and saying
+    access was denied, exit code 2, in about a second (before Ray starts), and nothing written there."""
+    import boto3
+
+    srv = s3_auth_server
+    key, secret = {"unknown key": ("AKIAWRONGWRONGWRONG0", srv.secret_key), "wrong secret": (srv.access_key, "x" * 40),
+                   "read-only key": (srv.read_only_key, srv.read_only_secret)}[credentials]
+    archive = str(_images_tree(tmp_path / "archive"))
+    out = f"s3://{srv.bucket}/ingest-{credentials.replace(' ', '-')}"
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "ingest.py"), "--source", "images", "--root", archive,
+                           "--out", out], env=srv.env(key, secret), capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"error: --out {out}: cannot write there (access denied (check AWS_ACCESS_KEY_ID/"
+                          "AWS_SECRET_ACCESS_KEY or the bucket policy): When "), err
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
+    writer = boto3.client("s3", endpoint_url=srv.endpoint, region_name="us-east-1", aws_access_key_id=srv.access_key,
+                          aws_secret_access_key=srv.secret_key)
+    assert writer.list_objects_v2(Bucket=srv.bucket, Prefix=out.split("/")[-1]).get("KeyCount") == 0
+
+
 def test_a_failed_or_stopped_overwrite_keeps_the_old_dataset(ray_cluster, tmp_path, capsys, monkeypatch):
     from mura_ray.data import ingest as ingest_module
     from mura_ray.data.synthetic import generate_mura

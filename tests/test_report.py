@@ -234,6 +234,17 @@ def test_job_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().err.count("error:") == 0
 
 
+def test_job_with_refused_s3_credentials_is_one_line(s3_auth_server, tmp_path, capsys, monkeypatch):
+    srv = s3_auth_server
+    srv.use(monkeypatch, srv.access_key, "x" * 40)  # a wrong secret
+    pred = f"s3://{srv.bucket}/scored"
+    assert load_job().main(["--predictions", pred, "--out", str(tmp_path / "r"), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {pred}") and ": access denied (check AWS_ACCESS_KEY_ID/" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_job_threshold_flag(tmp_path):
     pred = write_predictions(tmp_path / "pred")
     out = tmp_path / "report"

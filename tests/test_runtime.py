@@ -49,6 +49,63 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert capsys.readouterr().err == "interrupted by SIGINT (Ctrl+C); run it again\n"
 
 
+_PYARROW_S3_ERRORS = {  # pyarrow's messages (26), as S3 (moto's server) answered a wrong key, secret or permission
+    "When getting information for key 'ds' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject operation: "
+    "No response body.": "s3://b/ds",
+    "When listing objects under key 'x/' in bucket 'b': AWS Error INVALID_ACCESS_KEY_ID during ListObjectsV2 "
+    "operation: The AWS Access Key Id you provided does not exist in our records.": "s3://b/x",
+    "When initiating multiple part upload for key 'y/p' in bucket 'b': AWS Error SIGNATURE_DOES_NOT_MATCH during "
+    "CreateMultipartUpload operation: The request signature we calculated does not match": "s3://b/y/p",
+    "When testing for existence of bucket 'b': AWS Error UNKNOWN (HTTP status 403) during HeadBucket operation: "
+    "Forbidden": "s3://b",
+}
+
+
+@pytest.mark.parametrize("message", list(_PYARROW_S3_ERRORS))
+def test_refused_s3_requests_are_recognised(message):
+    line = runtime.access_denied_line(OSError(message))
+    assert line == (f"{_PYARROW_S3_ERRORS[message]}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                    f"or the bucket policy): {message}")
+    assert runtime.first_line(OSError(message)).startswith("access denied (check ")
+
+    class RayTaskErrorLike(OSError):  # Ray re-raises a task's error as a subclass of its class, with `.cause`
+        cause = OSError(message)
+
+    assert runtime.access_denied_line(RayTaskErrorLike("ray.exceptions.RayTaskError(OSError): ...\nTraceback")) == line
+
+
+@pytest.mark.parametrize("error", [
+    OSError("When getting information for key 'ds' in bucket 'b': AWS Error NETWORK_CONNECTION during HeadObject "
+            "operation: curlCode: 7, Couldn't connect to server"),
+    OSError("When creating bucket 'b': AWS Error UNKNOWN (HTTP status 404) during CreateBucket operation: x"),
+    FileNotFoundError("/nowhere: no such file"),
+    ValueError("AWS Error ACCESS_DENIED during HeadObject operation"),  # not a storage error
+])
+def test_other_errors_are_not_called_access_denied(error):
+    assert runtime.access_denied_line(error) is None and storage.access_denied(error) is None
+    assert runtime.first_line(error) == str(error)
+
+
+def test_a_refused_s3_request_a_job_left_unchecked_is_one_line(s3_auth_server, capsys, monkeypatch):
+    """run_main turns S3 refusing the credentials, wherever a job reads or writes, into one line and exit code 2;
+    with the right credentials the same job runs."""
+    srv = s3_auth_server
+    uri = f"s3://{srv.bucket}/datasets/mura"
+
+    def job(args: argparse.Namespace) -> int:
+        return 0 if not storage.exists(uri) else 1
+
+    for key, secret in [("AKIAWRONGWRONGWRONG0", srv.secret_key), (srv.access_key, "x" * 40)]:
+        srv.use(monkeypatch, key, secret)
+        assert runtime.run_main(job, argparse.ArgumentParser(), []) == 2
+        assert capsys.readouterr().err == (f"error: {uri}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                                           " or the bucket policy): When getting information for key "
+                                           f"'datasets/mura' in bucket '{srv.bucket}': AWS Error ACCESS_DENIED during "
+                                           "HeadObject operation: No response body.\n")
+    srv.use(monkeypatch, srv.access_key, srv.secret_key)
+    assert runtime.run_main(job, argparse.ArgumentParser(), []) == 0
+
+
 _HOLDER = textwrap.dedent("""
     import argparse, signal, sys, time
     from mura_ray import storage

@@ -426,6 +426,37 @@ def test_unusable_out_is_a_one_line_error(exported_model, tmp_path, capsys):
     assert "manifest.json is not valid JSON" in _one_error_line(capsys.readouterr().err)
 
 
+_DENIED = "access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy): When "
+
+
+def test_refused_s3_credentials_for_model_or_out_are_one_line(s3_auth_server, exported_model, tmp_path, capsys,
+                                                              monkeypatch):
+    """A --model or --out on S3 that the credentials may not use: one line naming it, before any cluster work (no
+    "export it again" for a model that could not even be read)."""
+    srv = s3_auth_server
+    srv.use(monkeypatch, srv.access_key, "x" * 40)  # a wrong secret
+    model, out = f"s3://{srv.bucket}/models/m", f"s3://{srv.bucket}/scored"
+    assert score_job.main(["--model", model, "--input", str(tmp_path), "--out", out]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --model {model}: cannot read it ({_DENIED}"), line
+    srv.use(monkeypatch, "AKIAWRONGWRONGWRONG0", srv.secret_key)  # an unknown key
+    assert score_job.main(["--model", str(exported_model), "--input", str(tmp_path), "--out", out]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --out {out}: cannot write there ({_DENIED}"), line
+
+
+def test_refused_s3_credentials_for_input_are_one_line(ray_cluster, s3_auth_server, exported_model, tmp_path, capsys,
+                                                       monkeypatch):
+    """An --input on S3 that the credentials may not read, found once Ray is up: one line naming it, exit code 2
+    (it was a traceback: nothing turned that OSError into a UserError)."""
+    srv = s3_auth_server
+    srv.use(monkeypatch, "AKIAWRONGWRONGWRONG0", srv.secret_key)
+    src = f"s3://{srv.bucket}/in/test"
+    assert score_job.main(["--model", str(exported_model), "--input", src, "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {src}: {_DENIED}"), line
+
+
 def test_a_dataset_whose_ingest_has_not_finished_is_refused_and_staging_is_never_read(
         exported_model, mura_dataset, tmp_path, capsys):
     dest = tmp_path / "dest"

@@ -586,3 +586,17 @@ def test_an_out_that_cannot_be_written_is_one_line(ray_cluster, mura_dataset, tm
     assert train_job.main(["--data", mura_dataset, "--out", str(tmp_path / "a_file" / "run"), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "cannot write there" in err and "Traceback" not in err, err
+
+
+def test_refused_s3_credentials_for_data_are_one_line(ray_cluster, s3_auth_server, tmp_path, capsys, monkeypatch):
+    """--data on S3 with a wrong secret: one line naming it and saying access was denied, exit code 2 (it was a
+    traceback of pyarrow's OSError from reading the dataset's summary)."""
+    srv = s3_auth_server
+    srv.use(monkeypatch, srv.access_key, "x" * 40)
+    data = f"s3://{srv.bucket}/datasets/mura"
+    assert train_job.main(["--data", data, "--out", str(tmp_path / "run"), "--backbone", "custom_cnn",
+                           "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: {data}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy): "), err

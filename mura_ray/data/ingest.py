@@ -554,9 +554,13 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
 
 
 def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage.OutputLock) -> dict[str, Any]:
-    """`ingest` once this run holds --out's lock: decode, check, write the splits to `work`, `_commit`."""
+    """`ingest` once this run holds --out's lock: decode, check, write the splits to `work`, `_commit`. Ray is
+    started (or attached) here, after --root and --out were checked: a wrong one costs no cluster start-up."""
     import ray
 
+    from mura_ray.runtime import init_ray
+
+    init_ray()
     records = listing.records
     logger.info("Found %d images (%d other files ignored); decoding each once", len(records), len(listing.ignored))
 
