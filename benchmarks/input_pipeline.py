@@ -116,6 +116,9 @@ def summarize(epochs: list[dict[str, float]], warmup: int) -> dict[str, Any]:
     measured = epochs[warmup:] or epochs
     return {
         "images_per_s": median([e["images"] / e["seconds"] for e in measured]),
+        # Over the measured epochs together: with --passes an epoch can start on input decoded during the one
+        # before, which flatters a single epoch's images/s (and so the median of two).
+        "images_per_s_total": sum(e["images"] for e in measured) / sum(e["seconds"] for e in measured),
         "stall_share": median([e["wait_s"] / e["seconds"] for e in measured]),
         "first_batch_s": median([e["first_batch_s"] for e in measured]),
         "epoch_s": median([e["seconds"] for e in measured]),
@@ -230,6 +233,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
 
         n_epochs = epochs + PHASE_WARM_UP_EPOCHS[phase]
+        if config["passes"]:  # what-if: one execution for the phase, its epochs cut from the stream by rows
+            results[phase] = []
+            it, delivered = iter(batches()), [0]
+            for e in range(n_epochs):
+                results[phase].append(run_epoch(_cut(it, (e + 1) * config["rows_per_worker"], delivered), step))
+            getattr(it, "close", lambda: None)()  # ends this worker's part of the execution
+            continue
         # Training's EpochStream (each epoch's input starts when the previous one has delivered its last batch),
         # made after the model and its warm-up steps: the phase's first epoch waits for its whole start-up.
         # --epoch-prefetch 0: a new iterator per epoch, started when the loop asks for it (the code before).
@@ -252,10 +262,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def build_dataset(data: str, args: argparse.Namespace, mean: float, std: float):
-    """The training input: `build_input` as training builds it, or the what-if with smaller read blocks."""
+def _cut(it, until: int, delivered: list[int]):
+    """An epoch of the --passes what-if: whole batches from the phase's one iterator `it` until the phase has
+    delivered `until` rows (epoch e: (e + 1) x rows per worker; `delivered` counts across epochs, so batch
+    boundaries never make the epochs drift from the passes). Every worker has the same rows and batch boundaries,
+    so all take the same number of steps."""
+    while delivered[0] < until:
+        batch = next(it, None)
+        if batch is None:
+            return
+        delivered[0] += len(batch["ok"])
+        yield batch
+
+
+def build_passes(data: str, args: argparse.Namespace, mean: float, std: float, passes: int):
+    """What-if: `build_input`'s fused read-and-decode plan over `passes` epochs' worth of the split's files in one
+    dataset, each pass in its own seeded file order, so one Ray Data execution feeds every epoch of a phase."""
+    import numpy as np
+
+    from mura_ray import storage
     from mura_ray.data import pipeline
 
+    files = pipeline.split_files(data, "train")
+    rng = np.random.default_rng(0)
+    order = [files[i] for _ in range(passes) for i in rng.permutation(len(files))]
+    fs, _ = storage.resolve(storage.join(data, "train"))
+    ds = pipeline.read_parquet(order, fs, columns=list(pipeline.TRAIN_COLUMNS), override_num_blocks=len(order),
+                               num_cpus=args.decode_cpus)
+    ds.context.target_max_block_size = args.map_batch_size * args.image_size ** 2 * 4
+    return ds.map_batches(
+        pipeline.preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=args.decode_cpus,
+        fn_kwargs={"rows": args.map_batch_size, "image_size": args.image_size, "mean": mean, "std": std,
+                   "train": True},
+    ).repartition(target_num_rows_per_block=args.map_batch_size)
+
+
+def split_rows(data: str) -> int:
+    """Rows of the train split, from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    from mura_ray import storage
+    from mura_ray.data import pipeline
+
+    fs, _ = storage.resolve(storage.join(data, "train"))
+    return sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in pipeline.split_files(data, "train"))
+
+
+def build_dataset(data: str, args: argparse.Namespace, mean: float, std: float):
+    """The training input: `build_input` as training builds it, or a what-if (smaller read blocks, --passes)."""
+    from mura_ray.data import pipeline
+
+    if args.passes:
+        return build_passes(data, args, mean, std, args.passes)
     if not args.rows_per_block:
         return pipeline.build_input(data, "train", image_size=args.image_size, mean=mean, std=std, train=True,
                                     num_cpus=args.decode_cpus, batch_size=args.map_batch_size)
@@ -274,13 +332,15 @@ def run_ours(data: str, args: argparse.Namespace, mean: float, std: float) -> di
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    rows_per_worker = split_rows(data) // args.workers if args.passes else 0
     with local_ray(args.ray_cpus), tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"batch_size": args.batch_size, "input_epochs": args.input_epochs,
                                "train_epochs": args.train_epochs, "backbone": args.backbone,
                                "prefetch_batches": args.prefetch_batches, "image_size": args.image_size,
-                               "epoch_prefetch": args.epoch_prefetch},
+                               "epoch_prefetch": args.epoch_prefetch, "passes": args.passes,
+                               "rows_per_worker": rows_per_worker},
             scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=False,
                                                    resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(name="input_pipeline", storage_path=storage,
@@ -289,7 +349,7 @@ def run_ours(data: str, args: argparse.Namespace, mean: float, std: float) -> di
         )
         result = trainer.fit()
     per_worker = json.loads(result.metrics["results"])
-    out = {}
+    out: dict[str, Any] = {"rows_per_worker": rows_per_worker} if args.passes else {}
     for phase in per_worker[0]:
         merged = _merge_workers([w[phase] for w in per_worker])
         for epoch, e in enumerate(merged):
@@ -327,12 +387,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "started when the loop asks for it (the code before)")
     p.add_argument("--rows-per-block", type=int, default=0,
                    help="what-if: split read blocks to this many rows before decoding; 0 = build_input as is")
+    p.add_argument("--passes", type=int, default=0,
+                   help="what-if: one Ray Data execution per phase over this many epochs of the split's files (each "
+                   "pass in its own file order), epochs cut from its stream by rows; at least the phase's epochs "
+                   "(the input phase's include its warm-up). 0 = build_input as training runs it, an execution per "
+                   "epoch")
     p.add_argument("--skip-baseline", action="store_true", help="measure only the Ray side")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    needed = max(args.input_epochs + PHASE_WARM_UP_EPOCHS["input"], args.train_epochs + PHASE_WARM_UP_EPOCHS["train"])
+    if args.passes and args.passes < needed:
+        raise SystemExit(f"error: --passes {args.passes} is fewer than a phase's {needed} epochs")
     setup_logging()
     from mura_ray.models import build_model, trunk_normalization
 
@@ -351,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         "ours_images_per_s": ours_ips,
         "baseline_images_per_s": base_ips,
         "ratio": round(ours_ips / base_ips, 3) if ours_ips and base_ips else None,
+        "ratio_total": (round(ours["input"]["images_per_s_total"] / baseline["input"]["images_per_s_total"], 3)
+                        if ours_ips and base_ips else None),
         "stall_share": pick(ours, "train", "stall_share"),
         "baseline_stall_share": pick(baseline, "train", "stall_share"),
         "ours_train_images_per_s": pick(ours, "train", "images_per_s"),
@@ -364,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": args.backbone, "workers": args.workers, "loader_workers": args.loader_workers,
         "decode_cpus": args.decode_cpus, "map_batch_size": args.map_batch_size,
         "prefetch_batches": args.prefetch_batches, "epoch_prefetch": args.epoch_prefetch,
-        "rows_per_block": args.rows_per_block,
+        "rows_per_block": args.rows_per_block, "passes": args.passes,
         "cores": cores(), "ray_cpus": args.ray_cpus, "load_1m_start": load_start, "load_1m_end": load_1m(),
         "seconds": round(time.perf_counter() - started, 1),
         "ours": ours, "baseline": baseline,

@@ -46,6 +46,21 @@ def test_input_pipeline_benchmark(cache):
 
 
 @pytest.mark.slow
+def test_input_pipeline_benchmark_passes(cache):
+    """The --passes what-if: one execution per phase, each epoch whole batches holding at least a split's rows."""
+    result = _run("input_pipeline.py", "--images", "60", "--source-size", "48", "--image-size", "32",
+                  "--batch-size", "8", "--input-epochs", "2", "--train-epochs", "0", "--passes", "3",
+                  "--skip-baseline", "--cache", cache)
+    rows = result["ours"]["rows_per_worker"]
+    epochs = result["ours"]["input"]["epochs"]
+    assert rows > 0 and len(epochs) == 3
+    delivered = 0
+    for n, e in enumerate(epochs, 1):  # each epoch ends with the batch that reaches n passes' rows
+        delivered += e["images"]
+        assert n * rows <= delivered < n * rows + 8, (rows, epochs)
+
+
+@pytest.mark.slow
 def test_score_benchmark(cache):
     result = _run("score.py", "--images", "60", "--source-size", "48", "--image-size", "32", "--batch-size", "16",
                   "--repeats", "1", "--concurrency", "1", "--baseline-threads", "1",
