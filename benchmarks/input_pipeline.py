@@ -276,25 +276,17 @@ def _cut(it, until: int, delivered: list[int]):
 
 
 def build_passes(data: str, args: argparse.Namespace, mean: float, std: float, passes: int):
-    """What-if: `build_input`'s fused read-and-decode plan over `passes` epochs' worth of the split's files in one
-    dataset, each pass in its own seeded file order, so one Ray Data execution feeds every epoch of a phase."""
+    """What-if: `build_input`'s plan over `passes` epochs' worth of the split's files in one dataset, each pass in
+    its own seeded file order, so one Ray Data execution feeds every epoch of a phase."""
     import numpy as np
 
-    from mura_ray import storage
     from mura_ray.data import pipeline
 
     files = pipeline.split_files(data, "train")
     rng = np.random.default_rng(0)
     order = [files[i] for _ in range(passes) for i in rng.permutation(len(files))]
-    fs, _ = storage.resolve(storage.join(data, "train"))
-    ds = pipeline.read_parquet(order, fs, columns=list(pipeline.TRAIN_COLUMNS), override_num_blocks=len(order),
-                               num_cpus=args.decode_cpus)
-    ds.context.target_max_block_size = args.map_batch_size * args.image_size ** 2 * 4
-    return ds.map_batches(
-        pipeline.preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=args.decode_cpus,
-        fn_kwargs={"rows": args.map_batch_size, "image_size": args.image_size, "mean": mean, "std": std,
-                   "train": True},
-    ).repartition(target_num_rows_per_block=args.map_batch_size)
+    return pipeline.build_input(data, "train", image_size=args.image_size, mean=mean, std=std, train=True,
+                                num_cpus=args.decode_cpus, batch_size=args.map_batch_size, files=order)
 
 
 def split_rows(data: str) -> int:

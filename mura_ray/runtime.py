@@ -154,7 +154,7 @@ def access_denied_line(exc: BaseException) -> str | None:
     (`s3://bucket/key: access denied (...): ...`), also when raised in a Ray task (`RayTaskError.cause`); None for
     any other error."""
     for e in (getattr(exc, "cause", None), exc.__cause__, exc):
-        line = storage.access_denied(e) if isinstance(e, OSError) else None
+        line = storage.access_denied(e) if e is not None else None
         if line is not None:
             where = storage.s3_location(e)
             return f"{where}: {line}" if where else line

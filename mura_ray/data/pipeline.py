@@ -169,7 +169,7 @@ def preprocess_slices(
 
 
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
-                num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0):
+                num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, files: list[str] | None = None):
     """The streaming dataset a Train worker consumes for `split`, in blocks of at most `batch_size` rows.
 
     A split of several files (ingest writes at most `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is
@@ -188,10 +188,12 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     across many small files, each epoch reads those files in a new order (`seed`), and the consumer mixes rows in a
     local shuffle buffer (`mura_ray.train`). `randomize_block_order`, used before, waits for the whole split to be
     read into the object store every epoch before the first image is decoded.
+    `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead of the split's files in
+    a new order each execution (the what-if of one execution over several epochs in benchmarks/input_pipeline.py).
     """
     kwargs = {"image_size": image_size, "mean": mean, "std": std, "train": train}
-    shuffle_seed = seed if train else None
-    files = split_files(data, split)
+    shuffle_seed = seed if train and files is None else None
+    files = split_files(data, split) if files is None else files
     if len(files) <= 1:
         ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=shuffle_seed)
         return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
