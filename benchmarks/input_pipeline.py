@@ -112,14 +112,16 @@ def run_epoch(batches: Iterable[dict[str, Any]], step: Step | None) -> dict[str,
 
 
 def summarize(epochs: list[dict[str, float]], warmup: int) -> dict[str, Any]:
-    """Medians over the measured epochs (the first `warmup` are left out)."""
+    """The measured epochs (the first `warmup` left out), taken together: images/s and stall share over their
+    summed time. One stream runs through the epochs, so an epoch can start on input decoded during the one before
+    and a single epoch's images/s (hence a median of two) would flatter it; medians are kept alongside."""
     measured = epochs[warmup:] or epochs
+    seconds = sum(e["seconds"] for e in measured)
     return {
-        "images_per_s": median([e["images"] / e["seconds"] for e in measured]),
-        # Over the measured epochs together: with --passes an epoch can start on input decoded during the one
-        # before, which flatters a single epoch's images/s (and so the median of two).
-        "images_per_s_total": sum(e["images"] for e in measured) / sum(e["seconds"] for e in measured),
-        "stall_share": median([e["wait_s"] / e["seconds"] for e in measured]),
+        "images_per_s": sum(e["images"] for e in measured) / seconds,
+        "stall_share": sum(e["wait_s"] for e in measured) / seconds,
+        "images_per_s_median": median([e["images"] / e["seconds"] for e in measured]),
+        "stall_share_median": median([e["wait_s"] / e["seconds"] for e in measured]),
         "first_batch_s": median([e["first_batch_s"] for e in measured]),
         "epoch_s": median([e["seconds"] for e in measured]),
         "images_per_epoch": int(median([e["images"] for e in measured])),
@@ -217,9 +219,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for phase, epochs in (("input", config["input_epochs"]), ("train", config["train_epochs"])):
         if epochs <= 0:
             continue
-        step = make_step(config["backbone"], ray.train.torch.prepare_model) if phase == "train" else None
-        if step is not None:
-            warm_up(step, batch_size, config["image_size"], device)
 
         def batches():
             # The arguments of mura_ray.train._iter_batches (training's iterator), with prefetch as a knob.
@@ -232,23 +231,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 local_shuffle_buffer_size=batch_size * 8,
             )
 
+        # As training runs it: one execution for the phase's epochs, cut from it by rows (EpochStream), started
+        # before the model is built (each phase starts the dataset's execution anew, so the train phase's first
+        # epoch includes the start-up, overlapped with the model's set-up as in mura_ray.train).
         n_epochs = epochs + PHASE_WARM_UP_EPOCHS[phase]
-        if config["passes"]:  # what-if: one execution for the phase, its epochs cut from the stream by rows
-            results[phase] = []
-            it, delivered = iter(batches()), [0]
-            for e in range(n_epochs):
-                results[phase].append(run_epoch(_cut(it, (e + 1) * config["rows_per_worker"], delivered), step))
-            getattr(it, "close", lambda: None)()  # ends this worker's part of the execution
-            continue
-        # Training's EpochStream (each epoch's input starts when the previous one has delivered its last batch),
-        # made after the model and its warm-up steps: the phase's first epoch waits for its whole start-up.
-        # --epoch-prefetch 0: a new iterator per epoch, started when the loop asks for it (the code before).
-        stream = EpochStream(batches, n_epochs, depth=config["epoch_prefetch"]) if config["epoch_prefetch"] else None
-        results[phase] = []
-        for _ in range(n_epochs):
-            results[phase].append(run_epoch(stream.epoch() if stream else batches(), step))
-        if stream is not None:
-            stream.close()
+        stream = EpochStream(batches, n_epochs, config["rows_per_worker"], depth=config["epoch_prefetch"])
+        step = make_step(config["backbone"], ray.train.torch.prepare_model) if phase == "train" else None
+        if step is not None:
+            warm_up(step, batch_size, config["image_size"], device)
+        results[phase] = [run_epoch(stream.epoch(), step) for _ in range(n_epochs)]
+        stream.close()
     everyone = [results]
     if ctx.get_world_size() > 1:
         import torch.distributed as dist
@@ -262,56 +254,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _cut(it, until: int, delivered: list[int]):
-    """An epoch of the --passes what-if: whole batches from the phase's one iterator `it` until the phase has
-    delivered `until` rows (epoch e: (e + 1) x rows per worker; `delivered` counts across epochs, so batch
-    boundaries never make the epochs drift from the passes). Every worker has the same rows and batch boundaries,
-    so all take the same number of steps."""
-    while delivered[0] < until:
-        batch = next(it, None)
-        if batch is None:
-            return
-        delivered[0] += len(batch["ok"])
-        yield batch
-
-
-def build_passes(data: str, args: argparse.Namespace, mean: float, std: float, passes: int):
-    """What-if: `build_input`'s plan over `passes` epochs' worth of the split's files in one dataset, each pass in
-    its own seeded file order, so one Ray Data execution feeds every epoch of a phase."""
-    import numpy as np
-
-    from mura_ray.data import pipeline
-
-    files = pipeline.split_files(data, "train")
-    rng = np.random.default_rng(0)
-    order = [files[i] for _ in range(passes) for i in rng.permutation(len(files))]
-    return pipeline.build_input(data, "train", image_size=args.image_size, mean=mean, std=std, train=True,
-                                num_cpus=args.decode_cpus, batch_size=args.map_batch_size, files=order)
-
-
-def split_rows(data: str) -> int:
-    """Rows of the train split, from the Parquet footers."""
-    import pyarrow.parquet as pq
-
-    from mura_ray import storage
-    from mura_ray.data import pipeline
-
-    fs, _ = storage.resolve(storage.join(data, "train"))
-    return sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in pipeline.split_files(data, "train"))
-
-
 def build_dataset(data: str, args: argparse.Namespace, mean: float, std: float):
-    """The training input: `build_input` as training builds it, or a what-if (smaller read blocks, --passes)."""
+    """The training input: `build_input` as training builds it (a pass over the split for each epoch of the longer
+    phase), or a what-if (smaller read blocks)."""
     from mura_ray.data import pipeline
 
-    if args.passes:
-        return build_passes(data, args, mean, std, args.passes)
+    passes = phase_epochs(args)
     if not args.rows_per_block:
         return pipeline.build_input(data, "train", image_size=args.image_size, mean=mean, std=std, train=True,
-                                    num_cpus=args.decode_cpus, batch_size=args.map_batch_size)
+                                    num_cpus=args.decode_cpus, batch_size=args.map_batch_size, passes=passes)
     # What-if: cut the read blocks before the decode,
     # so a one-file split is decoded by many tasks and its first batch does not wait for the whole file.
-    ds = pipeline.read_split(data, "train", pipeline.TRAIN_COLUMNS, shuffle_seed=0)
+    files = pipeline.pass_order(pipeline.split_files(data, "train"), passes, seed=0)
+    ds = pipeline.read_split(data, "train", pipeline.TRAIN_COLUMNS, files=files)
     ds = ds.repartition(target_num_rows_per_block=args.rows_per_block)
     return ds.map_batches(
         pipeline.preprocess_batch, batch_format="numpy", batch_size=args.map_batch_size, num_cpus=args.decode_cpus,
@@ -319,20 +274,26 @@ def build_dataset(data: str, args: argparse.Namespace, mean: float, std: float):
     )
 
 
+def phase_epochs(args: argparse.Namespace) -> int:
+    """Epochs of the longer phase, warm-up included: the passes the dataset holds."""
+    return max(args.input_epochs + PHASE_WARM_UP_EPOCHS["input"], args.train_epochs + PHASE_WARM_UP_EPOCHS["train"])
+
+
 def run_ours(data: str, args: argparse.Namespace, mean: float, std: float) -> dict[str, Any]:
     """The Ray side: one TorchTrainer run (`--workers` workers, 1 CPU each) over `build_input`'s dataset."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    rows_per_worker = split_rows(data) // args.workers if args.passes else 0
+    from mura_ray.data.pipeline import split_rows
+
+    rows_per_worker = split_rows(data, "train") // args.workers  # as mura_ray.train cuts its epochs
     with local_ray(args.ray_cpus), tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"batch_size": args.batch_size, "input_epochs": args.input_epochs,
                                "train_epochs": args.train_epochs, "backbone": args.backbone,
                                "prefetch_batches": args.prefetch_batches, "image_size": args.image_size,
-                               "epoch_prefetch": args.epoch_prefetch, "passes": args.passes,
-                               "rows_per_worker": rows_per_worker},
+                               "epoch_prefetch": args.epoch_prefetch, "rows_per_worker": rows_per_worker},
             scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=False,
                                                    resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(name="input_pipeline", storage_path=storage,
@@ -341,7 +302,7 @@ def run_ours(data: str, args: argparse.Namespace, mean: float, std: float) -> di
         )
         result = trainer.fit()
     per_worker = json.loads(result.metrics["results"])
-    out: dict[str, Any] = {"rows_per_worker": rows_per_worker} if args.passes else {}
+    out: dict[str, Any] = {"rows_per_worker": rows_per_worker}
     for phase in per_worker[0]:
         merged = _merge_workers([w[phase] for w in per_worker])
         for epoch, e in enumerate(merged):
@@ -375,24 +336,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--map-batch-size", type=int, default=32, help="rows per decode batch (build_input's)")
     p.add_argument("--prefetch-batches", type=int, default=4, help="iter_torch_batches prefetch (training's)")
     p.add_argument("--epoch-prefetch", type=int, default=8,
-                   help="batches training's EpochStream pulls ahead (its default); 0 = a new iterator per epoch, "
-                   "started when the loop asks for it (the code before)")
+                   help="batches training's EpochStream pulls ahead (its default)")
     p.add_argument("--rows-per-block", type=int, default=0,
                    help="what-if: split read blocks to this many rows before decoding; 0 = build_input as is")
-    p.add_argument("--passes", type=int, default=0,
-                   help="what-if: one Ray Data execution per phase over this many epochs of the split's files (each "
-                   "pass in its own file order), epochs cut from its stream by rows; at least the phase's epochs "
-                   "(the input phase's include its warm-up). 0 = build_input as training runs it, an execution per "
-                   "epoch")
     p.add_argument("--skip-baseline", action="store_true", help="measure only the Ray side")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    needed = max(args.input_epochs + PHASE_WARM_UP_EPOCHS["input"], args.train_epochs + PHASE_WARM_UP_EPOCHS["train"])
-    if args.passes and args.passes < needed:
-        raise SystemExit(f"error: --passes {args.passes} is fewer than a phase's {needed} epochs")
+    if args.epoch_prefetch < 1:
+        raise SystemExit(f"error: --epoch-prefetch must be at least 1, got {args.epoch_prefetch}")
     setup_logging()
     from mura_ray.models import build_model, trunk_normalization
 
@@ -411,22 +365,22 @@ def main(argv: list[str] | None = None) -> int:
         "ours_images_per_s": ours_ips,
         "baseline_images_per_s": base_ips,
         "ratio": round(ours_ips / base_ips, 3) if ours_ips and base_ips else None,
-        "ratio_total": (round(ours["input"]["images_per_s_total"] / baseline["input"]["images_per_s_total"], 3)
-                        if ours_ips and base_ips else None),
+        "ratio_median": (round(ours["input"]["images_per_s_median"] / baseline["input"]["images_per_s_median"], 3)
+                         if ours_ips and base_ips else None),
         "stall_share": pick(ours, "train", "stall_share"),
         "baseline_stall_share": pick(baseline, "train", "stall_share"),
         "ours_train_images_per_s": pick(ours, "train", "images_per_s"),
         "baseline_train_images_per_s": pick(baseline, "train", "images_per_s"),
         "ours_first_batch_s": pick(ours, "input", "first_batch_s"),
         "baseline_first_batch_s": pick(baseline, "input", "first_batch_s"),
-        "statistic": "median over measured epochs (input: warm-up epoch excluded; train: after warm-up steps)",
+        "statistic": "over the measured epochs together (input: warm-up epoch excluded; train: after warm-up steps)",
         "repeats": {"input": args.input_epochs, "train": args.train_epochs},
         "images_per_epoch": ours["input"]["images_per_epoch"] if "input" in ours else None,
         "image_size": args.image_size, "source_size": args.source_size, "batch_size": args.batch_size,
         "backbone": args.backbone, "workers": args.workers, "loader_workers": args.loader_workers,
         "decode_cpus": args.decode_cpus, "map_batch_size": args.map_batch_size,
         "prefetch_batches": args.prefetch_batches, "epoch_prefetch": args.epoch_prefetch,
-        "rows_per_block": args.rows_per_block, "passes": args.passes,
+        "rows_per_block": args.rows_per_block,
         "cores": cores(), "ray_cpus": args.ray_cpus, "load_1m_start": load_start, "load_1m_end": load_1m(),
         "seconds": round(time.perf_counter() - started, 1),
         "ours": ours, "baseline": baseline,

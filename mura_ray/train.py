@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mura_ray import __version__, storage
 from mura_ray.config import METRIC_MODES, TrainConfig, UserError
-from mura_ray.data.pipeline import build_input
+from mura_ray.data.pipeline import build_input, split_rows
 from mura_ray.labels import BODY_PARTS
 from mura_ray.models import ModelSpec, amp_dtype, autocast, build_model, export_model, trunk_normalization
 from mura_ray.runtime import first_line
@@ -105,14 +105,23 @@ class _Failed:
 
 
 class EpochStream:
-    """Consecutive epochs' batches, pulled by a background thread up to `depth` batches ahead of the loop.
+    """A run's epochs cut from one stream of batches, pulled by a background thread up to `depth` batches ahead.
 
-    Each epoch is a new Ray Data execution: read and decode tasks start and the local shuffle buffer fills before
-    its first batch arrives (seconds). The thread starts epoch e+1 as soon as epoch e has handed over its last batch,
-    so that wait overlaps the loop's last `depth` steps of epoch e and whatever comes between epochs (validation,
-    the checkpoint); made before the model is built, it overlaps the first epoch's start with the model's set-up.
-    Each `epoch()` yields one epoch's batches, in order (an epoch left part-way is skipped to its end by the next
-    call); `close()` drops what was pulled ahead (early stopping).
+    The training input is one Ray Data execution over all of a run's epochs (`build_input(passes=...)`: the split's
+    files once per epoch, each pass in its own seeded order), so read and decode run on without a break: an
+    execution per epoch spent ~0.9 s starting up at every epoch boundary, which held the input at 0.4x a PyTorch
+    DataLoader on 2 cores (docs/benchmarks.md, sessions 11-12). Epoch e ends with the first batch that brings the
+    rows delivered since the stream began to (e + 1) x `rows_per_epoch` (this worker's share of the split); counted
+    from the start, not per epoch, so batch boundaries never make epochs drift from the passes. Every worker gets
+    the same number of rows in batches of the same size (Ray Train splits the dataset into equal shards), so every
+    worker cuts its epochs at the same step, as DDP needs. An epoch is the split's rows give or take a batch: the
+    local shuffle buffer mixes rows across the boundary between passes.
+
+    Pulling starts when the stream is made (before the model is built, so the input's start-up overlaps the
+    model's set-up) and runs on between epochs, over validation and the checkpoint. Each `epoch()` yields one
+    epoch's batches in order (an epoch left part-way is skipped to its end by the next call); after the last epoch
+    the iterator is closed, ending this worker's part of the execution, whatever rows are left in it (a resumed run
+    reads only the epochs it has left). `close()` does the same at once (early stopping).
 
     Batches are queued as `make_batches` delivers them: on the GPU when it moves them there, so up to `depth` + 1
     batches of GPU memory stay in use between epochs (51 MB each at 256 single-channel images of 224 px).
@@ -120,13 +129,16 @@ class EpochStream:
 
     _END = object()
 
-    def __init__(self, make_batches: Callable[[], Any], epochs: int, depth: int = 8):
+    def __init__(self, make_batches: Callable[[], Any], epochs: int, rows_per_epoch: int, depth: int = 8):
+        if rows_per_epoch <= 0:
+            raise ValueError(f"rows_per_epoch must be positive, not {rows_per_epoch}")
         self._make = make_batches
         self._unread = epochs  # epochs not yet handed to the loop
         self._open = False  # an epoch handed to the loop whose end it has not reached
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pull, args=(epochs,), name="epoch-input", daemon=True)
+        self._thread = threading.Thread(target=self._pull, args=(epochs, rows_per_epoch), name="epoch-input",
+                                        daemon=True)
         self._thread.start()
 
     def _put(self, item: Any) -> bool:
@@ -138,22 +150,32 @@ class EpochStream:
                 continue
         return False
 
-    def _pull(self, epochs: int) -> None:
+    def _pull(self, epochs: int, rows_per_epoch: int) -> None:
+        it = None
         try:
-            for _ in range(epochs):
-                it = iter(self._make())
-                try:
-                    for batch in it:
-                        if not self._put(batch):
-                            return
-                finally:  # a dropped epoch ends this worker's part of its Ray Data execution now
-                    close = getattr(it, "close", None)
-                    if close is not None:
-                        close()
+            if epochs <= 0:
+                return
+            it = iter(self._make())
+            delivered = 0
+            for epoch in range(epochs):
+                until = (epoch + 1) * rows_per_epoch
+                while delivered < until:
+                    batch = next(it, None)
+                    if batch is None:
+                        raise RuntimeError(
+                            f"the training input ended after {delivered} rows, in epoch {epoch + 1} of {epochs} "
+                            f"({rows_per_epoch} rows an epoch): was the dataset changed during the run?")
+                    delivered += len(batch["ok"])
+                    if not self._put(batch):
+                        return
                 if not self._put(self._END):
                     return
         except BaseException as e:  # re-raised in the training loop's thread
             self._put(_Failed(e))
+        finally:  # ends this worker's part of the Ray Data execution (the rows past the last epoch are not read)
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def _next(self) -> Any:
         item = self._queue.get()
@@ -178,7 +200,7 @@ class EpochStream:
     def close(self, timeout: float = 5.0) -> None:
         """Stop pulling and drop what was pulled ahead; again, a no-op. The thread ends after the batch it is
         waiting for, if any; it is not waited for longer than `timeout` (a daemon, and Ray Train shuts the
-        dataset's executions down with the workers)."""
+        dataset's execution down with the workers)."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -358,12 +380,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(last, checkpoint=None)
             return
 
-    # The first epoch's input starts now, while the model is built, and each next epoch's as soon as the previous
-    # one has delivered its last batch.
+    # The input starts now, while the model is built, and runs on through every epoch left. A resumed run (or a
+    # restarted worker) reads the dataset's passes from the first again: its epochs take the first passes' orders.
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     start = state["epoch"] + 1 if state is not None else 0  # as setup_training resumes
-    stream = EpochStream(lambda: _iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start)
+    stream = EpochStream(lambda: _iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start,
+                         rows_per_epoch=loop_config["epoch_rows"])
     try:
         _train(cfg, loop_config, state, stream, val_shard, device, rank, world, start)
     finally:
@@ -405,8 +428,8 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             if batch is None:
                 break
             if len(batch["ok"]) < 2:
-                # BatchNorm cannot train on one row: a last batch of one is left out. The shards are equal, so every
-                # worker leaves it out together, and the per-epoch shuffle makes it a different image each epoch.
+                # BatchNorm cannot train on one row: a last batch of one (at the end of the run's input) is left
+                # out. The shards are equal, so every worker leaves it out together.
                 left_out += 1
                 continue
             n, failed, loss = train_step(model, batch, optimizer, scaler, device, amp, loss_kwargs)
@@ -666,11 +689,16 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
 
     cfg = run.cfg
     assert cfg.out is not None
+    # The train split's every epoch in one dataset (one Ray Data execution; EpochStream cuts the epochs by rows).
     datasets = {
         split: build_input(run.data, split, image_size=cfg.image_size, mean=run.mean, std=run.std,
-                           train=(split == "train"), batch_size=cfg.batch_size, seed=cfg.seed)
+                           train=(split == "train"), batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs)
         for split in ("train", "val")
     }
+    train_rows = split_rows(run.data, "train")
+    if train_rows < cfg.workers:
+        raise UserError(f"--data {run.data}: its train split has {train_rows} rows, fewer than --workers "
+                        f"{cfg.workers}")
     storage_fs, storage_path = storage.resolve(cfg.out)
     run_config = ray.train.RunConfig(
         name=os.path.basename(storage_path.rstrip("/")),
@@ -686,7 +714,8 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary), "weights": run.weights},
+        train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary), "weights": run.weights,
+                           "epoch_rows": train_rows // cfg.workers},  # Ray Train's shards are equal
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=_use_gpu(cfg.gpu), resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),

@@ -86,7 +86,7 @@ def trained_run(ray_cluster, mura_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "cnn"
     rc = train_job.main([
         "--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn", "--image-size", "32",
-        # 13: the 170-image train split ends in a one-image batch (BatchNorm cannot train on it; see test_train).
+        # 13: epochs cut from one stream end mid-batch (see test_train).
         "--epochs", "3", "--batch-size", "13", "--lr", "3e-3", "--select-metric", "val_auc",
     ])
     assert rc == 0

@@ -204,7 +204,7 @@ def test_train_rows_are_shuffled_over_files_and_each_epoch_reads_them_in_a_new_o
 
     from mura_ray.config import IngestConfig
     from mura_ray.data.ingest import LAYOUT_VERSION, ingest
-    from mura_ray.data.pipeline import read_split
+    from mura_ray.data.pipeline import pass_order, read_split, split_files
 
     out = str(tmp_path / "mura")
     args = ["--source", "mura", "--root", str(mura_root), "--out", out, "--rows-per-file"]
@@ -229,14 +229,18 @@ def test_train_rows_are_shuffled_over_files_and_each_epoch_reads_them_in_a_new_o
         paths = _read_split(out, split)["path"].tolist()
         assert paths == sorted(paths)
 
-    # Each execution (epoch) of a seeded read visits the files in a new order: no all-to-all shuffle needed.
+    # Training reads its epochs as passes over the files, each pass in a new seeded order (no all-to-all shuffle),
+    # in one execution: every pass visits every file once.
+    order = pass_order(split_files(out, "train"), 3, seed=7)
+    assert order == pass_order(split_files(out, "train"), 3, seed=7)
     ctx = ray.data.DataContext.get_current()
     keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        ds = read_split(out, "train", ("path",), shuffle_seed=7)
-        epochs = [[r["path"] for r in ds.take_all()] for _ in range(3)]
+        read = [r["path"] for r in read_split(out, "train", ("path",), files=order).take_all()]
     finally:
         ctx.execution_options.preserve_order = keep
+    assert len(read) == 3 * len(written)
+    epochs = [read[k * len(written):(k + 1) * len(written)] for k in range(3)]
     first_of_file = {rows[0]: k for k, rows in enumerate(in_files)}
     orders = [[first_of_file[p] for p in epoch if p in first_of_file] for epoch in epochs]
     assert all(sorted(epoch) == sorted(written) for epoch in epochs)

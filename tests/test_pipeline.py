@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mura_ray.data.pipeline import build_input, preprocess_slices, split_files
+from mura_ray.data.pipeline import build_input, preprocess_slices, split_files, split_rows
 
 
 def _png(value: int, size: int = 40) -> bytes:
@@ -70,9 +70,13 @@ def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_clu
     summary = json.loads(Path(mura_dataset, "ingest_summary.json").read_text())
     assert len(split_files(mura_dataset, "train")) > 1 and len(split_files(mura_dataset, "val")) == 1
     for split, train in (("train", True), ("val", False)):
-        ds = build_input(mura_dataset, split, image_size=32, mean=0.5, std=0.25, train=train, batch_size=8)
+        # Training reads its epochs in one execution: a pass over the split per epoch (evaluation reads it once).
+        passes = 2 if train else 1
+        ds = build_input(mura_dataset, split, image_size=32, mean=0.5, std=0.25, train=train, batch_size=8,
+                         passes=2)
         blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        assert sum(len(b["image"]) for b in blocks) == summary["splits"][split]["images"]
+        assert sum(len(b["image"]) for b in blocks) == passes * summary["splits"][split]["images"] == \
+            passes * split_rows(mura_dataset, split)
         assert all(b["ok"].all() and b["image"].shape[1:] == (1, 32, 32) for b in blocks)
         stats = ds.stats()
         if train:

@@ -47,79 +47,87 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
     best = max(states, key=lambda st: st["metrics"]["val_auc"])
     assert card["training"]["best_epoch"] == best["epoch"] + 1
     assert card["metrics"]["validation"]["val_auc"] == pytest.approx(best["metrics"]["val_auc"])
-    # Epochs 2 and 3 start their input during the previous epoch's validation: none loses or repeats a batch.
-    # The batch size (13) leaves a last batch of one image, which BatchNorm cannot train on: it is left out.
+    # The three epochs are cut from one stream of three passes over the split: each ends with the batch (13 rows)
+    # that brings the rows delivered since the start to a multiple of the split's, so none loses or repeats a batch
+    # and the epochs never drift from the passes (182, 169, then the rest: 159).
     n_train = card["training"]["counts"]["train"]
-    assert n_train % 13 == 1, "the fixture's batch size no longer leaves a one-image batch: pick another"
-    assert {st["metrics"]["train_images"] for st in states} == {n_train - 1}
-    assert {st["metrics"]["left_out_images"] for st in states} == {1}
+    delivered = [0] + [min(-(-n_train * e // 13) * 13, 3 * n_train) for e in (1, 2, 3)]
+    for st in states:
+        e = st["epoch"]
+        assert st["metrics"]["train_images"] == delivered[e + 1] - delivered[e], (e, n_train)
+        assert st["metrics"]["left_out_images"] == 0
 
 
-def test_epoch_stream_starts_the_next_epoch_while_the_loop_is_still_on_this_one():
+def test_epoch_stream_cuts_every_epoch_from_one_stream_read_ahead_of_the_loop():
     import threading
 
     from mura_ray.train import EpochStream
 
-    made, pulled_in = [], []
-    epoch_ended = [threading.Event() for _ in range(3)]
+    def batch(i: int, rows: int = 4) -> dict:
+        return {"i": i, "ok": [1.0] * rows}
+
+    made, pulled_in, closed = [], [], []
+    pulled = threading.Event()
 
     def make():
-        e = len(made)
-        made.append(e)
+        made.append(True)
 
         def batches():
-            for i in range(4):
-                pulled_in.append(threading.current_thread().name)
-                yield (e, i)
-            epoch_ended[e].set()
+            try:
+                for i in range(100):  # more than the epochs need (a resumed run reads only the epochs it has left)
+                    pulled_in.append(threading.current_thread().name)
+                    if i == 5:
+                        pulled.set()
+                    yield batch(i, rows=3 if i == 4 else 4)
+            finally:
+                closed.append(True)
 
         return batches()
 
-    stream = EpochStream(make, epochs=3, depth=10)
-    assert epoch_ended[1].wait(10)  # no batch taken yet: epochs 0 and 1 were pulled ahead (8 batches, 2 ends)
+    # 10 rows an epoch in batches of 4 (one of 3): each epoch ends with the batch that brings the rows delivered
+    # since the start to a multiple of 10, so epochs never drift from the passes: rows 12, 11 (23), 8 (31).
+    stream = EpochStream(make, epochs=3, rows_per_epoch=10, depth=10)
+    assert pulled.wait(10)  # no batch taken yet: the first epoch and part of the second were pulled ahead
     assert set(pulled_in) == {"epoch-input"}
     first = stream.epoch()
-    assert next(first) == (0, 0)
-    assert list(first) == [(0, 1), (0, 2), (0, 3)]
-    assert epoch_ended[2].wait(10)  # free slots in the queue let epoch 2 be pulled to its end before epoch 1 is read
-    assert [list(stream.epoch()) for _ in range(3)] == [[(1, i) for i in range(4)], [(2, i) for i in range(4)], []]
-    assert made == [0, 1, 2]  # one execution per epoch, none beyond the last
+    assert next(first)["i"] == 0
+    assert [b["i"] for b in first] == [1, 2]
+    assert [[b["i"] for b in stream.epoch()] for _ in range(3)] == [[3, 4, 5], [6, 7], []]
+    stream._thread.join(10)
+    assert made == [True] and closed == [True]  # one iterator for the run, closed after the last epoch
+    assert len(pulled_in) <= 8 + 1  # nothing read past the last epoch but what the generator had in hand
     stream.close()
 
     def broken():
         raise OSError("object store lost")
         yield
 
-    failing = EpochStream(broken, epochs=2)
+    failing = EpochStream(broken, epochs=2, rows_per_epoch=4)
     with pytest.raises(OSError, match="object store lost"):
         list(failing.epoch())
     failing.close()
 
-    # Early stopping drops what was pulled ahead: the open epoch's iterator is closed (Ray's ends this worker's
-    # part of the execution) and no further epoch is started.
-    closed, started = [], []
+    # A stream shorter than the epochs it was made for is an error, not a silently short run.
+    short = EpochStream(lambda: iter([batch(0), batch(1)]), epochs=2, rows_per_epoch=5)
+    assert [b["i"] for b in short.epoch()] == [0, 1]
+    with pytest.raises(RuntimeError, match="the training input ended after 8 rows, in epoch 2 of 2"):
+        list(short.epoch())
+    short.close()
 
-    def held():
-        started.append(True)
-        try:
-            yield from range(100)
-        finally:
-            closed.append(True)
-
-    unread = EpochStream(held, epochs=5, depth=2)
-    assert list(zip(range(3), unread.epoch(), strict=False)) == [(0, 0), (1, 1), (2, 2)]
-    unread.close()
-    assert not unread._thread.is_alive()
-    assert closed == [True] and started == [True]
-    unread.close()  # again (the loop's finally after early stopping): nothing to do, nothing waited for
+    # Early stopping drops what was pulled ahead: the iterator is closed (Ray's ends this worker's part of the
+    # execution) and nothing more is pulled.
+    closed.clear()
+    held = EpochStream(make, epochs=5, rows_per_epoch=40, depth=2)
+    assert [b["i"] for _, b in zip(range(3), held.epoch(), strict=False)] == [0, 1, 2]
+    held.close()
+    assert not held._thread.is_alive()
+    assert closed == [True]
+    held.close()  # again (the loop's finally after early stopping): nothing to do, nothing waited for
 
     # An epoch the loop leaves part-way is not continued by the next one.
-    def short():
-        yield from range(3)
-
-    partial = EpochStream(short, epochs=2)
-    assert next(partial.epoch()) == 0
-    assert list(partial.epoch()) == [0, 1, 2]
+    partial = EpochStream(lambda: iter([batch(i) for i in range(6)]), epochs=2, rows_per_epoch=12)
+    assert next(partial.epoch())["i"] == 0
+    assert [b["i"] for b in partial.epoch()] == [3, 4, 5]
     assert list(partial.epoch()) == []
     partial.close()
 
@@ -270,13 +278,22 @@ def test_ddp_two_workers_on_cpu(ray_cluster, mura_dataset, tmp_path):
     out = tmp_path / "ddp"
     assert train_job.main([
         "--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn", "--image-size", "32",
-        "--epochs", "2", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "0.5",
+        "--epochs", "2", "--batch-size", "13", "--workers", "2", "--cpus-per-worker", "0.5",
     ]) == 0
     card = json.loads((out / "model" / "model_card.json").read_text())
     assert card["training"]["config"]["workers"] == 2 and card["training"]["config"]["body_part_weight"] == 0.5
-    # The epoch's counts are both workers' (85 rows a shard, no one-image batch at 16), not rank 0's half.
-    metrics = card["metrics"]["validation"]
-    assert metrics["train_images"] + metrics["left_out_images"] == card["training"]["counts"]["train"]
+    # The epochs' counts are both workers' (not rank 0's half). Each worker's shard of the two passes is 170 rows,
+    # its epochs cut at 85: epoch 1 takes 7 batches of 13 (91 rows), epoch 2 the remaining 79, whose last batch
+    # holds one image: BatchNorm cannot train on it, so both workers leave it out at the same step.
+    import torch
+
+    n_train = card["training"]["counts"]["train"]
+    assert n_train == 170, "the fixture's split changed: recompute the batches below"
+    states = {st["epoch"]: st["metrics"] for st in (
+        torch.load(c / "state.pt", map_location="cpu", weights_only=True) for c in out.glob("checkpoint_*")
+        if c.is_dir())}
+    assert (states[0]["train_images"], states[0]["left_out_images"]) == (2 * 91, 0)
+    assert (states[1]["train_images"], states[1]["left_out_images"]) == (2 * 78, 2)
 
 
 class _KillWorkerAfterFirstEpoch:

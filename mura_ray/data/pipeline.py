@@ -24,7 +24,7 @@ TENSOR_COLUMNS: tuple[str, ...] = ("image", "label", "body_part", "ok")
 """Columns the preprocessing emits for training and evaluation."""
 
 
-def read_parquet(paths: str | list[str], filesystem: Any, shuffle: Any = None, **read_args: Any):
+def read_parquet(paths: str | list[str], filesystem: Any, **read_args: Any):
     """`ray.data.read_parquet` through Ray Data's block-splitting Parquet datasource.
 
     Ray 2.60 reads Parquet through a new (V2) datasource by default, which makes one block of each file: a split
@@ -32,35 +32,30 @@ def read_parquet(paths: str | list[str], filesystem: Any, shuffle: Any = None, *
     spends seconds in a file-listing task. The file-based datasource splits files into row blocks that stream
     through parallel decode tasks: on the 1,406-image demo split one epoch of input took 3.1 s instead of 9-11 s,
     the first batch 1 s instead of 8-13 s (docs/benchmarks.md). The choice is scoped to this call.
-    `shuffle` is read_parquet's file-order shuffle (None, "files" or a `FileShuffleConfig`); `read_args` go to
-    `ray.data.read_parquet` (such as `override_num_blocks`).
+    `read_args` go to `ray.data.read_parquet` (such as `override_num_blocks`).
     """
     import ray
 
     ctx = ray.data.DataContext.get_current()
     if not hasattr(ctx, "use_datasource_v2"):
-        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle, **read_args)
+        return ray.data.read_parquet(paths, filesystem=filesystem, **read_args)
     previous = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle, **read_args)
+        return ray.data.read_parquet(paths, filesystem=filesystem, **read_args)
     finally:
         ctx.use_datasource_v2 = previous
 
 
-def read_split(data: str, split: str, columns: tuple[str, ...] | None = None, *, shuffle_seed: int | None = None,
-               files: list[str] | None = None, **read_args: Any):
+def read_split(data: str, split: str, columns: tuple[str, ...] | None = None, *, files: list[str] | None = None,
+               **read_args: Any):
     """A lazy Ray Dataset over one split of an ingested dataset (local or s3://).
 
-    With `shuffle_seed`, every execution (every epoch) reads the split's files in a new order drawn from that seed.
-    `files` (from `split_files`) reads those paths instead of listing the directory; `read_args` go to
-    `ray.data.read_parquet`.
+    `files` (from `split_files`, repeats allowed) reads those paths, in that order, instead of listing the
+    directory; `read_args` go to `ray.data.read_parquet`.
     """
-    from ray.data import FileShuffleConfig
-
     fs, path = storage.resolve(storage.join(data, split))
-    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    ds = read_parquet(files if files is not None else path, fs, shuffle=shuffle, **read_args)
+    ds = read_parquet(files if files is not None else path, fs, **read_args)
     return ds.select_columns(list(columns)) if columns else ds
 
 
@@ -168,8 +163,23 @@ def preprocess_slices(
                                image_size=image_size, mean=mean, std=std, train=train)
 
 
+def split_rows(data: str, split: str) -> int:
+    """Rows of a split, from its Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.resolve(storage.join(data, split))
+    return sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in split_files(data, split))
+
+
+def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
+    """`passes` passes over `files`, each in its own order drawn from `seed` (the same orders for the same seed)."""
+    rng = np.random.default_rng(seed)
+    return [files[i] for _ in range(passes) for i in rng.permutation(len(files))]
+
+
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
-                num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, files: list[str] | None = None):
+                num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, passes: int = 1,
+                files: list[str] | None = None):
     """The streaming dataset a Train worker consumes for `split`, in blocks of at most `batch_size` rows.
 
     A split of several files (ingest writes at most `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is
@@ -184,23 +194,26 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     parallelism.
     A one-file split is cut into blocks decoded by parallel tasks, `batch_size` rows at a time.
 
-    The training split is shuffled without an all-to-all step: ingest writes its rows in a seeded random order
-    across many small files, each epoch reads those files in a new order (`seed`), and the consumer mixes rows in a
-    local shuffle buffer (`mura_ray.train`). `randomize_block_order`, used before, waits for the whole split to be
-    read into the object store every epoch before the first image is decoded.
-    `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead of the split's files in
-    a new order each execution (the what-if of one execution over several epochs in benchmarks/input_pipeline.py).
+    For training (`train`), the dataset is `passes` passes over the split, each reading its files in its own order
+    drawn from `seed` (`pass_order`): training reads all its epochs in one Ray Data execution and cuts them from
+    the stream by rows (`mura_ray.train.EpochStream`), so read and decode never stop to start a new execution. The
+    split is shuffled without an all-to-all step: ingest writes its rows in a seeded random order across many
+    small files, each pass reads the files in a new order, and the consumer mixes rows in a local shuffle buffer.
+    (`randomize_block_order`, used before, waits for the whole split to be read into the object store before the
+    first image is decoded.) Evaluation reads the split once, in order.
+    `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead.
     """
     kwargs = {"image_size": image_size, "mean": mean, "std": std, "train": train}
-    shuffle_seed = seed if train and files is None else None
-    files = split_files(data, split) if files is None else files
-    if len(files) <= 1:
-        ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=shuffle_seed)
+    if files is None:
+        files = split_files(data, split)
+        if train:
+            files = pass_order(files, passes, seed)
+    if len(set(files)) <= 1:
+        ds = read_split(data, split, TRAIN_COLUMNS, files=files or None)
         return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
                               fn_kwargs=kwargs)
     # The read's CPUs are the decode's: operators with different resources would not fuse.
-    ds = read_split(data, split, TRAIN_COLUMNS, shuffle_seed=shuffle_seed, files=files,
-                    override_num_blocks=len(files), num_cpus=num_cpus)
+    ds = read_split(data, split, TRAIN_COLUMNS, files=files, override_num_blocks=len(files), num_cpus=num_cpus)
     ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
     return ds.map_batches(
         preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=num_cpus,
