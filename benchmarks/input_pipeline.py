@@ -3,11 +3,12 @@ and the share of a training epoch the loop spends waiting for data with a small 
 
 Both sides read the same ingested Parquet split and do the same per-image work (`preprocess_images`: decode,
 resize, augment) on the same cores. Ours is a real `TorchTrainer` fed by `build_input` and consumed with
-`iter_torch_batches`, as `mura_ray.train` does; the baseline is a `DataLoader` with one worker process per core,
-run before Ray starts. Each side runs two phases of epochs: `input` only pulls batches (delivery capacity; its first
-epoch is a warm-up left out of the medians), `train` takes an AdamW step of the backbone on every batch (stall share =
-time blocked on the iterator / epoch time; the input is warm by then, and the model's first steps are taken on a
-random batch before the measured epochs). Prints one JSON line.
+`iter_torch_batches`, as `mura_ray.train` does: each phase's epochs cut from one Ray Data execution by its
+`EpochStream`. The baseline is a `DataLoader` with one worker process per core, run before Ray starts. Each side runs
+two phases of epochs: `input` only pulls batches (delivery capacity; its first epoch is a warm-up left out), `train`
+takes an AdamW step of the backbone on every batch (stall share = time blocked on the iterator / epoch time; the
+model's first steps are taken on a random batch before the measured epochs). Images/s and stall share are over the
+measured epochs together (medians alongside). Prints one JSON line.
 
     .venv/bin/python benchmarks/input_pipeline.py
     .venv/bin/python benchmarks/input_pipeline.py --workers 2 --train-epochs 0     # delivery on 2 Train workers
@@ -255,11 +256,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def build_dataset(data: str, args: argparse.Namespace, mean: float, std: float):
-    """The training input: `build_input` as training builds it (a pass over the split for each epoch of the longer
-    phase), or a what-if (smaller read blocks)."""
+    """The training input: `build_input` as training builds it (a pass over the split for each epoch), or a what-if
+    (smaller read blocks)."""
     from mura_ray.data import pipeline
 
-    passes = phase_epochs(args)
+    # One pass more than the longer phase's epochs: its last epoch is then not the end of the stream, which would
+    # only drain what was decoded ahead of it (in training, the run's last epoch of many).
+    passes = phase_epochs(args) + 1
     if not args.rows_per_block:
         return pipeline.build_input(data, "train", image_size=args.image_size, mean=mean, std=std, train=True,
                                     num_cpus=args.decode_cpus, batch_size=args.map_batch_size, passes=passes)
@@ -323,7 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataset_args(p)
     p.add_argument("--image-size", type=int, default=128, help="training input side in pixels")
     p.add_argument("--batch-size", type=int, default=32, help="images per training batch")
-    p.add_argument("--input-epochs", type=int, default=2, help="measured delivery-only epochs (after a warm-up epoch)")
+    p.add_argument("--input-epochs", type=int, default=6,
+                   help="measured delivery-only epochs (after a warm-up epoch); a few, as one stream's epochs vary")
     p.add_argument("--train-epochs", type=int, default=2,
                    help="measured epochs with a training step (after warm-up steps on a random batch)")
     p.add_argument("--backbone", default="mobilenetv2_035",
