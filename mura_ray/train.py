@@ -631,7 +631,6 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Validate, fail fast on a bad backbone, start or attach Ray, and resolve (or build) the dataset."""
     import ray
 
-    from mura_ray.data.ingest import LAYOUT_VERSION, read_summary
     from mura_ray.runtime import init_ray
 
     cfg = cfg.validate()
@@ -650,6 +649,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     mean, std = trunk_normalization(probe.trunk)
     if cfg.backbone != "custom_cnn" and not (cfg.pretrained or cfg.pretrained_file):
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
+    # A given --data is checked before Ray starts (a wrong path or refused credentials fail in a second, not after
+    # Ray's start-up); the demo set is built with Ray.
+    summary = check_dataset(cfg.data) if cfg.data else None
     init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
     check_cluster_fits(cfg)
     weights = ray.put(probe.state_dict()) if cfg.pretrained or cfg.pretrained_file else None
@@ -664,6 +666,15 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     if nodes > 1 and not storage.is_remote(data):
         logger.warning("--data %s is a local path on a cluster of %d nodes: Ray Data reads it on every node, so "
                        "every node must see it (a shared filesystem); give s3://... otherwise", data, nodes)
+    if summary is None:
+        summary = check_dataset(data)
+    return PreparedRun(cfg, data, summary, mean, std, weights)
+
+
+def check_dataset(data: str) -> dict[str, Any]:
+    """The ingest summary of a dataset training can use, or a UserError saying what is wrong with it."""
+    from mura_ray.data.ingest import LAYOUT_VERSION, read_summary
+
     summary = read_summary(data)
     for split in ("train", "val"):
         if split not in summary["splits"]:
@@ -676,7 +687,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     if summary.get("layout_version", 1) < LAYOUT_VERSION:
         logger.warning("--data %s was ingested by an older mura_ray, in path order: epochs are shuffled only within "
                        "a local buffer. Re-run jobs/ingest.py with --overwrite for a fully shuffled train split.", data)
-    return PreparedRun(cfg, data, summary, mean, std, weights)
+    return summary
 
 
 def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):

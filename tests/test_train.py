@@ -605,11 +605,26 @@ def test_an_out_that_cannot_be_written_is_one_line(ray_cluster, mura_dataset, tm
     assert "cannot write there" in err and "Traceback" not in err, err
 
 
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started before --data was checked")
+
+
+def test_a_missing_dataset_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("mura_ray.runtime.init_ray", _no_ray)
+    missing = tmp_path / "nowhere"
+    assert train_job.main(["--data", str(missing), "--out", str(tmp_path / "run"), "--backbone", "custom_cnn",
+                           "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == \
+        f"error: --data {missing}: no such dataset; create it with jobs/ingest.py", err
+
+
 def test_refused_s3_credentials_for_data_are_one_line(ray_cluster, s3_auth_server, tmp_path, capsys, monkeypatch):
     """--data on S3 with a wrong secret: one line naming it and saying access was denied, exit code 2 (it was a
-    traceback of pyarrow's OSError from reading the dataset's summary)."""
+    traceback of pyarrow's OSError from reading the dataset's summary), before Ray is started for nothing."""
     srv = s3_auth_server
     srv.use(monkeypatch, srv.access_key, "x" * 40)
+    monkeypatch.setattr("mura_ray.runtime.init_ray", _no_ray)
     data = f"s3://{srv.bucket}/datasets/mura"
     assert train_job.main(["--data", data, "--out", str(tmp_path / "run"), "--backbone", "custom_cnn",
                            "--epochs", "1"]) == 2
