@@ -86,8 +86,9 @@ WORKER_SETUP_HOOK = "mura_ray.runtime.quiet_worker_logs"
 def local_ray_environment() -> None:
     """Settings a local Ray must start with (environment defaults; an explicit setting wins). Benchmarks use it too,
     so that they measure what the jobs run."""
-    # Keep idle workers a while: Ray kills idle workers beyond one per CPU after 1 s, so every epoch would start
-    # (and import into) fresh Python workers for its decode tasks, seconds per epoch on a small machine.
+    # Keep idle workers a while: Ray kills idle workers beyond one per CPU after 1 s, so every epoch's validation
+    # (and every Tune trial, every job) would start (and import into) fresh Python workers for its decode tasks,
+    # seconds each on a small machine.
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
     # Worker groups can take more than Train's default 60 s to start on a busy laptop.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")

@@ -190,7 +190,7 @@ class EpochStream:
         """The next epoch's batches (an error in the input is raised here); nothing after the last epoch."""
         while self._open:  # the loop left the previous epoch part-way: its rest is not this one's
             self._next()
-        if self._unread <= 0:
+        if self._unread <= 0 or self._stop.is_set():
             return
         self._unread -= 1
         self._open = True
@@ -707,9 +707,11 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         for split in ("train", "val")
     }
     train_rows = split_rows(run.data, "train")
-    if train_rows < cfg.workers:
-        raise UserError(f"--data {run.data}: its train split has {train_rows} rows, fewer than --workers "
-                        f"{cfg.workers}")
+    if train_rows // cfg.workers < cfg.batch_size:
+        # Epochs are cut from one stream in whole batches: with fewer rows a worker than a batch, some would be empty
+        raise UserError(f"--data {run.data}: its train split has {train_rows} images, {train_rows // cfg.workers} "
+                        f"for each of {cfg.workers} worker(s), fewer than --batch-size {cfg.batch_size}: lower "
+                        "--batch-size or --workers")
     storage_fs, storage_path = storage.resolve(cfg.out)
     run_config = ray.train.RunConfig(
         name=os.path.basename(storage_path.rstrip("/")),

@@ -87,3 +87,6 @@ def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_clu
         else:
             # A one-file split: read blocks decoded by parallel tasks.
             assert "ReadParquet->MapBatches" not in stats and "MapBatches(preprocess_batch)" in stats
+    # A one-file split trained on (an older ingest's layout): its passes are the one file read again.
+    ds = build_input(mura_dataset, "val", image_size=32, mean=0.5, std=0.25, train=True, batch_size=8, passes=3)
+    assert ds.count() == 3 * split_rows(mura_dataset, "val")

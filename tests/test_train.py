@@ -123,6 +123,7 @@ def test_epoch_stream_cuts_every_epoch_from_one_stream_read_ahead_of_the_loop():
     assert not held._thread.is_alive()
     assert closed == [True]
     held.close()  # again (the loop's finally after early stopping): nothing to do, nothing waited for
+    assert list(held.epoch()) == []  # and no epoch after it (nothing would ever come)
 
     # An epoch the loop leaves part-way is not continued by the next one.
     partial = EpochStream(lambda: iter([batch(i) for i in range(6)]), epochs=2, rows_per_epoch=12)
@@ -357,6 +358,17 @@ def test_dataset_of_an_older_ingest_layout_trains_with_a_warning(ray_cluster, mu
         assert "older mura_ray" not in caplog.text
         prepare_run(TrainConfig(data=str(old), out=str(tmp_path / "old-run"), backbone="custom_cnn"))
     assert "was ingested by an older mura_ray" in caplog.text and "--overwrite" in caplog.text
+
+
+def test_a_batch_larger_than_a_workers_share_of_the_split_is_refused(ray_cluster, mura_dataset, tmp_path, capsys):
+    """Epochs are cut from one stream in whole batches: with fewer rows a worker than a batch some epochs would be
+    empty (no step, a repeated val loss counted against --patience), so it is refused with one line."""
+    assert train_job.main(["--data", mura_dataset, "--out", str(tmp_path / "run"), "--backbone", "custom_cnn",
+                           "--epochs", "1", "--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "86"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: --data {mura_dataset}: its train split has 170 images, 85 for each of 2 worker(s), fewer than "
+        "--batch-size 86: lower --batch-size or --workers"), err
 
 
 def test_a_split_without_labelled_images_is_refused_before_training(ray_cluster, mura_dataset, tmp_path, capsys):

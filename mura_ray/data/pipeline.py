@@ -164,11 +164,14 @@ def preprocess_slices(
 
 
 def split_rows(data: str, split: str) -> int:
-    """Rows of a split, from its Parquet footers (no data read)."""
+    """Rows of a split, from its Parquet footers (no data read; on S3 a request per file, 16 at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow.parquet as pq
 
     fs, _ = storage.resolve(storage.join(data, split))
-    return sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in split_files(data, split))
+    with ThreadPoolExecutor(16) as pool:
+        return sum(pool.map(lambda f: pq.ParquetFile(f, filesystem=fs).metadata.num_rows, split_files(data, split)))
 
 
 def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
