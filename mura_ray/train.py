@@ -695,16 +695,23 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
 
     `callbacks` replace the default per-epoch logger (Tune passes its report callback).
     """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     cfg = run.cfg
     assert cfg.out is not None
     # The train split's every epoch in one dataset (one Ray Data execution; EpochStream cuts the epochs by rows).
+    # Validation's read-and-decode tasks reserve no CPU, at most as many at once as the cluster has CPUs beside the
+    # Train workers: while rank 0 validates, the training stream is paused by backpressure, and its paused tasks
+    # keep their CPUs; with every spare CPU held so, validation tasks that reserve one would never be scheduled and
+    # the run would hang (seen with a small object store: the decoded-ahead budget fills during validation).
+    spare = int(ray.cluster_resources().get("CPU", 0) - cfg.workers * cfg.cpus_per_worker)
     datasets = {
-        split: build_input(run.data, split, image_size=cfg.image_size, mean=run.mean, std=run.std,
-                           train=(split == "train"), batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs)
-        for split in ("train", "val")
+        "train": build_input(run.data, "train", image_size=cfg.image_size, mean=run.mean, std=run.std, train=True,
+                             batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs),
+        "val": build_input(run.data, "val", image_size=cfg.image_size, mean=run.mean, std=run.std, train=False,
+                           batch_size=cfg.batch_size, num_cpus=0, max_tasks=max(2, spare)),
     }
     train_rows = split_rows(run.data, "train")
     if train_rows // cfg.workers < cfg.batch_size:

@@ -87,6 +87,13 @@ def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_clu
         else:
             # A one-file split: read blocks decoded by parallel tasks.
             assert "ReadParquet->MapBatches" not in stats and "MapBatches(preprocess_batch)" in stats
+    # Validation's dataset as training builds it: every stage in the read tasks, none reserving a CPU (no separate
+    # re-blocking tasks, which would reserve one each).
+    ds = build_input(mura_dataset, "train", image_size=32, mean=0.5, std=0.25, train=False, batch_size=8,
+                     num_cpus=0, max_tasks=2)
+    assert sum(len(b["ok"]) for b in ds.iter_batches(batch_size=None)) == split_rows(mura_dataset, "train")
+    operators = [line for line in ds.stats().splitlines() if line.startswith("Operator")]
+    assert len(operators) == 1 and "ReadParquet->MapBatches(preprocess_slices)" in operators[0], operators
     # A one-file split trained on (an older ingest's layout): its passes are the one file read again.
     ds = build_input(mura_dataset, "val", image_size=32, mean=0.5, std=0.25, train=True, batch_size=8, passes=3)
     assert ds.count() == 3 * split_rows(mura_dataset, "val")

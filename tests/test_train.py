@@ -644,3 +644,52 @@ def test_refused_s3_credentials_for_data_are_one_line(ray_cluster, s3_auth_serve
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith(
         f"error: {data}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy): "), err
+
+
+_SMALL_OBJECT_STORE_RUN = """
+import os, socket, sys
+sys.path.insert(0, os.path.join({repo!r}, "jobs"))
+import ray
+from mura_ray.config import IngestConfig
+from mura_ray.data.ingest import ingest
+from mura_ray.data.synthetic import generate_mura
+from mura_ray.runtime import WORKER_SETUP_HOOK, local_ray_environment
+
+local_ray_environment()
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{{port}}"
+ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=port, _node_ip_address="127.0.0.1",
+         object_store_memory=100 * 1024**2, runtime_env={{"worker_process_setup_hook": WORKER_SETUP_HOOK}})
+# The demo's set (1,406 train images in files of 256 rows): the 3 decode tasks beside the Train worker each stream
+# a long file and pause mid-way.
+generate_mura({tmp!r}, n_images=2000, image_size=128, seed=0)
+ingest(IngestConfig(source="mura", root={tmp!r}, out={data!r}))
+import train
+sys.exit(train.main(["--data", {data!r}, "--out", {out!r}, "--backbone", "custom_cnn", "--image-size", "128",
+                     "--epochs", "2", "--batch-size", "16"]))
+"""
+
+
+@pytest.mark.slow
+def test_validation_runs_while_the_paused_training_stream_holds_every_cpu(tmp_path):
+    """While rank 0 validates, the training stream is paused and its decode tasks, blocked by backpressure, keep
+    their CPUs. With a small object store (100 MB: Ray Data's output budget fills with a few hundred 128-px images)
+    they held every spare CPU, and validation tasks that reserved a CPU were never scheduled: the run hung after
+    epoch 1. Validation's tasks now reserve none. Its own Ray, so the object store can be small."""
+    import psutil
+
+    code = _SMALL_OBJECT_STORE_RUN.format(repo=str(REPO), tmp=str(tmp_path / "mura"), data=str(tmp_path / "data"),
+                                          out=str(tmp_path / "run"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):  # its Ray: raylet, GCS, workers
+            child.kill()
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail("the run hung (validation waiting for CPUs held by the paused training stream):\n" + out[-3000:])
+    assert proc.returncode == 0, out[-3000:]
+    assert "epoch 2/2" in out and (tmp_path / "run" / "model" / "model.safetensors").exists()
