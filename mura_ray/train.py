@@ -701,6 +701,12 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
 
     cfg = run.cfg
     assert cfg.out is not None
+    train_rows = split_rows(run.data, "train")
+    if train_rows // cfg.workers < cfg.batch_size:
+        # Epochs are cut from one stream in whole batches: with fewer rows a worker than a batch, some would be empty
+        raise UserError(f"--data {run.data}: its train split has {train_rows} images, {train_rows // cfg.workers} "
+                        f"for each of {cfg.workers} worker(s), fewer than --batch-size {cfg.batch_size}: lower "
+                        "--batch-size or --workers")
     # The train split's every epoch in one dataset (one Ray Data execution; EpochStream cuts the epochs by rows).
     # Validation's read-and-decode tasks reserve no CPU, at most as many at once as the cluster has CPUs beside the
     # Train workers: while rank 0 validates, the training stream is paused by backpressure, and its paused tasks
@@ -713,12 +719,6 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         "val": build_input(run.data, "val", image_size=cfg.image_size, mean=run.mean, std=run.std, train=False,
                            batch_size=cfg.batch_size, num_cpus=0, max_tasks=max(2, spare)),
     }
-    train_rows = split_rows(run.data, "train")
-    if train_rows // cfg.workers < cfg.batch_size:
-        # Epochs are cut from one stream in whole batches: with fewer rows a worker than a batch, some would be empty
-        raise UserError(f"--data {run.data}: its train split has {train_rows} images, {train_rows // cfg.workers} "
-                        f"for each of {cfg.workers} worker(s), fewer than --batch-size {cfg.batch_size}: lower "
-                        "--batch-size or --workers")
     storage_fs, storage_path = storage.resolve(cfg.out)
     run_config = ray.train.RunConfig(
         name=os.path.basename(storage_path.rstrip("/")),
