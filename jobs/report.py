@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mura_ray.config import UserError  # noqa: E402
 from mura_ray.report import DEFAULT_BOOTSTRAP, ReportConfig, run  # noqa: E402
-from mura_ray.runtime import access_denied_line, setup_logging  # noqa: E402
+from mura_ray.runtime import setup_logging, storage_error_line  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, OSError) as e:
         # Bad flags, missing files, unusable predictions and S3 refusing the credentials are the user's to fix: one
         # line, no traceback.
-        print(f"error: {access_denied_line(e) or ' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {storage_error_line(e) or ' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

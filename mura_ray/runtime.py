@@ -146,16 +146,16 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
 
 def first_line(e: BaseException) -> str:
     """An exception's message as one line (its type's name when it has none); S3 refusing a request for its
-    credentials or permissions says so, and what to check (`storage.access_denied`)."""
-    return storage.access_denied(e) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    credentials or permissions, or not answering at all, says so and what to check (`storage.s3_problem`)."""
+    return storage.s3_problem(e) or (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def access_denied_line(exc: BaseException) -> str | None:
-    """The `error:` line's text for S3 refusing a request for its credentials or permissions, naming the location
-    (`s3://bucket/key: access denied (...): ...`), also when raised in a Ray task (`RayTaskError.cause`); None for
-    any other error."""
+def storage_error_line(exc: BaseException) -> str | None:
+    """The `error:` line's text for S3 refusing a request for its credentials or permissions, or an endpoint that
+    cannot be reached, naming the location (`s3://bucket/key: access denied (...): ...`), also when raised in a Ray
+    task (`RayTaskError.cause`); None for any other error."""
     for e in (getattr(exc, "cause", None), exc.__cause__, exc):
-        line = storage.access_denied(e) if e is not None else None
+        line = storage.s3_problem(e) if e is not None else None
         if line is not None:
             where = storage.s3_location(e)
             return f"{where}: {line}" if where else line
@@ -241,7 +241,8 @@ def _interrupted(signum: int, rerun: str) -> int:
 def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
              argv: list[str] | None, *, rerun: str = "") -> int:
     """Parse argv and run `fn`; a UserError (also one raised remotely, see `user_error_cause`), and S3 refusing
-    the credentials or access (`access_denied_line`), become one `error:` line on stderr and exit code 2.
+    the credentials or access or not answering (`storage_error_line`), become one `error:` line on stderr and exit
+    code 2.
 
     SIGTERM and SIGINT (Ctrl+C) stop `fn` by an exception in the main thread (`Terminated`, KeyboardInterrupt),
     so its `finally:` blocks run, and end in one `interrupted by ...` line on stderr, followed by `rerun` (what a
@@ -262,7 +263,7 @@ def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.Ar
         if cause is not None:
             print(f"error: {first_line(cause)}", file=sys.stderr)
             return 2
-        denied = access_denied_line(e)  # a storage check that no job step turned into a UserError of its own
+        denied = storage_error_line(e)  # a storage check that no job step turned into a UserError of its own
         if denied is not None:
             print(f"error: {denied}", file=sys.stderr)
             return 2

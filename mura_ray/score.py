@@ -565,7 +565,7 @@ def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     try:
         loaded = load_model(uri)
     except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
-        if storage.access_denied(e):  # nothing wrong with the model: this run may not read it
+        if storage.s3_problem(e):  # nothing wrong with the model: this run may not read it, or reach its storage
             raise UserError(f"--model {uri}: cannot read it ({first_line(e)})") from None
         raise UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {first_line(e)}); "
                         "export it again from its run") from None
@@ -721,6 +721,8 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
 
         if importlib.util.find_spec("pytorch_grad_cam") is None:
             raise UserError("--explain needs the optional extra: pip install 'mura_ray[explain]'")
+    if not storage.exists(cfg.input):  # before the lock and Ray: a wrong path, refused credentials or an unreachable
+        raise UserError(f"--input {cfg.input}: no such file or folder")  # endpoint fail in a second
     threshold = cfg.threshold if cfg.threshold is not None else model_threshold
     threshold_source = "cli" if cfg.threshold is not None else "model"
     lock = storage.OutputLock(cfg.out, "jobs/score.py")

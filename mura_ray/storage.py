@@ -81,6 +81,29 @@ def access_denied(e: BaseException) -> str | None:
     return f"access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy): {line}"
 
 
+# The AWS SDK's NETWORK_CONNECTION (curl could not resolve the host, connect, or timed out, after the SDK's retries):
+# the endpoint, not the request, is the problem.
+_UNREACHABLE = re.compile(r"AWS Error NETWORK_CONNECTION during ")
+
+
+def unreachable(e: BaseException) -> str | None:
+    """For an S3 request that never got an answer (pyarrow's OSError `... AWS Error NETWORK_CONNECTION during
+    HeadObject operation: curlCode: 7, Could not connect to server ...`): one line that says so and where the
+    endpoint comes from, then pyarrow's own first line. None for any other error."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    if not isinstance(e, OSError) or not _UNREACHABLE.search(line):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    where = f"the S3 endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "S3 (no AWS_ENDPOINT_URL set: AWS's)"
+    return f"cannot reach {where}; check the address and the network: {line}"
+
+
+def s3_problem(e: BaseException) -> str | None:
+    """`access_denied` or `unreachable`: an S3 error that is the credentials', the permissions' or the endpoint's,
+    not the data's; None for any other error."""
+    return access_denied(e) or unreachable(e)
+
+
 def s3_location(e: BaseException) -> str | None:
     """The `s3://bucket/key` a pyarrow S3 error names (`... for key 'K' in bucket 'B': ...`), or None."""
     match = _S3_LOCATION.search((str(e).strip().splitlines() or [""])[0])

@@ -649,9 +649,13 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     mean, std = trunk_normalization(probe.trunk)
     if cfg.backbone != "custom_cnn" and not (cfg.pretrained or cfg.pretrained_file):
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
-    # A given --data is checked before Ray starts (a wrong path or refused credentials fail in a second, not after
-    # Ray's start-up); the demo set is built with Ray.
+    # A given --data is checked before Ray starts (a wrong path, refused credentials or an unreachable endpoint fail
+    # in a second, not after Ray's start-up); the demo set is built with Ray.
     summary = check_dataset(cfg.data) if cfg.data else None
+    try:  # and so is --out (before the demo set is built, too)
+        storage.probe_writable(cfg.out)
+    except OSError as e:
+        raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
     init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
     check_cluster_fits(cfg)
     weights = ray.put(probe.state_dict()) if cfg.pretrained or cfg.pretrained_file else None

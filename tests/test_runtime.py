@@ -63,7 +63,7 @@ _PYARROW_S3_ERRORS = {  # pyarrow's messages (26), as S3 (moto's server) answere
 
 @pytest.mark.parametrize("message", list(_PYARROW_S3_ERRORS))
 def test_refused_s3_requests_are_recognised(message):
-    line = runtime.access_denied_line(OSError(message))
+    line = runtime.storage_error_line(OSError(message))
     assert line == (f"{_PYARROW_S3_ERRORS[message]}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                     f"or the bucket policy): {message}")
     assert runtime.first_line(OSError(message)).startswith("access denied (check ")
@@ -71,18 +71,32 @@ def test_refused_s3_requests_are_recognised(message):
     class RayTaskErrorLike(OSError):  # Ray re-raises a task's error as a subclass of its class, with `.cause`
         cause = OSError(message)
 
-    assert runtime.access_denied_line(RayTaskErrorLike("ray.exceptions.RayTaskError(OSError): ...\nTraceback")) == line
+    assert runtime.storage_error_line(RayTaskErrorLike("ray.exceptions.RayTaskError(OSError): ...\nTraceback")) == line
+
+
+_UNREACHABLE = ("When getting information for key 'ds' in bucket 'b': AWS Error NETWORK_CONNECTION during HeadObject "
+                "operation: curlCode: 7, Couldn't connect to server")
+
+
+def test_an_unreachable_s3_endpoint_is_recognised(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert runtime.storage_error_line(OSError(_UNREACHABLE)) == (
+        "s3://b/ds: cannot reach the S3 endpoint http://127.0.0.1:1 (AWS_ENDPOINT_URL); check the address and the "
+        f"network: {_UNREACHABLE}")
+    assert storage.access_denied(OSError(_UNREACHABLE)) is None
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert runtime.first_line(OSError(_UNREACHABLE)).startswith(
+        "cannot reach S3 (no AWS_ENDPOINT_URL set: AWS's); check the address and the network: When getting ")
 
 
 @pytest.mark.parametrize("error", [
-    OSError("When getting information for key 'ds' in bucket 'b': AWS Error NETWORK_CONNECTION during HeadObject "
-            "operation: curlCode: 7, Couldn't connect to server"),
     OSError("When creating bucket 'b': AWS Error UNKNOWN (HTTP status 404) during CreateBucket operation: x"),
     FileNotFoundError("/nowhere: no such file"),
     ValueError("AWS Error ACCESS_DENIED during HeadObject operation"),  # not a storage error
 ])
-def test_other_errors_are_not_called_access_denied(error):
-    assert runtime.access_denied_line(error) is None and storage.access_denied(error) is None
+def test_other_errors_are_not_called_storage_errors(error):
+    assert runtime.storage_error_line(error) is None and storage.s3_problem(error) is None
     assert runtime.first_line(error) == str(error)
 
 
@@ -104,6 +118,50 @@ def test_a_refused_s3_request_a_job_left_unchecked_is_one_line(s3_auth_server, c
                                            "HeadObject operation: No response body.\n")
     srv.use(monkeypatch, srv.access_key, srv.secret_key)
     assert runtime.run_main(job, argparse.ArgumentParser(), []) == 0
+
+
+@pytest.mark.parametrize("job, argv, named", [
+    ("ingest", ["--source", "images", "--root", "s3://bkt/archive", "--out", "{tmp}/ds"], "--root s3://bkt/archive"),
+    ("train", ["--data", "s3://bkt/mura", "--out", "{tmp}/run", "--backbone", "custom_cnn"], "s3://bkt/mura"),
+    ("train", ["--out", "s3://bkt/run"], "--out s3://bkt/run"),  # the demo: --out checked before its set is built
+    ("tune", ["--data", "s3://bkt/mura", "--out", "{tmp}/search"], "s3://bkt/mura"),
+    ("score", ["--model", "s3://bkt/model", "--input", "s3://bkt/in", "--out", "{tmp}/scores"], "--model s3://bkt/model"),
+    ("score", ["--model", "{model}", "--input", "s3://bkt/in", "--out", "{tmp}/scores"], "s3://bkt/in"),
+    ("score", ["--model", "{model}", "--input", "{model}", "--out", "s3://bkt/scores"], "--out s3://bkt/scores"),
+    ("report", ["--predictions", "s3://bkt/predictions", "--out", "{tmp}/report"], "s3://bkt/predictions"),
+])
+def test_an_unreachable_s3_endpoint_is_one_line_before_ray_starts(job, argv, named, exported_model, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Every job given an s3:// location while the endpoint does not answer: one line that names the location and
+    the endpoint, exit code 2, no traceback, and Ray not started (train's was pyarrow's traceback; score's said to
+    export the model again)."""
+    import importlib
+
+    port = _free_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the S3 location was checked")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    assert importlib.import_module(job).main([a.format(tmp=tmp_path, model=exported_model) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    line = err.splitlines()[-1]
+    assert line.startswith(f"error: {named}"), err
+    assert (f"cannot reach the S3 endpoint http://127.0.0.1:{port} (AWS_ENDPOINT_URL); check the address and the "
+            "network: ") in line, err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _HOLDER = textwrap.dedent("""
