@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone", help="any timm model name (efficientnet_b0, resnet50, densenet169, ...) or custom_cnn "
       "(default efficientnet_b0; custom_cnn for the demo)")
     a("--epochs", type=int, help="maximum epochs (default 30; 10 for the demo)")
-    a("--batch-size", type=int, help="images per worker per step (default 32)")
-    a("--lr", type=float, help="peak AdamW learning rate, cosine schedule after warm-up (default 1e-3)")
+    a("--batch-size", type=int, help="images per worker per step, at least 2 (default 32)")
+    a("--lr", type=float,
+      help="peak AdamW learning rate, cosine schedule after warm-up (default 1e-3; 3e-3 for the demo)")
     a("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     a("--warmup-epochs", type=int, help="linear warm-up epochs (default 1)")
     a("--image-size", type=int, help="input side in pixels, aspect preserved and padded (default 224; 64 demo)")
@@ -45,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="freeze the feature extractor: all, or all but its last stage (default none)")
     a("--multitask", action=_BOOL, help="train the auxiliary body-part head (default on)")
     a("--body-part-embedding", action=_BOOL, help="feed the body-part embedding to the abnormality head (default on)")
-    a("--dropout", type=float, help="dropout in the heads (default 0.3)")
+    a("--dropout", type=float, help="dropout in the heads (default 0.3; 0.2 for the demo)")
     a("--body-part-weight", type=float, help="weight of the body-part loss (default 0.5)")
     a("--loss", choices=["bce", "weighted", "focal"], help="abnormality loss (default bce)")
     a("--focal-gamma", type=float, help="focal loss gamma (default 2)")
-    a("--patience", type=int, help="early stopping: epochs without a better val loss (default 5)")
+    a("--patience", type=int, help="early stopping: epochs without a better val loss (default 5; 4 for the demo)")
     a("--num-to-keep", type=int,
       help="checkpoints kept, the best by --select-metric (default 2), plus the latest for resuming")
     a("--select-metric", choices=["val_loss", "val_auc", "val_kappa"],

@@ -270,6 +270,8 @@ class TrainConfig:
                         "body_part_weight", allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.batch_size == 1:  # batch norm cannot train on one image: every batch would be left out
+            problems.append("--batch-size must be at least 2, got 1")
         if not 0.0 < self.threshold < 1.0:
             problems.append(f"--threshold must be in (0, 1), got {self.threshold}")
         if self.image_size < 16:

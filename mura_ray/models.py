@@ -244,8 +244,11 @@ class MultiTaskNet(nn.Module):
         self.multitask = multitask
         self.freeze = freeze
         features = trunk.num_features
-        # One extra embedding row stands for "unknown" when no body-part head can fill it in.
-        self.body_part_embed = nn.Embedding(num_body_parts + 1, embed_dim) if body_part_embedding else None
+        # One extra embedding row stands for "unknown" when no body-part head can fill it in: zero ("no information")
+        # and never trained (`padding_idx`), since training rows normally all have a body part and a trained row
+        # would otherwise stay at its random initialisation.
+        self.body_part_embed = (nn.Embedding(num_body_parts + 1, embed_dim, padding_idx=num_body_parts)
+                                if body_part_embedding else None)
         in_abnormal = features + (embed_dim if body_part_embedding else 0)
         heads = {
             "abnormal": nn.Sequential(

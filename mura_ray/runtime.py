@@ -21,6 +21,10 @@ from mura_ray.config import UserError
 
 logger = logging.getLogger("mura_ray")
 
+# The jobs use Ray Train V2 (`ray.train.UserCallback`, Tune trials that build and fit a TorchTrainer), Ray's
+# default since 2.51; on an older Ray of the supported range it is opt-in. Set before anything imports ray.train.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
 
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"
 

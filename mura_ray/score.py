@@ -256,6 +256,20 @@ def _check_ingest_finished(src: str) -> None:
                             "ingest_summary.json yet): wait for it, or re-run jobs/ingest.py with --overwrite")
 
 
+def _check_input(src: str) -> None:
+    """Checked before the lock and Ray (a wrong path, refused credentials or an unreachable endpoint fail in a
+    second): the input exists, and is not a whole ingested dataset of several splits, whose train, val and test
+    images would be scored, and reported on, together."""
+    if not storage.exists(src):
+        raise UserError(f"--input {src}: no such file or folder")
+    summary = storage.join(src, "ingest_summary.json")
+    if storage.exists(summary):
+        splits = sorted(storage.read_json(summary).get("splits", {}))
+        if len(splits) > 1:
+            raise UserError(f"--input {src} is a whole ingested dataset ({', '.join(splits)}): give one split, such "
+                            f"as {storage.join(src, 'test' if 'test' in splits else splits[-1])}")
+
+
 def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
     """The input, listed lazily: every Parquet file of a split in one chunk; raw images folder by folder, in chunks
     of at least `chunk_images` paths (whole folders)."""
@@ -537,14 +551,20 @@ def _resolve_gpu(mode: str) -> bool:
 
 
 def _check_pool_fits(cfg: ScoreConfig, use_gpu: bool) -> None:
-    """A pool the cluster cannot place yet is waited for (an autoscaler may add nodes), not an error: say so."""
+    """A pool the cluster cannot place yet is waited for (an autoscaler may add nodes), not an error: say so. On a
+    local Ray this process started, which no autoscaler grows, a pool of which not one actor fits would wait
+    forever: a UserError."""
     import ray
 
-    what, need = ("GPU", float(cfg.concurrency)) if use_gpu else ("CPU", cfg.concurrency * cfg.cpus_per_actor)
-    have = ray.cluster_resources().get(what, 0.0)
-    if have < need:
-        from mura_ray.runtime import started_local_ray
+    from mura_ray.runtime import started_local_ray
 
+    what, one = ("GPU", 1.0) if use_gpu else ("CPU", cfg.cpus_per_actor)
+    need = cfg.concurrency * one
+    have = ray.cluster_resources().get(what, 0.0)
+    if have < one and started_local_ray():
+        fix = "use --gpu no to score on CPUs" if use_gpu else "lower --cpus-per-actor"
+        raise UserError(f"a scoring actor needs {one:g} {what}, this machine's Ray has {have:g} ({fix})")
+    if have < need:
         later = "never, on this local Ray" if started_local_ray() else "when an autoscaler adds nodes"
         logger.warning("The cluster has %g %s, the %d scoring actors need %g: the job scores on the actors that fit, "
                        "the others start %s.", have, what, cfg.concurrency, need, later)
@@ -721,8 +741,11 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
 
         if importlib.util.find_spec("pytorch_grad_cam") is None:
             raise UserError("--explain needs the optional extra: pip install 'mura_ray[explain]'")
-    if not storage.exists(cfg.input):  # before the lock and Ray: a wrong path, refused credentials or an unreachable
-        raise UserError(f"--input {cfg.input}: no such file or folder")  # endpoint fail in a second
+    if storage.contains(cfg.input, cfg.out) or storage.contains(cfg.out, cfg.input):
+        # --overwrite would clear the input; predictions inside the input would be read back as input next run
+        raise UserError(f"--out {cfg.out} and --input {cfg.input} overlap (the same folder, or one inside the other): "
+                        "give an --out outside the input")
+    _check_input(cfg.input)
     threshold = cfg.threshold if cfg.threshold is not None else model_threshold
     threshold_source = "cli" if cfg.threshold is not None else "model"
     lock = storage.OutputLock(cfg.out, "jobs/score.py")

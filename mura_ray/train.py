@@ -7,6 +7,7 @@ runs on rank 0 over every validation row (the val set is never split across work
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -490,12 +491,29 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
 
 # ---------------------------------------------------------------------------------------------------- driver
 def _git_version() -> str:
+    """The code's version for the model card: `0.1.0+<commit>` (`.dirty` with uncommitted changes to the package)
+    from a git checkout; elsewhere (`ray job submit` uploads the working directory without .git, an installed
+    wheel) `0.1.0+src.<hash of the package's source files>`, so that a card still names the code that made it."""
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=package).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(__file__)).stdout.strip()
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = sha and git("status", "--porcelain", "--", package)
     except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
+        sha = dirty = ""
+    if sha:
+        return f"{__version__}+{sha}" + (".dirty" if dirty else "")
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(package)):
+        for name in sorted(f for f in files if f.endswith((".py", ".yaml"))):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, package).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read() + b"\0")
+    return f"{__version__}+src.{digest.hexdigest()[:12]}"
 
 
 def default_run_dir(backbone: str) -> str:
@@ -631,7 +649,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Validate, fail fast on a bad backbone, start or attach Ray, and resolve (or build) the dataset."""
     import ray
 
-    from mura_ray.runtime import init_ray
+    from mura_ray.runtime import init_ray, started_local_ray
 
     cfg = cfg.validate()
     out = (cfg.out or default_run_dir(cfg.backbone)).removeprefix("file://")
@@ -651,6 +669,10 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
     # A given --data is checked before Ray starts (a wrong path, refused credentials or an unreachable endpoint fail
     # in a second, not after Ray's start-up); the demo set is built with Ray.
+    if cfg.data and (storage.contains(cfg.data, cfg.out) or storage.contains(cfg.out, cfg.data)):
+        # The test split is scored into RUN_DIR/test at the end, which clears that folder first
+        raise UserError(f"--out {cfg.out} and --data {cfg.data} overlap (the same folder, or one inside the other): "
+                        "give a run directory outside the dataset")
     summary = check_dataset(cfg.data) if cfg.data else None
     try:  # and so is --out (before the demo set is built, too)
         storage.probe_writable(cfg.out)
@@ -660,9 +682,12 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     check_cluster_fits(cfg)
     weights = ray.put(probe.state_dict()) if cfg.pretrained or cfg.pretrained_file else None
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes > 1 and not storage.is_remote(cfg.out):
-        logger.warning("--out %s is a local path on a cluster of %d nodes: every node must see it (a shared "
-                       "filesystem), else Ray Train cannot set up its storage; give s3://... otherwise", cfg.out, nodes)
+    if not storage.is_remote(cfg.out) and (nodes > 1 or not started_local_ray()):
+        # On an attached cluster too: an autoscaler adds the GPU nodes after this check (a head of 0 CPUs is alone
+        # at first), and without --out the default run directory is inside the job's copy of its working directory.
+        logger.warning("--out %s is a local path on a cluster (%d node(s) now): every node that runs a Train worker "
+                       "must see it (a shared filesystem), else Ray Train cannot store its checkpoints; give "
+                       "--out s3://... otherwise", cfg.out, nodes)
     if not cfg.data:
         logger.info("No --data given: training on the built-in SYNTHETIC demo radiographs (not MURA). "
                     "To train on MURA: jobs/ingest.py --source mura --root MURA-v1.1 --out DEST, then --data DEST.")

@@ -547,12 +547,12 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     """
     cfg = cfg.validate()
     _check_out(cfg.out)
+    cfg = replace(cfg, out=storage.absolute(cfg.out), data=storage.absolute(cfg.data) if cfg.data else None)
+    spec = resolve_space(cfg)
     if cfg.data:
         from mura_ray.train import check_dataset
 
         check_dataset(cfg.data)  # before the lock and Ray: a dataset the trials cannot train on fails in a second
-    cfg = replace(cfg, out=storage.absolute(cfg.out), data=storage.absolute(cfg.data) if cfg.data else None)
-    spec = resolve_space(cfg)
     experiment_id = mlflow_experiment(cfg.mlflow_uri, cfg.out) if cfg.mlflow_uri else None
     lock = storage.OutputLock(cfg.out, "jobs/tune.py", name=LOCK)
     try:  # lock.release() is a no-op when acquire() failed

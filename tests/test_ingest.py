@@ -613,3 +613,20 @@ def test_a_folder_set_without_split_folders_warns_where_its_images_go(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="mura_ray.data.ingest"):
         assert set(list_folder(str(tmp_path / "set"), None).records["split"]) == {"train"}
     assert not caplog.records
+
+
+def test_the_fingerprint_changes_with_what_the_dataset_holds():
+    """The model card's training-data fingerprint: another split assignment, label or file gives another one; the
+    order of rows does not count."""
+    import pandas as pd
+
+    from mura_ray.data.ingest import _fingerprint
+
+    good = pd.DataFrame({"split": ["train", "train", "val"], "image_id": ["a", "b", "c"],
+                         "label": pd.array([1, 0, None], dtype="Int64"), "nbytes": [10, 20, 30]})
+    base = _fingerprint(good)
+    assert _fingerprint(good.iloc[::-1]) == base
+    for column, value in [("split", "val"), ("label", 0), ("nbytes", 11), ("image_id", "z")]:
+        changed = good.copy()
+        changed.loc[0, column] = value
+        assert _fingerprint(changed) != base, column

@@ -109,6 +109,19 @@ def test_body_part_fallback_uses_prediction_when_unknown():
     assert not torch.allclose(unknown, other)
 
 
+def test_the_unknown_body_part_row_is_zero_and_never_trained():
+    """Without the auxiliary head, rows without a body part use the embedding's extra row. Training rows all have
+    one, so a trainable row would stay at its random initialisation: it is zero and gets no gradient."""
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", multitask=False).train()
+    unknown = model.body_part_embed.weight[model.num_body_parts]
+    assert torch.count_nonzero(unknown) == 0
+    out = model(torch.randn(4, 1, 32, 32), torch.tensor([0, 3, -1, 6]))["abnormal"]
+    out.sum().backward()
+    grad = model.body_part_embed.weight.grad
+    assert torch.count_nonzero(grad[model.num_body_parts]) == 0 and torch.count_nonzero(grad[3]) > 0
+
+
 def test_switches_turn_off_embedding_and_aux_head():
     model = build_model("custom_cnn", multitask=False, body_part_embedding=False).eval()
     out = model(torch.randn(2, 1, 32, 32))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -416,7 +417,8 @@ def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, 
 
 
 def test_unusable_out_is_a_one_line_error(exported_model, tmp_path, capsys):
-    model = ["--model", str(exported_model), "--input", str(tmp_path)]
+    (tmp_path / "in").mkdir()
+    model = ["--model", str(exported_model), "--input", str(tmp_path / "in")]
     (tmp_path / "a_file").write_text("not a folder")
     assert score_job.main([*model, "--out", str(tmp_path / "a_file")]) == 2
     assert "cannot write there" in _one_error_line(capsys.readouterr().err)
@@ -424,6 +426,60 @@ def test_unusable_out_is_a_one_line_error(exported_model, tmp_path, capsys):
     (tmp_path / "other_job" / "manifest.json").write_text("{truncated")
     assert score_job.main([*model, "--out", str(tmp_path / "other_job")]) == 2
     assert "manifest.json is not valid JSON" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "above"])
+def test_an_out_overlapping_the_input_is_refused(where, exported_model, tmp_path, capsys, monkeypatch):
+    """--overwrite would clear the input; predictions inside it would be read back as input by the next run."""
+    monkeypatch.setattr("mura_ray.runtime.init_ray", _no_ray)
+    src = tmp_path / "archive"
+    src.mkdir()
+    out = {"same": src, "inside": src / "scores", "above": tmp_path}[where]
+    assert score_job.main(["--model", str(exported_model), "--input", str(src), "--out", str(out)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"error: --out {out} and --input {src} overlap (the same folder, or one inside the other): give an --out "
+        "outside the input")
+    assert sorted(p.name for p in src.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["archive"]
+
+
+def test_a_whole_ingested_dataset_as_input_is_refused(exported_model, tmp_path, capsys, monkeypatch):
+    """Its train, val and test images would be scored, and reported on, together: give one split."""
+    monkeypatch.setattr("mura_ray.runtime.init_ray", _no_ray)
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "ingest_summary.json").write_text(json.dumps({"splits": {"train": {}, "val": {}, "test": {}}}))
+    assert score_job.main(["--model", str(exported_model), "--input", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"error: --input {data} is a whole ingested dataset (test, train, val): give one split, such as {data}/test")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_pool_of_which_no_actor_fits_a_local_ray_is_refused(monkeypatch, caplog):
+    """A pool Ray cannot place waits for an autoscaler; on a local Ray this process started none comes, and the job
+    hung: refused when not one actor fits, a warning when only some do."""
+    import ray
+
+    from mura_ray import runtime
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    cfg = ScoreConfig(models=("m",), input="i", out="o", concurrency=2, cpus_per_actor=3)
+    for started, gpu, cpus, refused in [(True, True, 3, "a scoring actor needs 1 GPU, this machine's Ray has 0 "
+                                                       "(use --gpu no to score on CPUs)"),
+                                        (True, False, 6, "a scoring actor needs 6 CPU, this machine's Ray has 4 "
+                                                         "(lower --cpus-per-actor)"),
+                                        (False, True, 3, None), (True, False, 3, None)]:
+        monkeypatch.setattr(runtime, "_started_local", started)
+        caplog.clear()
+        if refused:
+            with pytest.raises(UserError, match=re.escape(refused)):
+                score_lib._check_pool_fits(replace(cfg, cpus_per_actor=cpus), gpu)
+        else:
+            score_lib._check_pool_fits(replace(cfg, cpus_per_actor=cpus), gpu)
+            assert "the job scores on the actors that fit" in caplog.text
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started before the input and output were checked")
 
 
 _DENIED = "access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy): When "
@@ -498,7 +554,9 @@ def test_corrupt_input_parquet_is_a_one_line_error(ray_cluster, exported_model, 
 
 
 def _committed_output(out: Path, model_ids: list[str], src: str, **recorded) -> None:
-    """An --out with one committed part (its content does not matter to the checks) and a manifest."""
+    """An --out with one committed part (its content does not matter to the checks) and a manifest; `src`, the
+    input recorded, exists (an empty folder)."""
+    Path(src).mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(parents=True)
     pq.write_table(score_lib.PREDICTION_SCHEMA.empty_table(), out / "predictions" / "part-000000-0000.parquet")
     manifest = {"version": 1, "input": src, "models": [], "model_ids": model_ids,

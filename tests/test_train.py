@@ -176,6 +176,41 @@ def test_bad_flags_are_one_line_errors(capsys):
     assert "no such dataset" in capsys.readouterr().err
     assert train_job.main(["--pretrained"]) == 2  # the demo trains custom_cnn
     assert "custom_cnn is trained from scratch" in capsys.readouterr().err
+    assert train_job.main(["--batch-size", "1"]) == 2  # batch norm leaves every one-image batch out: nothing trains
+    assert capsys.readouterr().err.strip() == "error: --batch-size must be at least 2, got 1"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "above"])
+def test_an_out_overlapping_the_dataset_is_refused_before_ray_starts(where, tmp_path, capsys, monkeypatch):
+    """The test split is scored into RUN_DIR/test at the end of a run, which clears that folder: with --out the
+    dataset's folder, that deleted the ingested test split."""
+    monkeypatch.setattr("mura_ray.runtime.init_ray", _no_ray)
+    data = tmp_path / "ds"
+    out = {"same": data, "inside": data / "runs" / "r1", "above": tmp_path}[where]
+    assert train_job.main(["--data", str(data), "--out", str(out), "--backbone", "custom_cnn", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --out {out} and --data {data} overlap (the same folder, or one inside the other): give a run "
+        "directory outside the dataset")
+
+
+def test_the_code_version_names_the_source_without_git(monkeypatch):
+    """`ray job submit` uploads the working directory without .git: the model card's code version is then a hash
+    of the package's sources, not the bare version number."""
+    import subprocess
+
+    from mura_ray import __version__
+    from mura_ray.train import _git_version
+
+    in_git = _git_version()
+    assert in_git.startswith(f"{__version__}+") and "+src." not in in_git  # this checkout
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    without = _git_version()
+    assert without.startswith(f"{__version__}+src.") and len(without.split("+src.")[1]) == 12
+    assert _git_version() == without
 
 
 def test_recipe_values_are_type_checked(tmp_path, capsys):

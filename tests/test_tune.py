@@ -37,6 +37,18 @@ def _write(path, text: str) -> str:
     return str(path)
 
 
+def _ingested(folder) -> str:
+    """A folder that passes the search's --data check (an ingest summary with labelled train and val splits) for
+    tests that stop before any trial reads it."""
+    from mura_ray.data.ingest import LAYOUT_VERSION, SUMMARY_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    split = {"images": 8, "positive_rate": 0.5}
+    (folder / SUMMARY_FILE).write_text(json.dumps({"splits": {"train": split, "val": split},
+                                                   "layout_version": LAYOUT_VERSION}))
+    return str(folder)
+
+
 def _release_leftover_placement_groups() -> None:
     """Remove the placement groups that trials cut short leave reserved when several Ray instances share a machine.
 
@@ -148,7 +160,7 @@ def test_bad_space_file_exits_2(tmp_path, capsys):
     import tune as tune_job
 
     space = _write(tmp_path / "bad.yaml", "learning_rate: 0.1\n")
-    rc = tune_job.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--space", space])
+    rc = tune_job.main(["--data", _ingested(tmp_path / "data"), "--out", str(tmp_path / "out"), "--space", space])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --space") and "learning_rate" in err[0]
     assert tune_job.main(["--space", str(tmp_path / "missing.yaml")]) == 2
@@ -217,8 +229,8 @@ def test_a_search_that_cannot_be_placed_exits_2_before_writing(tmp_path, monkeyp
     monkeypatch.setattr(train, "resolve_data", resolve_data)
     out = tmp_path / "search"
     space = _write(tmp_path / "space.yaml", "batch_size: 16\n")
-    rc = tune_job.main(["--data", str(tmp_path), "--out", str(out), "--space", space, "--backbones", "custom_cnn",
-                        "--gpu", "yes"])
+    rc = tune_job.main(["--data", _ingested(tmp_path / "data"), "--out", str(out), "--space", space,
+                        "--backbones", "custom_cnn", "--gpu", "yes"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["error: --workers-per-trial 1 with --gpu yes needs 1 GPU(s) per trial, the cluster "
                                "has 0 (use --gpu no to train on CPUs)"]
@@ -230,7 +242,7 @@ def test_out_that_cannot_be_written_or_is_a_bucket_exits_2(no_cluster, tmp_path,
 
     (tmp_path / "a-file").write_text("not a folder")
     space = _write(tmp_path / "space.yaml", "batch_size: 16\n")
-    argv = ["--data", str(tmp_path), "--space", space, "--backbones", "custom_cnn"]
+    argv = ["--data", _ingested(tmp_path / "data"), "--space", space, "--backbones", "custom_cnn"]
     assert tune_job.main([*argv, "--out", str(tmp_path / "a-file" / "search")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --out {tmp_path / 'a-file' / 'search'}: cannot write there (")
@@ -249,7 +261,7 @@ def test_one_search_at_a_time_writes_an_out(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "search"
     space = _write(tmp_path / "space.yaml", "batch_size: 16\n")
-    argv = ["--data", str(tmp_path), "--out", str(out), "--space", space, "--backbones", "custom_cnn"]
+    argv = ["--data", _ingested(tmp_path / "data"), "--out", str(out), "--space", space, "--backbones", "custom_cnn"]
     held = []
 
     def init_ray(*args, **kwargs):  # the first cluster work: the lock is this search's by then
@@ -298,7 +310,7 @@ def fake_search(ray_cluster, tmp_path, monkeypatch):
     import mura_ray.tune as tune_module
 
     space = _write(tmp_path / "space.yaml", "lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
-    cfg = TuneConfig(data=str(tmp_path / "data"), out=str(tmp_path / "search"), space=space,
+    cfg = TuneConfig(data=_ingested(tmp_path / "data"), out=str(tmp_path / "search"), space=space,
                      backbones=("custom_cnn", "resnet18"), num_samples=2, epochs=2, gpu="no", seed=3)
 
     def run(results):

@@ -528,6 +528,15 @@ def _file_chunks(df: pd.DataFrame, max_rows: int, max_bytes: int) -> list[pd.Dat
     return [df.iloc[a:b].assign(file=k) for k, (a, b) in enumerate(bounds)]
 
 
+def _fingerprint(good: pd.DataFrame) -> str:
+    """What a dataset holds, in 16 hex digits: every image's split, id, label and size in bytes (another split
+    assignment, relabelled or re-encoded images give another fingerprint; the order of rows does not count)."""
+    rows = sorted(f"{s}\t{i}\t{lab}\t{n}" for s, i, lab, n in
+                  zip(good["split"], good["image_id"], good["label"].astype("string").fillna(""), good["nbytes"],
+                      strict=True))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
 def ingest(cfg: IngestConfig) -> dict[str, Any]:
     """Run the whole ingestion; returns the summary written to `ingest_summary.json`.
 
@@ -621,7 +630,7 @@ def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage
         "splits": summarize(good),
         "val_fraction": cfg.val_fraction if cfg.source == "mura" else None,
         "seed": cfg.seed,
-        "fingerprint": hashlib.sha256("".join(sorted(good["image_id"])).encode()).hexdigest()[:16],
+        "fingerprint": _fingerprint(good),
         "width_median": int(np.median(good["width"])),
         "height_median": int(np.median(good["height"])),
     }
