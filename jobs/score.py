@@ -69,8 +69,10 @@ def _run(args: argparse.Namespace) -> int:
         chunk_images=args.chunk_images, explain=args.explain, amp=not args.no_amp,
     )
     summary = score(cfg)
-    print(f"scored {summary['scored']} images, skipped {summary['skipped_already_done']} already done, "
-          f"failed {summary['failed']}; predictions: {summary['predictions']}")
+    repeated = summary["skipped_duplicates"]
+    print(f"scored {summary['scored']} images, skipped {summary['skipped_already_done']} already done"
+          + (f" and {repeated} repeated in the input" if repeated else "")
+          + f", failed {summary['failed']}; predictions: {summary['predictions']}")
     if "report" in summary:
         print(f"report: {summary['report']}")
     return 0

@@ -258,13 +258,13 @@ def _check_ingest_finished(src: str) -> None:
 
 def _check_input(src: str) -> None:
     """Checked before the lock and Ray (a wrong path, refused credentials or an unreachable endpoint fail in a
-    second): the input exists, and is not a whole ingested dataset of several splits, whose train, val and test
-    images would be scored, and reported on, together."""
+    second): the input exists, and is not an ingested dataset's folder holding several splits, whose train, val
+    and test images would be scored, and reported on, together (a folder with one split scores that split)."""
     if not storage.exists(src):
         raise UserError(f"--input {src}: no such file or folder")
     summary = storage.join(src, "ingest_summary.json")
     if storage.exists(summary):
-        splits = sorted(storage.read_json(summary).get("splits", {}))
+        splits = sorted(s for s in storage.read_json(summary).get("splits", {}) if storage.is_dir(storage.join(src, s)))
         if len(splits) > 1:
             raise UserError(f"--input {src} is a whole ingested dataset ({', '.join(splits)}): give one split, such "
                             f"as {storage.join(src, 'test' if 'test' in splits else splits[-1])}")
@@ -309,14 +309,24 @@ def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
 
 
 def _raw_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
-    """Ray Data task: read raw image files into the input columns (unreadable files carry an error)."""
+    """Ray Data task: read raw image files into the input columns.
+
+    A file that cannot be read for what it is (gone since the listing, no permission) carries an error, committed
+    as its row: a re-run skips it like any scored image. S3 unreachable, throttling or failing (`storage.transient`)
+    is no fault of the file's: the run stops with one line instead, keeping what it committed, so that the next run
+    scores these images rather than leaving them marked failed for good.
+    """
     from mura_ray.data.ingest import image_id_for
 
     images, errors = [], []
     for rel in batch["path"]:
+        uri = storage.join(root, rel)
         try:
-            images.append(storage.read_bytes(storage.join(root, rel))), errors.append(None)
+            images.append(storage.read_bytes(uri)), errors.append(None)
         except OSError as e:
+            if storage.transient(e):
+                raise UserError(f"cannot read {uri} now ({first_line(e)}); the chunks committed so far are kept: run "
+                                "the same command again to score the rest") from None
             images.append(b""), errors.append(f"cannot read file: {e}")
     parts = [
         next((p[3:] for p in rel.split("/")[:-1] if p.startswith("XR_") and p[3:] in BODY_PARTS), None)
@@ -481,23 +491,57 @@ def _commit_chunk(out: str, staging: str, seq: int) -> tuple[list[str], int]:
 
 class _Committer:
     """Cuts the stream of prediction tables into committed chunks of exactly `chunk_images` rows (the last one
-    smaller), staged as Parquet parts of at most `rows_per_file` rows, then moved and listed in the manifest."""
+    smaller), staged as Parquet parts of at most `rows_per_file` rows, then moved and listed in the manifest.
+
+    Every image id is committed once: a row whose id this run has already taken (an input that holds an image
+    twice, in one chunk or across chunks) is dropped and counted in `duplicates`, the first kept; a row whose id was
+    committed by an earlier run (`done`, sorted keys), which the input's filter should have dropped, stops the run
+    before its chunk is committed.
+    """
 
     def __init__(self, out: str, manifest: dict[str, Any], seq: int, chunk_images: int, rows_per_file: int,
-                 lock: storage.OutputLock):
+                 lock: storage.OutputLock, done: np.ndarray | None = None):
         self.out, self.manifest, self.seq, self.lock = out, manifest, seq, lock
         self.chunk_images, self.rows_per_file = chunk_images, rows_per_file
         self.buffer: list[pa.Table] = []
         self.buffered = self.chunk_rows = self.chunk_errors = self.scored = self.failed = 0
         self.staging = self._new_staging()
         self.staged = 0
+        self.done = np.zeros(0, dtype=np.uint64) if done is None else done
+        self.seen: set[int] = set()
+        self.duplicates = 0
+        self.duplicate_ids: list[str] = []  # the first few, for the log
 
     def _new_staging(self) -> str:
         return storage.join(self.out, "_staging", uuid.uuid4().hex)
 
+    def _first_sightings(self, table: pa.Table) -> pa.Table:
+        """`table` without the rows whose image id this run has already taken (counted in `duplicates`)."""
+        ids = table["image_id"].to_pylist()
+        keys = image_key(ids)
+        if len(self.done):
+            at = np.minimum(np.searchsorted(self.done, keys), len(self.done) - 1)
+            again = np.flatnonzero(self.done[at] == keys)
+            if len(again):
+                raise RuntimeError(f"image {ids[again[0]]} was scored again although an earlier run committed it; "
+                                   "this chunk was not committed (a re-run scores what is missing)")
+        keep = np.ones(len(ids), dtype=bool)
+        for i, key in enumerate(keys.tolist()):
+            if key in self.seen:
+                keep[i] = False
+                if len(self.duplicate_ids) < 5:
+                    self.duplicate_ids.append(ids[i])
+            else:
+                self.seen.add(key)
+        if keep.all():
+            return table
+        self.duplicates += int((~keep).sum())
+        return table.filter(pa.array(keep))
+
     def add(self, table: pa.Table) -> None:
         import pyarrow.compute as pc
 
+        table = self._first_sightings(table)
         while table.num_rows:
             head = table.slice(0, min(self.chunk_images - self.chunk_rows, self.rows_per_file - self.buffered))
             table = table.slice(head.num_rows)
@@ -776,7 +820,7 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold, "amp": cfg.amp}
     started = time.perf_counter()
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
-    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file, lock)
+    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file, lock, done=_get(done_ref))
     total = 0
     skipped_refs = []
     # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw
@@ -792,11 +836,16 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
         for table in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(table)
     committer.commit()
-    scored, failed = committer.scored, committer.failed
+    scored, failed, repeated = committer.scored, committer.failed, committer.duplicates
     skipped = sum(_get(skipped_refs))
-    if scored + failed + skipped != total:
+    if repeated:
+        logger.warning("--input %s holds %d image(s) more than once (the same image_id: %s%s); each was scored once, "
+                       "the first seen kept", cfg.input, repeated, ", ".join(committer.duplicate_ids),
+                       ", ..." if repeated > len(committer.duplicate_ids) else "")
+    if scored + failed + skipped + repeated != total:
         raise RuntimeError(f"{cfg.input}: {total} input images, but {scored} scored + {failed} failed + {skipped} "
-                           f"already done = {scored + failed + skipped}: rows went missing between reading and "
+                           f"already done + {repeated} repeated = {scored + failed + skipped + repeated}: rows "
+                           "went missing between reading and "
                            "committing (what was committed is sound; a re-run scores the missing images)")
     n_rows, duplicates = _get(ray.remote(_check_committed).options(num_cpus=0.25).remote(
         cfg.out, sorted(manifest["parts"]), sorted(set(manifest["parts"]) - parts_before)))
@@ -805,7 +854,8 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
                            f"{manifest.get('n_rows', 0)}), duplicated image ids: {duplicates or 'none'}")
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
-        "scored": scored, "skipped_already_done": skipped, "failed": failed, "seconds": round(elapsed, 2),
+        "scored": scored, "skipped_already_done": skipped, "skipped_duplicates": repeated, "failed": failed,
+        "seconds": round(elapsed, 2),
         "predictions": storage.join(cfg.out, PREDICTIONS), "n_rows_total": manifest.get("n_rows", 0),
     }
     if cfg.report and manifest.get("n_rows"):

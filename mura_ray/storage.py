@@ -98,6 +98,17 @@ def unreachable(e: BaseException) -> str | None:
     return f"cannot reach {where}; check the address and the network: {line}"
 
 
+# S3 busy or failing (after the AWS SDK's own retries): another try later may well succeed.
+_TRANSIENT = re.compile(r"AWS Error (?:NETWORK_CONNECTION|SLOW_DOWN|THROTTLING|SERVICE_UNAVAILABLE|INTERNAL_FAILURE"
+                        r"|REQUEST_TIMEOUT|REQUEST_TIME_TOO_SKEWED|UNKNOWN \(HTTP status (?:429|5\d\d)\)) during ")
+
+
+def transient(e: BaseException) -> bool:
+    """Whether an S3 error is the service's or the network's for now (unreachable, throttled, a 5xx), not the
+    object's: a later run may read what this one could not."""
+    return isinstance(e, OSError) and bool(_TRANSIENT.search((str(e).strip().splitlines() or [""])[0]))
+
+
 def s3_problem(e: BaseException) -> str | None:
     """`access_denied` or `unreachable`: an S3 error that is the credentials', the permissions' or the endpoint's,
     not the data's; None for any other error."""

@@ -370,9 +370,10 @@ def test_overwrite_never_deletes_what_another_run_holds(exported_model, tmp_path
     out = tmp_path / "scored"
     holder = storage.OutputLock(str(out), "another run").acquire()
     (out / "manifest.json").write_text("{}")
+    (tmp_path / "in").mkdir()
     try:
         with pytest.raises(UserError, match="is being written by another run"):
-            score_lib.score(ScoreConfig(models=(str(exported_model),), input=str(tmp_path), out=str(out)),
+            score_lib.score(ScoreConfig(models=(str(exported_model),), input=str(tmp_path / "in"), out=str(out)),
                             overwrite=True)
         assert sorted(p.name for p in out.iterdir()) == ["_lock.json", "manifest.json"]
     finally:
@@ -448,6 +449,8 @@ def test_a_whole_ingested_dataset_as_input_is_refused(exported_model, tmp_path, 
     data = tmp_path / "ds"
     data.mkdir()
     (data / "ingest_summary.json").write_text(json.dumps({"splits": {"train": {}, "val": {}, "test": {}}}))
+    for split in ("train", "val", "test"):
+        (data / split).mkdir()
     assert score_job.main(["--model", str(exported_model), "--input", str(data), "--out", str(tmp_path / "o")]) == 2
     assert _one_error_line(capsys.readouterr().err) == (
         f"error: --input {data} is a whole ingested dataset (test, train, val): give one split, such as {data}/test")
@@ -476,6 +479,36 @@ def test_a_pool_of_which_no_actor_fits_a_local_ray_is_refused(monkeypatch, caplo
         else:
             score_lib._check_pool_fits(replace(cfg, cpus_per_actor=cpus), gpu)
             assert "the job scores on the actors that fit" in caplog.text
+
+
+def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(tmp_path, monkeypatch):
+    """An error row is committed, and a re-run skips it: for a file that is gone or forbidden that is right, for
+    S3 unreachable or throttling it would leave the image failed for good. Those stop the run (one line, what was
+    committed kept) so that the next run scores the image."""
+    import pandas as pd
+
+    errors = {
+        "gone.png": FileNotFoundError("[Errno 2] No such file or directory"),
+        "forbidden.png": OSError("When reading information for key 'a/forbidden.png' in bucket 'b': AWS Error "
+                                 "ACCESS_DENIED during HeadObject operation: No response body."),
+        "unreachable.png": OSError("When reading information for key 'a/unreachable.png' in bucket 'b': AWS Error "
+                                   "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect"),
+        "throttled.png": OSError("When reading information for key 'a/throttled.png' in bucket 'b': AWS Error "
+                                 "SLOW_DOWN during GetObject operation: Please reduce your request rate."),
+        "failing.png": OSError("When reading information for key 'a/failing.png' in bucket 'b': AWS Error "
+                               "UNKNOWN (HTTP status 503) during GetObject operation: Service Unavailable"),
+    }
+
+    def read_bytes(uri):
+        raise errors[uri.rsplit("/", 1)[-1]]
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    rows = score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", "x/forbidden.png"]}), str(tmp_path))
+    assert [e.split(":")[0] for e in rows["error"]] == ["cannot read file", "cannot read file"]
+    for name in ("unreachable.png", "throttled.png", "failing.png"):
+        with pytest.raises(UserError, match=rf"^cannot read {re.escape(str(tmp_path))}/x/{name} now \(.*run the "
+                                            "same command again to score the rest$"):
+            score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", f"x/{name}"]}), str(tmp_path))
 
 
 def _no_ray(*args, **kwargs):
@@ -632,8 +665,9 @@ def test_a_second_run_into_an_out_in_use_is_refused(exported_model, tmp_path, ca
     """Two runs into one --out would both clean, number and commit parts there: the second is refused, untouched."""
     out = tmp_path / "scored"
     holder = storage.OutputLock(str(out), "jobs/score.py (the nightly run)").acquire()
+    (tmp_path / "in").mkdir()
     try:
-        assert score_job.main(["--model", str(exported_model), "--input", str(tmp_path), "--out", str(out)]) == 2
+        assert score_job.main(["--model", str(exported_model), "--input", str(tmp_path / "in"), "--out", str(out)]) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert f"{out} is being written by another run (jobs/score.py (the nightly run) on" in line, line
         assert "wait for it to finish" in line
@@ -838,6 +872,29 @@ def test_duplicates_across_committed_chunks_are_detected(exported_model, tmp_pat
     with pytest.raises(RuntimeError, match="duplicated image ids"):
         score_job.main(args)
     assert not load_predictions(str(tmp_path / "o"))["image_id"].is_unique
+
+
+def test_an_input_holding_an_image_twice_is_scored_once(exported_model, mura_dataset, tmp_path, capsys):
+    """The same image ids in two input files (so in different committed chunks): each committed once, the repeats
+    counted and said, the output unique before it is committed, the manifest's count right; a re-run has nothing
+    left to score."""
+    src = tmp_path / "twice"
+    src.mkdir()
+    first = sorted(Path(mura_dataset, "test").glob("*.parquet"))[0]
+    shutil.copy(first, src / "a.parquet")
+    shutil.copy(first, src / "b.parquet")
+    n = pq.read_metadata(first).num_rows
+    out = tmp_path / "o"
+    args = ["--model", str(exported_model), "--input", str(src), "--out", str(out), "--chunk-size", "8",
+            "--no-report"]
+    assert score_job.main(args) == 0
+    assert f"scored {n} images, skipped 0 already done and {n} repeated in the input, failed 0;" in \
+        capsys.readouterr().out
+    predictions = load_predictions(str(out))
+    assert len(predictions) == n and predictions["image_id"].is_unique
+    assert json.loads((out / "manifest.json").read_text())["n_rows"] == n
+    assert score_job.main(args) == 0
+    assert f"scored 0 images, skipped {2 * n} already done, failed 0;" in capsys.readouterr().out
 
 
 @pytest.mark.slow
