@@ -384,7 +384,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The input starts now, while the model is built, and runs on through every epoch left. A resumed run (or a
     # restarted worker) reads the dataset's passes from the first again: its epochs take the first passes' orders.
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = _validation(loop_config["val_input"]) if rank == 0 else None
     start = state["epoch"] + 1 if state is not None else 0  # as setup_training resumes
     stream = EpochStream(lambda: _iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start,
                          rows_per_epoch=loop_config["epoch_rows"])
@@ -392,6 +392,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _train(cfg, loop_config, state, stream, val_shard, device, rank, world, start)
     finally:
         stream.close()
+
+
+def _validation(val_input: dict[str, Any]):
+    """Rank 0's validation dataset (every row, in order), its read-and-decode tasks kept on rank 0's node.
+
+    They reserve no CPU (see `build_trainer`), and a task that reserves none can be placed on any node: with Ray
+    Data's default SPREAD, the read and decode of validation images landed on every node in turn, the head of a
+    cluster too (0 CPUs in cluster/, so that nothing runs beside the GCS there). A soft affinity keeps them beside
+    the worker that consumes them (their images cross no network), and lets them run elsewhere if that node goes.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return build_input(**val_input, train=False, scheduling_strategy=here)
 
 
 def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] | None, stream: EpochStream,
@@ -745,9 +760,10 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     datasets = {
         "train": build_input(run.data, "train", image_size=cfg.image_size, mean=run.mean, std=run.std, train=True,
                              batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs),
-        "val": build_input(run.data, "val", image_size=cfg.image_size, mean=run.mean, std=run.std, train=False,
-                           batch_size=cfg.batch_size, num_cpus=0, max_tasks=max(2, spare)),
     }
+    # Validation is built by rank 0 (`_validation`), to keep its tasks on rank 0's node; not split, every row.
+    val_input = {"data": run.data, "split": "val", "image_size": cfg.image_size, "mean": run.mean, "std": run.std,
+                 "batch_size": cfg.batch_size, "num_cpus": 0, "max_tasks": max(2, spare)}
     storage_fs, storage_path = storage.resolve(cfg.out)
     run_config = ray.train.RunConfig(
         name=os.path.basename(storage_path.rstrip("/")),
@@ -764,7 +780,8 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary), "weights": run.weights,
-                           "epoch_rows": train_rows // cfg.workers},  # Ray Train's shards are equal
+                           "epoch_rows": train_rows // cfg.workers,  # Ray Train's shards are equal
+                           "val_input": val_input},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=_use_gpu(cfg.gpu), resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),

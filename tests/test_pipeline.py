@@ -94,6 +94,25 @@ def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_clu
     assert sum(len(b["ok"]) for b in ds.iter_batches(batch_size=None)) == split_rows(mura_dataset, "train")
     operators = [line for line in ds.stats().splitlines() if line.startswith("Operator")]
     assert len(operators) == 1 and "ReadParquet->MapBatches(preprocess_slices)" in operators[0], operators
+    # Placed as rank 0 places validation (`train._validation`: a soft affinity to its node): every task carries the
+    # strategy, the operators fuse as without it (a one-file split: read, then decode tasks), every row.
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    for split in ("train", "val"):
+        ds = build_input(mura_dataset, split, image_size=32, mean=0.5, std=0.25, train=False, batch_size=8,
+                         num_cpus=0, max_tasks=2, scheduling_strategy=here)
+        ops, stack = [], [ds._logical_plan.dag]
+        while stack:
+            ops.append(stack.pop())
+            stack.extend(ops[-1].input_dependencies)
+        tasks = [op for op in ops if op.name.startswith(("ReadParquet", "MapBatches"))]  # the rest runs in these
+        assert len(tasks) == 2 and all(op.ray_remote_args.get("scheduling_strategy") is here for op in tasks), \
+            [(op.name, op.ray_remote_args) for op in ops]
+        assert sum(len(b["ok"]) for b in ds.iter_batches(batch_size=None)) == split_rows(mura_dataset, split)
+        operators = [line for line in ds.stats().splitlines() if line.startswith("Operator")]
+        assert len(operators) == (1 if split == "train" else 2), operators
     # A one-file split trained on (an older ingest's layout): its passes are the one file read again.
     ds = build_input(mura_dataset, "val", image_size=32, mean=0.5, std=0.25, train=True, batch_size=8, passes=3)
     assert ds.count() == 3 * split_rows(mura_dataset, "val")

@@ -182,7 +182,7 @@ def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
 
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
                 num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, passes: int = 1,
-                files: list[str] | None = None, max_tasks: int | None = None):
+                files: list[str] | None = None, max_tasks: int | None = None, scheduling_strategy: Any = None):
     """The streaming dataset a Train worker consumes for `split`, in blocks of at most `batch_size` rows.
 
     A split of several files (ingest writes at most `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is
@@ -208,11 +208,15 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     `num_cpus` is each read-and-decode task's CPU reservation, `max_tasks` caps how many run at once (None: as many
     as Ray Data's budget allows; give it with `num_cpus=0`, see `mura_ray.train.build_trainer`): every stage of the
     dataset then runs in those tasks.
+    `scheduling_strategy` (a Ray scheduling strategy) places every task of the dataset (see `train._validation`).
     """
     from ray.data import TaskPoolStrategy
 
     kwargs = {"image_size": image_size, "mean": mean, "std": std, "train": train}
     limits = {} if max_tasks is None else {"concurrency": max_tasks}
+    placed = {} if scheduling_strategy is None else {"scheduling_strategy": scheduling_strategy}
+    if placed:
+        limits["ray_remote_args"] = placed
     compute = TaskPoolStrategy(size=max_tasks)
     if files is None:
         files = split_files(data, split)
@@ -221,14 +225,14 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     if len(set(files)) <= 1:
         ds = read_split(data, split, TRAIN_COLUMNS, files=files or None, num_cpus=num_cpus, **limits)
         return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
-                              compute=compute, fn_kwargs=kwargs)
+                              compute=compute, fn_kwargs=kwargs, **placed)
     # The read's CPUs are the decode's: operators with different resources would not fuse.
     ds = read_split(data, split, TRAIN_COLUMNS, files=files, override_num_blocks=len(files), num_cpus=num_cpus,
                     **limits)
     ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
     ds = ds.map_batches(
         preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=num_cpus, compute=compute,
-        fn_kwargs={"rows": batch_size, **kwargs},
+        fn_kwargs={"rows": batch_size, **kwargs}, **placed,
     )
     if max_tasks is not None:
         # The re-blocking would not fuse with tasks of a capped pool or of another CPU reservation: it would run as
