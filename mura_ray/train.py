@@ -401,12 +401,16 @@ def _validation(val_input: dict[str, Any]):
     Data's default SPREAD, the read and decode of validation images landed on every node in turn, the head of a
     cluster too (0 CPUs in cluster/, so that nothing runs beside the GCS there). A soft affinity keeps them beside
     the worker that consumes them (their images cross no network), and lets them run elsewhere if that node goes.
+    At most as many at once as the node has CPUs (`max_tasks` counts the cluster's spare CPUs).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return build_input(**val_input, train=False, scheduling_strategy=here)
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("NodeID") == node), 0)
+    max_tasks = max(2, min(val_input["max_tasks"], int(cpus)))
+    here = NodeAffinitySchedulingStrategy(node, soft=True)
+    return build_input(**{**val_input, "max_tasks": max_tasks}, train=False, scheduling_strategy=here)
 
 
 def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] | None, stream: EpochStream,
