@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help="run directory, local or s3:// (default runs/<backbone>-<time>); re-using one resumes it")
     a("--backbone", help="any timm model name (efficientnet_b0, resnet50, densenet169, ...) or custom_cnn "
       "(default efficientnet_b0; custom_cnn for the demo)")
-    a("--epochs", type=int, help="maximum epochs (default 30; 10 for the demo)")
+    a("--epochs", type=int, help="maximum epochs (default 30; 15 for the demo)")
     a("--batch-size", type=int, help="images per worker per step, at least 2 (default 32)")
     a("--lr", type=float,
       help="peak AdamW learning rate, cosine schedule after warm-up (default 1e-3; 3e-3 for the demo)")
