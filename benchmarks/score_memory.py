@@ -1,8 +1,9 @@
 """Scoring driver memory: peak RSS of the `jobs/score.py` driver process scoring N and then 4N raw images.
 
-Bulk scoring of an archive must not hold per-image state on the driver: raw paths are listed at most 200,000 ahead,
-the already-scored set lives in a Ray task, predictions stream through the driver and are committed chunk by
-chunk (the sizes here stay below the listing bound). Each
+Bulk scoring of an archive must not hold per-image state on the driver beyond 8 bytes an image (the keys of the ids
+this run committed, checked so that no id is committed twice): raw paths are listed at most 200,000 ahead, the
+already-scored set lives in a Ray task, predictions stream through the driver and are committed chunk by chunk
+(the sizes here stay below the listing bound). Each
 size runs `jobs/score.py` in a fresh process (its own local Ray) with the same chunk size, so 4N images means 4x
 the chunks; a thread samples the driver's resident memory (the driver only, not the Ray workers). Prints one JSON
 line with both peaks and their ratio (target: no growth beyond noise, ratio close to 1).

@@ -264,7 +264,12 @@ def _check_input(src: str) -> None:
         raise UserError(f"--input {src}: no such file or folder")
     summary = storage.join(src, "ingest_summary.json")
     if storage.exists(summary):
-        splits = sorted(s for s in storage.read_json(summary).get("splits", {}) if storage.is_dir(storage.join(src, s)))
+        try:
+            listed = dict(storage.read_json(summary).get("splits", {}))
+        except (ValueError, TypeError, AttributeError):
+            raise UserError(f"--input {src}: its ingest_summary.json is not an ingest summary; give a split of an "
+                            "ingested dataset, or a folder of images") from None
+        splits = sorted(s for s in listed if storage.is_dir(storage.join(src, s)))
         if len(splits) > 1:
             raise UserError(f"--input {src} is a whole ingested dataset ({', '.join(splits)}): give one split, such "
                             f"as {storage.join(src, 'test' if 'test' in splits else splits[-1])}")
@@ -308,13 +313,20 @@ def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
         yield Chunk(image_files=tuple(sorted(pending)), root=src)
 
 
+RETRY_LATER = "cannot read now: "
+"""How `_raw_rows` marks a row whose file S3 could not serve now: the run stops on it, its chunk not committed."""
+
+
 def _raw_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
     """Ray Data task: read raw image files into the input columns.
 
-    A file that cannot be read for what it is (gone since the listing, no permission) carries an error, committed
-    as its row: a re-run skips it like any scored image. S3 unreachable, throttling or failing (`storage.transient`)
-    is no fault of the file's: the run stops with one line instead, keeping what it committed, so that the next run
-    scores these images rather than leaving them marked failed for good.
+    A file that cannot be read for what it is (gone since the listing, a local permission) carries an error,
+    committed as its row: a re-run skips it like any scored image. S3 unreachable, throttling or failing
+    (`storage.transient`), or refusing the request (`storage.access_denied`: also what credentials that expired
+    mid-run get) is no fault of the file's: its row carries `RETRY_LATER` instead, and the driver stops the run on
+    it with one line before its chunk is committed (`_Committer.add`), so that the next run scores these images
+    rather than leaving them marked failed for good. (Raised here, the error would reach the driver wrapped by Ray
+    Data, its message lost.)
     """
     from mura_ray.data.ingest import image_id_for
 
@@ -324,10 +336,9 @@ def _raw_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
         try:
             images.append(storage.read_bytes(uri)), errors.append(None)
         except OSError as e:
-            if storage.transient(e):
-                raise UserError(f"cannot read {uri} now ({first_line(e)}); the chunks committed so far are kept: run "
-                                "the same command again to score the rest") from None
-            images.append(b""), errors.append(f"cannot read file: {e}")
+            retry = storage.transient(e) or storage.access_denied(e)
+            images.append(b""), errors.append(f"{RETRY_LATER}{uri} ({first_line(e)})" if retry else
+                                              f"cannot read file: {e}")
     parts = [
         next((p[3:] for p in rel.split("/")[:-1] if p.startswith("XR_") and p[3:] in BODY_PARTS), None)
         for rel in batch["path"]
@@ -489,26 +500,53 @@ def _commit_chunk(out: str, staging: str, seq: int) -> tuple[list[str], int]:
     return names, len(ids)
 
 
+class _KeySet:
+    """A set of 64-bit keys in ~8 bytes a key: sorted runs, merged as they grow (each run at least twice the size of
+    the next), so a lookup is a binary search in each of O(log n) runs and a key is copied O(log n) times."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, keys), len(run) - 1)
+            found |= run[at] == keys
+        return found
+
+    def add(self, keys: np.ndarray) -> None:
+        """Add keys that are not in the set yet."""
+        if not len(keys):
+            return
+        self.runs.append(np.sort(keys))
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            newer, older = self.runs.pop(), self.runs.pop()
+            self.runs.append(np.concatenate([older, newer]))
+            self.runs[-1].sort()
+
+
 class _Committer:
     """Cuts the stream of prediction tables into committed chunks of exactly `chunk_images` rows (the last one
     smaller), staged as Parquet parts of at most `rows_per_file` rows, then moved and listed in the manifest.
 
     Every image id is committed once: a row whose id this run has already taken (an input that holds an image
-    twice, in one chunk or across chunks) is dropped and counted in `duplicates`, the first kept; a row whose id was
-    committed by an earlier run (`done`, sorted keys), which the input's filter should have dropped, stops the run
-    before its chunk is committed.
+    twice, in one chunk or across chunks) is dropped and counted in `duplicates`, the first kept. (Ids committed by
+    earlier runs are dropped from the input before it is read, `_drop_done`.) The ids' 64-bit keys are held for the
+    run, 8 bytes an image (`_KeySet`).
     """
 
     def __init__(self, out: str, manifest: dict[str, Any], seq: int, chunk_images: int, rows_per_file: int,
-                 lock: storage.OutputLock, done: np.ndarray | None = None):
+                 lock: storage.OutputLock):
         self.out, self.manifest, self.seq, self.lock = out, manifest, seq, lock
         self.chunk_images, self.rows_per_file = chunk_images, rows_per_file
         self.buffer: list[pa.Table] = []
         self.buffered = self.chunk_rows = self.chunk_errors = self.scored = self.failed = 0
         self.staging = self._new_staging()
         self.staged = 0
-        self.done = np.zeros(0, dtype=np.uint64) if done is None else done
-        self.seen: set[int] = set()
+        self.seen = _KeySet()
         self.duplicates = 0
         self.duplicate_ids: list[str] = []  # the first few, for the log
 
@@ -519,28 +557,25 @@ class _Committer:
         """`table` without the rows whose image id this run has already taken (counted in `duplicates`)."""
         ids = table["image_id"].to_pylist()
         keys = image_key(ids)
-        if len(self.done):
-            at = np.minimum(np.searchsorted(self.done, keys), len(self.done) - 1)
-            again = np.flatnonzero(self.done[at] == keys)
-            if len(again):
-                raise RuntimeError(f"image {ids[again[0]]} was scored again although an earlier run committed it; "
-                                   "this chunk was not committed (a re-run scores what is missing)")
-        keep = np.ones(len(ids), dtype=bool)
-        for i, key in enumerate(keys.tolist()):
-            if key in self.seen:
-                keep[i] = False
-                if len(self.duplicate_ids) < 5:
-                    self.duplicate_ids.append(ids[i])
-            else:
-                self.seen.add(key)
+        keep = np.zeros(len(keys), dtype=bool)
+        keep[np.unique(keys, return_index=True)[1]] = True  # each id's first row in this table
+        keep &= ~self.seen.contains(keys)
+        self.seen.add(keys[keep])
         if keep.all():
             return table
-        self.duplicates += int((~keep).sum())
+        repeats = np.flatnonzero(~keep)
+        self.duplicates += len(repeats)
+        self.duplicate_ids += [ids[i] for i in repeats[: 5 - len(self.duplicate_ids)]]
         return table.filter(pa.array(keep))
 
     def add(self, table: pa.Table) -> None:
         import pyarrow.compute as pc
 
+        retry = pc.starts_with(table["error"].cast(pa.string()), RETRY_LATER)
+        if pc.any(retry).as_py():
+            first = table.filter(pc.fill_null(retry, False))["error"][0].as_py().removeprefix(RETRY_LATER)
+            raise UserError(f"cannot read {first}; the chunks committed so far are kept: run the same command again "
+                            "to score the rest")
         table = self._first_sightings(table)
         while table.num_rows:
             head = table.slice(0, min(self.chunk_images - self.chunk_rows, self.rows_per_file - self.buffered))
@@ -820,7 +855,7 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold, "amp": cfg.amp}
     started = time.perf_counter()
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
-    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file, lock, done=_get(done_ref))
+    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file, lock)
     total = 0
     skipped_refs = []
     # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw

@@ -93,8 +93,9 @@ def unreachable(e: BaseException) -> str | None:
     line = (str(e).strip().splitlines() or [""])[0]
     if not isinstance(e, OSError) or not _UNREACHABLE.search(line):
         return None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    where = f"the S3 endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "S3 (no AWS_ENDPOINT_URL set: AWS's)"
+    variable = next((v for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(v)), None)
+    where = (f"the S3 endpoint {os.environ[variable]} ({variable})" if variable else
+             "S3 (no AWS_ENDPOINT_URL set: AWS's)")
     return f"cannot reach {where}; check the address and the network: {line}"
 
 

@@ -701,7 +701,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     check_cluster_fits(cfg)
     weights = ray.put(probe.state_dict()) if cfg.pretrained or cfg.pretrained_file else None
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if not storage.is_remote(cfg.out) and (nodes > 1 or not started_local_ray()):
+    # (Not from a Tune trial, an actor, which cannot tell whether the search started its Ray: tune checks its --out.)
+    in_driver = ray.get_runtime_context().get_actor_id() is None
+    if not storage.is_remote(cfg.out) and (nodes > 1 or (in_driver and not started_local_ray())):
         # On an attached cluster too: an autoscaler adds the GPU nodes after this check (a head of 0 CPUs is alone
         # at first), and without --out the default run directory is inside the job's copy of its working directory.
         logger.warning("--out %s is a local path on a cluster (%d node(s) now): every node that runs a Train worker "

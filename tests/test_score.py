@@ -482,15 +482,18 @@ def test_a_pool_of_which_no_actor_fits_a_local_ray_is_refused(monkeypatch, caplo
 
 
 def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(tmp_path, monkeypatch):
-    """An error row is committed, and a re-run skips it: for a file that is gone or forbidden that is right, for
-    S3 unreachable or throttling it would leave the image failed for good. Those stop the run (one line, what was
-    committed kept) so that the next run scores the image."""
+    """An error row is committed, and a re-run skips it: for a file that is gone that is right; for S3 unreachable,
+    throttling, failing or refusing the request (expired credentials get ACCESS_DENIED) it would leave the image
+    failed for good. Those rows are marked in the read task, and the driver stops the run on them, one line naming
+    the file, before their chunk is committed, so that the next run scores the image."""
     import pandas as pd
+    import pyarrow as pa
 
     errors = {
         "gone.png": FileNotFoundError("[Errno 2] No such file or directory"),
-        "forbidden.png": OSError("When reading information for key 'a/forbidden.png' in bucket 'b': AWS Error "
-                                 "ACCESS_DENIED during HeadObject operation: No response body."),
+        "local.png": PermissionError("[Errno 13] Permission denied"),
+        "denied.png": OSError("When reading information for key 'a/denied.png' in bucket 'b': AWS Error "
+                              "ACCESS_DENIED during HeadObject operation: No response body."),
         "unreachable.png": OSError("When reading information for key 'a/unreachable.png' in bucket 'b': AWS Error "
                                    "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect"),
         "throttled.png": OSError("When reading information for key 'a/throttled.png' in bucket 'b': AWS Error "
@@ -503,12 +506,48 @@ def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(tm
         raise errors[uri.rsplit("/", 1)[-1]]
 
     monkeypatch.setattr(storage, "read_bytes", read_bytes)
-    rows = score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", "x/forbidden.png"]}), str(tmp_path))
+    rows = score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", "x/local.png"]}), str(tmp_path))
     assert [e.split(":")[0] for e in rows["error"]] == ["cannot read file", "cannot read file"]
-    for name in ("unreachable.png", "throttled.png", "failing.png"):
-        with pytest.raises(UserError, match=rf"^cannot read {re.escape(str(tmp_path))}/x/{name} now \(.*run the "
-                                            "same command again to score the rest$"):
-            score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", f"x/{name}"]}), str(tmp_path))
+    out = tmp_path / "out"
+    for name in ("denied.png", "unreachable.png", "throttled.png", "failing.png"):
+        rows = score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", f"x/{name}"]}), str(tmp_path))
+        assert rows["error"][1].startswith(f"{score_lib.RETRY_LATER}{tmp_path}/x/{name} ("), rows["error"][1]
+        # The predictions carry the read error through (decode and Predictor keep it); the driver stops on it.
+        table = pa.table({"image_id": rows["image_id"], "error": rows["error"]})
+        committer = score_lib._Committer(str(out), {"parts": {}}, 0, chunk_images=1, rows_per_file=1,
+                                         lock=storage.OutputLock(str(out), "test"))
+        with pytest.raises(UserError, match=rf"^cannot read {re.escape(str(tmp_path))}/x/{name} \(.*; the chunks "
+                                            "committed so far are kept: run the same command again to score the rest$"):
+            committer.add(table)
+        assert committer.scored + committer.failed == 0 and not out.exists()  # nothing staged or committed
+    decoded = score_lib.decode_for_scoring(rows.assign(image=[b""] * 2), [32])
+    assert decoded["error"].tolist() == rows["error"].tolist()
+
+
+def test_the_committed_key_set_agrees_with_a_python_set():
+    rng = np.random.default_rng(0)
+    keys, reference = score_lib._KeySet(), set()
+    for _ in range(300):
+        batch = rng.integers(0, 5000, rng.integers(0, 70)).astype(np.uint64)
+        found = keys.contains(batch)
+        assert found.tolist() == [int(k) in reference for k in batch]
+        new = np.unique(batch[~found])
+        keys.add(new)
+        reference.update(int(k) for k in new)
+    assert len(keys) == len(reference) and len(keys.runs) <= 2 * np.log2(len(reference))
+    assert all(np.all(np.diff(run.astype(np.int64)) != 0) for run in keys.runs)
+
+
+def test_an_image_twice_in_one_table_is_committed_once(tmp_path):
+    import pyarrow as pa
+
+    out = tmp_path / "out"
+    committer = score_lib._Committer(str(out), {"parts": {}}, 0, chunk_images=10, rows_per_file=10,
+                                     lock=storage.OutputLock(str(out), "test").acquire())
+    committer.add(pa.table({"image_id": ["a", "b", "a"], "error": [None, None, None]}))
+    committer.add(pa.table({"image_id": ["b", "c"], "error": [None, None]}))
+    assert committer.duplicates == 2 and committer.duplicate_ids == ["a", "b"]
+    assert committer.buffered == 3 and [t["image_id"].to_pylist() for t in committer.buffer] == [["a", "b"], ["c"]]
 
 
 def _no_ray(*args, **kwargs):
@@ -536,7 +575,7 @@ def test_refused_s3_credentials_for_model_or_out_are_one_line(s3_auth_server, ex
 
 def test_refused_s3_credentials_for_input_are_one_line(ray_cluster, s3_auth_server, exported_model, tmp_path, capsys,
                                                        monkeypatch):
-    """An --input on S3 that the credentials may not read, found once Ray is up: one line naming it, exit code 2
+    """An --input on S3 that the credentials may not read, found before Ray starts: one line naming it, exit code 2
     (it was a traceback: nothing turned that OSError into a UserError)."""
     srv = s3_auth_server
     srv.use(monkeypatch, "AKIAWRONGWRONGWRONG0", srv.secret_key)

@@ -202,7 +202,8 @@ def test_the_code_version_names_the_source_without_git(monkeypatch):
     from mura_ray.train import _git_version
 
     in_git = _git_version()
-    assert in_git.startswith(f"{__version__}+") and "+src." not in in_git  # this checkout
+    if subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, cwd=REPO).returncode == 0:
+        assert in_git.startswith(f"{__version__}+") and "+src." not in in_git  # this checkout
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")

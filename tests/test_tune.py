@@ -253,6 +253,20 @@ def test_out_that_cannot_be_written_or_is_a_bucket_exits_2(no_cluster, tmp_path,
                    "s3://bucket/tune/NAME"]
 
 
+def test_an_out_overlapping_the_dataset_is_refused_before_ray(no_cluster, tmp_path, capsys):
+    """Every trial's run directory would lie in the dataset, and every trial would refuse it (train's check), after
+    the search had started: refused up front."""
+    import tune as tune_job
+
+    data = _ingested(tmp_path / "data")
+    space = _write(tmp_path / "space.yaml", "batch_size: 16\n")
+    out = f"{data}/search"
+    assert tune_job.main(["--data", data, "--out", out, "--space", space, "--backbones", "custom_cnn"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {out} and --data {data} overlap (the same folder, or one inside the other): give a search "
+        "directory outside the dataset"]
+
+
 def test_one_search_at_a_time_writes_an_out(tmp_path, monkeypatch, capsys):
     """The search holds OUT/_lock/_lock.json from before its first write until it returns; a second is refused."""
     import tune as tune_job
