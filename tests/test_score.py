@@ -481,7 +481,7 @@ def test_a_pool_of_which_no_actor_fits_a_local_ray_is_refused(monkeypatch, caplo
             assert "the job scores on the actors that fit" in caplog.text
 
 
-def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(tmp_path, monkeypatch):
+def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(exported_model, tmp_path, monkeypatch):
     """An error row is committed, and a re-run skips it: for a file that is gone that is right; for S3 unreachable,
     throttling, failing or refusing the request (expired credentials get ACCESS_DENIED) it would leave the image
     failed for good. Those rows are marked in the read task, and the driver stops the run on them, one line naming
@@ -522,6 +522,9 @@ def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(tm
         assert committer.scored + committer.failed == 0 and not out.exists()  # nothing staged or committed
     decoded = score_lib.decode_for_scoring(rows.assign(image=[b""] * 2), [32])
     assert decoded["error"].tolist() == rows["error"].tolist()
+    monkeypatch.undo()  # the model's files are read for real
+    predicted = score_lib.Predictor([str(exported_model)], use_gpu=False, tta=False, threshold=None)(decoded)
+    assert predicted["error"].to_pylist() == rows["error"].tolist()
 
 
 def test_the_committed_key_set_agrees_with_a_python_set():
