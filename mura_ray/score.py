@@ -820,7 +820,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
 
         if importlib.util.find_spec("pytorch_grad_cam") is None:
             raise UserError("--explain needs the optional extra: pip install 'mura_ray[explain]'")
-    if storage.contains(cfg.input, cfg.out) or storage.contains(cfg.out, cfg.input):
+    if storage.overlap(cfg.input, cfg.out):
         # --overwrite would clear the input; predictions inside the input would be read back as input next run
         raise UserError(f"--out {cfg.out} and --input {cfg.input} overlap (the same folder, or one inside the other): "
                         "give an --out outside the input")

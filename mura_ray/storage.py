@@ -71,11 +71,16 @@ _ACCESS_DENIED = re.compile(
 _S3_LOCATION = re.compile(r"(?:key '([^']*)' in )?bucket '([^']+)'")
 
 
+def _message_line(e: BaseException) -> str:
+    """An exception's message's first line (pyarrow's S3 errors say what failed there), or ""."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def access_denied(e: BaseException) -> str | None:
     """For an S3 request refused for its credentials or permissions (pyarrow's OSError `... AWS Error ACCESS_DENIED
     during HeadObject operation: ...`, INVALID_ACCESS_KEY_ID, SIGNATURE_DOES_NOT_MATCH, ...): one line that says so
     and what to check, then pyarrow's own first line. None for any other error."""
-    line = (str(e).strip().splitlines() or [""])[0]
+    line = _message_line(e)
     if not isinstance(e, OSError) or not _ACCESS_DENIED.search(line):
         return None
     return f"access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy): {line}"
@@ -90,7 +95,7 @@ def unreachable(e: BaseException) -> str | None:
     """For an S3 request that never got an answer (pyarrow's OSError `... AWS Error NETWORK_CONNECTION during
     HeadObject operation: curlCode: 7, Could not connect to server ...`): one line that says so and where the
     endpoint comes from, then pyarrow's own first line. None for any other error."""
-    line = (str(e).strip().splitlines() or [""])[0]
+    line = _message_line(e)
     if not isinstance(e, OSError) or not _UNREACHABLE.search(line):
         return None
     variable = next((v for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(v)), None)
@@ -107,7 +112,7 @@ _TRANSIENT = re.compile(r"AWS Error (?:NETWORK_CONNECTION|SLOW_DOWN|THROTTLING|S
 def transient(e: BaseException) -> bool:
     """Whether an S3 error is the service's or the network's for now (unreachable, throttled, a 5xx), not the
     object's: a later run may read what this one could not."""
-    return isinstance(e, OSError) and bool(_TRANSIENT.search((str(e).strip().splitlines() or [""])[0]))
+    return isinstance(e, OSError) and bool(_TRANSIENT.search(_message_line(e)))
 
 
 def s3_problem(e: BaseException) -> str | None:
@@ -118,7 +123,7 @@ def s3_problem(e: BaseException) -> str | None:
 
 def s3_location(e: BaseException) -> str | None:
     """The `s3://bucket/key` a pyarrow S3 error names (`... for key 'K' in bucket 'B': ...`), or None."""
-    match = _S3_LOCATION.search((str(e).strip().splitlines() or [""])[0])
+    match = _S3_LOCATION.search(_message_line(e))
     if match is None:
         return None
     key, bucket = match.groups()
@@ -162,6 +167,11 @@ def contains(outer: str, inner: str) -> bool:
 
     a, b = _key(outer), _key(inner)
     return b == a or b.startswith(a.rstrip("/") + "/")
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether `a` and `b` are the same folder or one lies inside the other (`contains` either way)."""
+    return contains(a, b) or contains(b, a)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -401,7 +401,7 @@ def _validation(val_input: dict[str, Any]):
     Data's default SPREAD, the read and decode of validation images landed on every node in turn, the head of a
     cluster too (0 CPUs in cluster/, so that nothing runs beside the GCS there). A soft affinity keeps them beside
     the worker that consumes them (their images cross no network), and lets them run elsewhere if that node goes.
-    At most as many at once as the node has CPUs (`max_tasks` counts the cluster's spare CPUs).
+    At most as many at once as the cluster has spare CPUs (`max_tasks`) and the node has CPUs, and at least 2.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -688,7 +688,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         logger.info("No pretrained weights given: %s starts from random initialisation", cfg.backbone)
     # A given --data is checked before Ray starts (a wrong path, refused credentials or an unreachable endpoint fail
     # in a second, not after Ray's start-up); the demo set is built with Ray.
-    if cfg.data and (storage.contains(cfg.data, cfg.out) or storage.contains(cfg.out, cfg.data)):
+    if cfg.data and storage.overlap(cfg.data, cfg.out):
         # The test split is scored into RUN_DIR/test at the end, which clears that folder first
         raise UserError(f"--out {cfg.out} and --data {cfg.data} overlap (the same folder, or one inside the other): "
                         "give a run directory outside the dataset")
@@ -769,7 +769,7 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     }
     # Validation is built by rank 0 (`_validation`), to keep its tasks on rank 0's node; not split, every row.
     val_input = {"data": run.data, "split": "val", "image_size": cfg.image_size, "mean": run.mean, "std": run.std,
-                 "batch_size": cfg.batch_size, "num_cpus": 0, "max_tasks": max(2, spare)}
+                 "batch_size": cfg.batch_size, "num_cpus": 0, "max_tasks": spare}
     storage_fs, storage_path = storage.resolve(cfg.out)
     run_config = ray.train.RunConfig(
         name=os.path.basename(storage_path.rstrip("/")),

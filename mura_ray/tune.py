@@ -553,7 +553,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         from mura_ray.train import check_dataset
 
         check_dataset(cfg.data)  # before the lock and Ray: a dataset the trials cannot train on fails in a second
-        if storage.contains(cfg.data, cfg.out) or storage.contains(cfg.out, cfg.data):  # as each trial would find
+        if storage.overlap(cfg.data, cfg.out):  # as each trial would find
             raise UserError(f"--out {cfg.out} and --data {cfg.data} overlap (the same folder, or one inside the "
                             "other): give a search directory outside the dataset")
     experiment_id = mlflow_experiment(cfg.mlflow_uri, cfg.out) if cfg.mlflow_uri else None
