@@ -22,7 +22,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # On a loaded machine Ray's dashboard agent can take over the default 30 s to start, and the raylet then aborts.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 logger = logging.getLogger("benchmarks")
 

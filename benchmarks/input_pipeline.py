@@ -47,8 +47,8 @@ def make_step(backbone: str, wrap: Callable[[Any], Any] = lambda m: m) -> Step:
     """One training step of `backbone` per batch, as `mura_ray.train` takes it (multi-task loss, AdamW)."""
     import torch
 
+    from mura_ray.losses import multitask_loss
     from mura_ray.models import build_model
-    from mura_ray.train import multitask_loss
 
     model = wrap(build_model(backbone))
     model.train()
@@ -208,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from mura_ray.train import EpochStream
+    from mura_ray.data.pipeline import EpochStream
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

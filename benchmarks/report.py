@@ -63,7 +63,8 @@ def time_report(n: int, bootstrap: int, workdir: str) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mura_ray.report import build_report, load_predictions, write_report
+    from mura_ray.predictions import load_predictions
+    from mura_ray.report import build_report, write_report
 
     df = synthetic_predictions(n)
     path = os.path.join(workdir, f"predictions-{n}.parquet")

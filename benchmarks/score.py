@@ -69,7 +69,8 @@ def run_baseline(split_dir: str, model_dir: str, out_dir: str, batch_size: int, 
     import pyarrow.parquet as pq
     import torch
 
-    from mura_ray.score import INPUT_COLUMNS, Predictor
+    from mura_ray.data.score_input import INPUT_COLUMNS
+    from mura_ray.score import Predictor
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -98,7 +99,8 @@ def run_map_batches(split_dir: str, model_dir: str, batch_size: int, concurrency
     """Only the job's core: read_parquet → `scoring_dataset` (decode, Predictor actors), results counted, not
     written."""
     from mura_ray.data.pipeline import read_parquet
-    from mura_ray.score import INPUT_COLUMNS, _check_models, scoring_dataset
+    from mura_ray.data.score_input import INPUT_COLUMNS
+    from mura_ray.score import _check_models, scoring_dataset
 
     sizes = _check_models((model_dir,))[2]
     started = time.perf_counter()

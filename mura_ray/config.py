@@ -1,17 +1,24 @@
 """One frozen, typed config per job. Validation collects every problem and raises once, naming the CLI flag.
 
-Jobs build these from argv (and `--config FILE.yaml` recipes); library code receives the config and unpacks it
-into flat arguments at its builder functions, so models, losses and metrics never see a config object.
+Each class is its job's command line too: `add_config_arguments` gives every field a flag, typed and with choices
+from the field's type, whose help is the field's docstring and default. Jobs build the configs from argv (and
+`--config FILE.yaml` recipes); library code receives the config and unpacks it into flat arguments at its builder
+functions, so models, losses and metrics never see a config object.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import inspect
+import itertools
 import math
 import numbers
 import os
+import textwrap
 import types
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -33,7 +40,7 @@ METRIC_MODES: dict[str, Literal["min", "max"]] = {"val_loss": "min", "val_auc": 
 """Validation metrics that rank checkpoints and trials, and their direction."""
 
 
-_FLAGS = {"chunk_images": "--chunk-size"}
+_FLAGS = {"chunk_images": "--chunk-size", "models": "--model"}
 """Fields whose CLI flag is not their name with dashes."""
 
 
@@ -61,7 +68,7 @@ def _raise_if(problems: list[str]) -> None:
         raise UserError("; ".join(problems))
 
 
-def _coerce(value: Any, hint: Any) -> Any:
+def coerce(value: Any, hint: Any) -> Any:
     """`value` as the type `hint` of a config field, or ValueError saying what was expected.
 
     YAML recipes are loosely typed: `lr: 1e-3` is a string to YAML 1.1, `epochs: 10.0` a float, `gpu: yes` a bool.
@@ -71,7 +78,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         (hint,) = [a for a in args if a is not type(None)]
-        return _coerce(value, hint)
+        return coerce(value, hint)
     if origin is Literal:
         if value in args and not isinstance(value, bool):
             return value
@@ -129,7 +136,7 @@ def replace_from(cfg: Any, values: Mapping[str, Any], *, source: str) -> Any:
     checked, problems = {}, []
     for name, value in values.items():
         try:
-            checked[name] = _coerce(value, hints[name])
+            checked[name] = coerce(value, hints[name])
         except ValueError as e:
             problems.append(f"{name} {e}")
     if problems:
@@ -155,32 +162,121 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# --- Command-line flags derived from the config dataclasses ------------------------------------------------------
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring (the string literal under it in the class body), on one line."""
+    (node,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    assert isinstance(node, ast.ClassDef)
+    docs = {}
+    for stmt, after in itertools.pairwise(node.body):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _shown(value: Any) -> str:
+    """A default as the help text shows it, in the form the flag accepts."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _flag_kind(hint: Any) -> dict[str, Any]:
+    """add_argument options for a field of type `hint` (`X | None` as X)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        (hint,) = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is Literal:
+        return {"choices": get_args(hint)}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(hint) is tuple:
+        return {"nargs": "+"}
+    if hint in (int, float, str):
+        return {"type": hint}
+    raise TypeError(f"no command-line form for {hint!r}: give the field's add_argument options, or skip it")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, demo: Mapping[str, Any] | None = None,
+                         skip: Collection[str] = (), **custom: Mapping[str, Any]) -> None:
+    """Add a flag to `parser` for each field of the config dataclass `cls`, but those in `skip`.
+
+    A field's flag is its name with dashes (or its `_FLAGS` entry) and its dest the field's name. Its form follows
+    the field's type: int, float or str as that type, a Literal as choices, a bool as --name/--no-name, a tuple
+    as one or more values; `X | None` as X. Its help is the field's attribute docstring with the default and, where
+    it differs, the value of `demo` (the defaults of a run without --data) appended. A field without a default is a
+    required flag. Every flag defaults to None, so that a job can tell the options given from those left out and
+    layer them over the config's defaults (`options_given`). `custom[name]` overrides the add_argument options of
+    field `name` (an `action`, a `type`, a `metavar`).
+    """
+    names = {f.name for f in fields(cls)}
+    unknown = (set(custom) | set(skip) | set(demo or {})) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    hints, docs = get_type_hints(cls), _field_docs(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        if f.name not in docs:
+            raise TypeError(f"{cls.__name__}.{f.name} has no docstring to serve as its help")
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        notes = []
+        if default not in (dataclasses.MISSING, None, ()):
+            notes.append(f"default {_shown(default)}")
+        if demo and f.name in demo and demo[f.name] != default:
+            notes.append(f"{_shown(demo[f.name])} for the demo")
+        text = docs[f.name].replace("`", "")
+        if notes:
+            text = f"{text.rstrip('.')} ({'; '.join(notes)})."
+        options = {"dest": f.name, "default": None, "help": text.replace("%", "%%"), **_flag_kind(hints[f.name])}
+        if "choices" not in options and "action" not in options:  # named after the flag, not the field
+            options["metavar"] = _flag(f.name).removeprefix("--").replace("-", "_").upper()
+        if default is dataclasses.MISSING:
+            options["required"] = True
+        parser.add_argument(_flag(f.name), **{**options, **custom.get(f.name, {})})
+
+
+def options_given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of config dataclass `cls` given on the command line (flags left out parse as None), each list
+    of values (a repeated or multi-value flag) as a tuple."""
+    names = {f.name for f in fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     source: Source
-    """Archive layout: `mura` (MURA-v1.1 with its CSVs), `folder` (ImageFolder-style), `images` (any tree)."""
+    """Archive layout: `mura` (MURA-v1.1 and its CSVs), `folder` ({train,val,test}/{class}/ image folders) or
+    `images` (any tree of PNG/JPEG for bulk scoring: no labels, all in the test split)."""
     root: str
-    """The archive: MURA-v1.1 or its parent, the folder set's root, or a tree of images. Local or s3://."""
+    """The archive: MURA-v1.1 or its parent, the folder set's root, or a tree of images; local or s3://."""
     out: str
-    """Destination of the Parquet dataset, local or s3://."""
+    """Destination dataset folder, local or s3://."""
     val_fraction: float = 0.2
-    """Share of MURA train patients moved to the `val` split."""
+    """Share of MURA train patients moved to the val split."""
     seed: int = 0
     """Seed of the patient-level train/val split and of the train split's row order."""
     max_error_rate: float = 0.01
-    """Fail (exit 1) when more than this share of images is skipped."""
+    """Fail (exit 1) when more than this share of images is unusable."""
     body_part: str | None = None
-    """Body part of every image of a `folder` source (unknown otherwise)."""
+    """Body part of every image of a --source folder set, e.g. WRIST; without it, unknown."""
     overwrite: bool = False
-    """Replace an existing dataset at `out`."""
+    """Replace an existing dataset at --out, once the new one is complete (a failed run leaves it); an --out
+    holding anything but an ingested dataset is refused."""
     max_pixels: int = 64_000_000
     """Images with more pixels are refused as decompression bombs."""
     rows_per_file: int = 256
-    """Most rows per Parquet file. Training shuffles by reading a split's files in a new order each epoch, so a
-    split needs many files: MURA's train split makes over 100."""
+    """Most images per Parquet file. Training shuffles by reading a split's files in a new order each epoch, so a
+    split wants many files (MURA's train split makes over 100): lower it for small sets."""
     file_mb: int = 64
-    """Most image bytes (MiB) per Parquet file. Files are written one 64-image row group at a time, so a writing
-    CPU holds one row group, not a file."""
+    """Most image MiB per Parquet file. Files are written one 64-image row group at a time, so a writing CPU holds
+    one row group, not a file."""
 
     def validate(self) -> IngestConfig:
         problems: list[str] = []
@@ -202,48 +298,57 @@ class IngestConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     data: str | None = None
-    """Ingested dataset (local or s3://); None trains on the built-in synthetic demo set."""
+    """Ingested dataset from jobs/ingest.py, local or s3://; without it, the demo: built-in synthetic radiographs,
+    not MURA."""
     out: str | None = None
-    """Run directory (local or s3://): checkpoints, model/ and report/. Re-using one resumes that run."""
+    """Run directory, local or s3://: checkpoints, model/ and report/; re-using one resumes that run. Without it,
+    runs/<backbone>-<time>."""
     backbone: str = "efficientnet_b0"
-    """Any timm model name, or `custom_cnn` (the reference report's from-scratch baseline)."""
+    """Any timm model name (efficientnet_b0, resnet50, densenet169, ...), or `custom_cnn`: the reference report's
+    from-scratch baseline."""
     epochs: int = 30
+    """Most epochs to train."""
     batch_size: int = 32
-    """Images per worker per step."""
+    """Images per worker per step, at least 2."""
     lr: float = 1e-3
-    """Peak learning rate of AdamW (cosine schedule after a linear warm-up)."""
+    """Peak learning rate of AdamW, on a cosine schedule after a linear warm-up."""
     weight_decay: float = 1e-4
+    """AdamW weight decay."""
     warmup_epochs: int = 1
+    """Epochs of linear learning-rate warm-up."""
     image_size: int = 224
-    """Square input side in pixels (aspect preserved, padded)."""
+    """Square input side in pixels; images keep their aspect ratio, padded."""
     workers: int = 1
-    """Data-parallel Ray Train workers (one GPU each when GPUs are used)."""
+    """Data-parallel Ray Train workers, one GPU each when GPUs are used."""
     gpu: GpuMode = "auto"
-    """`auto` uses GPUs when the cluster has them."""
+    """Use GPUs: `auto` when the cluster has them; `yes` on autoscaling clusters whose GPU nodes start from zero."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per Train worker; the rest of the cluster decodes images for it."""
+    """CPUs reserved per Train worker, also its torch threads on CPU; the rest of the cluster decodes images."""
     amp: bool = True
     """Mixed precision (bfloat16/float16 autocast) on GPU."""
     pretrained: bool = False
     """Load timm's ImageNet weights from the hub."""
     pretrained_file: str | None = None
-    """Load weights from a local safetensors or .pth file (air-gapped clusters)."""
+    """Load weights from a .safetensors, .pth, .pt or .bin file, local or s3:// (air-gapped clusters)."""
     freeze: FreezePolicy = "none"
-    """`all` freezes the feature extractor; `all-but-last` trains only its last stage."""
+    """Freeze the feature extractor: `all` of it, or `all-but-last`: all but its last stage."""
     multitask: bool = True
     """Train the auxiliary body-part head."""
     body_part_embedding: bool = True
     """Feed a 32-d body-part embedding to the abnormality head."""
     dropout: float = 0.3
+    """Dropout in the heads."""
     body_part_weight: float = 0.5
     """Weight of the body-part cross-entropy in the total loss."""
     loss: LossName = "bce"
-    """`bce`, `weighted` (positive class weighted by the train negative/positive ratio) or `focal`."""
+    """Abnormality loss: `bce`, `weighted` (positive class weighted by the train negative/positive ratio) or
+    `focal`."""
     focal_gamma: float = 2.0
+    """Focusing parameter gamma of the focal loss."""
     patience: int = 5
-    """Stop after this many epochs without a better validation loss."""
+    """Early stopping: epochs without a better validation loss."""
     num_to_keep: int = 2
-    """Checkpoints kept (the best by `select_metric`)."""
+    """Checkpoints kept, the best by --select-metric, plus the latest for resuming."""
     select_metric: SelectMetric = "val_loss"
     """Validation metric that ranks checkpoints: which are kept and which is exported (val_loss lower is better,
     val_auc and val_kappa higher). Early stopping always watches the validation loss."""
@@ -251,12 +356,12 @@ class TrainConfig:
     """Worker-group restarts allowed; training resumes from the last checkpoint."""
     seed: int = 0
     """Seed of the weight initialisation (plus the worker's rank) and of the per-epoch file order. Augmentation and
-    the row order within a file are drawn by each decode task from fresh entropy: Ray Data gives a task no epoch
-    number to derive a per-epoch seed from, and a seed without one would repeat the same augmentation every epoch."""
+    the row order within a file are drawn by each decode task from fresh entropy, as Ray Data gives a task no epoch
+    number to derive a per-epoch seed from: two runs match in distribution, not bit for bit."""
     threshold: float = 0.5
     """Operating threshold stored with the exported model."""
     demo_images: int = 2000
-    """Size of the synthetic demo set (used only when --data is not given)."""
+    """Size of the synthetic demo set, used only without --data."""
 
     def validate(self) -> TrainConfig:
         problems: list[str] = []
@@ -292,8 +397,7 @@ class TrainConfig:
 DEMO_TRAIN_DEFAULTS: dict[str, Any] = {
     "backbone": "custom_cnn",
     "image_size": 64,
-    # 15, not 10: at 10 the synthetic test split's AUC ranged 0.75-0.82 over runs (0.746 once, session 13), just
-    # at the demo's bar of 0.75, with validation still improving; 15 reached 0.835 in 2 min 24 s (docs/benchmarks.md)
+    # 15 epochs: with fewer the synthetic test AUC varies around the demo's bar of 0.75 (docs/benchmarks.md)
     "epochs": 15,
     "batch_size": 32,
     "lr": 3e-3,
@@ -308,33 +412,43 @@ worker takes 2 logical CPUs, so torch steps on two threads; the local Ray adds 2
 @dataclass(frozen=True)
 class ScoreConfig:
     models: tuple[str, ...]
-    """Exported model directories (local or s3://); several form an ensemble (mean probability)."""
+    """Exported model directory (RUN_DIR/model), local or s3://; several (--model repeated) form an ensemble (mean
+    probability)."""
     input: str
-    """An ingested Parquet split, or a folder/prefix of raw PNG/JPEG images. Local or s3://."""
+    """An ingested Parquet split (DEST/test), or a folder/prefix of raw PNG/JPEG images; local or s3://."""
     out: str
-    """Destination: predictions/ (Parquet), report/ when the input has labels, manifest.json."""
+    """Destination, local or s3://: predictions/ (Parquet), manifest.json, and report/ when the input has labels."""
     batch_size: int = 64
+    """Images per model call."""
     concurrency: int = 1
-    """Scoring actors (one model copy each); with `max_concurrency`, the pool's smallest size."""
+    """Scoring actors, each with a copy of the model(s), one GPU each when GPUs are used. On the command line N (a
+    fixed pool) or MIN-MAX (e.g. 1-8; MAX is `max_concurrency`): a pool that grows while input waits, as far as the
+    cluster has or its autoscaler adds room."""
     max_concurrency: int | None = None
     """Autoscaling: the pool grows from `concurrency` up to this many actors while input waits for them (on an
     autoscaling cluster, the GPU nodes they need are added); None: a fixed pool of `concurrency` actors."""
     gpu: GpuMode = "auto"
+    """One GPU per actor: `auto` when the cluster has them."""
     tta: bool = False
-    """Average the probabilities over a horizontal flip (test-time augmentation)."""
+    """Test-time augmentation: average the probabilities over a horizontal flip. A re-run into the same --out must
+    use the same setting."""
     threshold: float | None = None
-    """Operating threshold; default: the model's own (from config.json)."""
+    """Operating threshold; without it, the model's own (its config.json). Recorded in manifest.json, where
+    jobs/report.py finds it; a re-run into the same --out must use the same threshold."""
     rows_per_file: int = 5000
     """Target rows per predictions Parquet file."""
     report: bool = True
     """Write the metric report when the input has labels."""
     bootstrap: int = 200
-    """Bootstrap resamples for the report's confidence intervals (0 disables)."""
+    """Bootstrap resamples for the report's 95% confidence intervals; 0 disables."""
     explain: int = 0
-    """Grad-CAM heatmaps to add to the report per category (needs mura_ray[explain]); 0 disables."""
+    """Grad-CAM heatmaps of the N most confident true positives, false negatives and false positives to add to the
+    report (needs pip install 'mura_ray[explain]'); 0: none."""
     cpus_per_actor: float = 1.0
+    """CPUs per scoring actor. Images are decoded by 1-CPU tasks in front of GPU actors, inside CPU actors."""
     amp: bool = True
-    """Mixed precision (bfloat16/float16 autocast) on GPU; CPU scoring is always float32."""
+    """Mixed precision (bfloat16/float16 autocast) on GPU; --no-amp scores in float32. CPU scoring is always
+    float32."""
     chunk_images: int = 20000
     """Images per committed chunk: an interruption loses at most one chunk of work."""
 
@@ -357,29 +471,42 @@ class ScoreConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     data: str | None = None
-    """Ingested dataset; None uses the built-in synthetic demo set."""
+    """Ingested dataset from jobs/ingest.py, local or s3://; without it, the demo: built-in synthetic radiographs,
+    not MURA."""
     out: str = "runs/tune"
-    """Search directory: trials, leaderboard, best/ (re-using it resumes the search)."""
+    """Search directory, local or s3://: trials, leaderboard.{csv,md}, best/, comparison.md; re-using one resumes
+    that search."""
     space: str | None = None
-    """Search space YAML; default: the one shipped in mura_ray/tune_space.yaml."""
+    """Search space YAML; without it, mura_ray/tune_space.yaml (which documents the grammar)."""
     backbones: tuple[str, ...] = ()
-    """Restrict the backbone choice to these names."""
+    """Backbones searched as a grid, overriding the space; on the command line comma-separated, e.g.
+    custom_cnn,resnet50."""
     num_samples: int = 8
+    """Trials per grid point."""
     epochs: int = 10
+    """Most epochs per trial."""
     workers_per_trial: int = 1
+    """Data-parallel Train workers of each trial."""
     max_concurrent: int = 2
+    """Trials running at once."""
     metric: SelectMetric = "val_auc"
+    """What ASHA and the leaderboard rank by: val_auc and val_kappa higher is better, val_loss lower."""
     image_size: int | None = None
-    """Fix the image size of every trial (overrides the space)."""
+    """Fix every trial's input side in pixels, overriding the space."""
     mlflow_uri: str | None = None
-    """MLflow tracking URI (file store or server); one run per trial."""
+    """MLflow tracking URI (file:///path or http://server): one run per trial."""
     gpu: GpuMode = "auto"
+    """Use GPUs: `auto` when the cluster has them."""
     cpus_per_worker: float = 1.0
+    """CPUs reserved per Train worker."""
     grace_period: int = 1
     """ASHA: epochs every trial runs before it may be stopped."""
     reduction_factor: int = 2
+    """ASHA: keep 1/factor of the trials at each rung."""
     seed: int = 0
+    """Seed of the sampling; trial N of the search trains with seed + N, shown in the leaderboard's seed column."""
     demo_images: int = 2000
+    """Size of the synthetic demo set, used only without --data."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Fixed training options applied to every trial."""
 
@@ -397,3 +524,14 @@ class TuneConfig:
             problems.append(f"--space {self.space}: no such file")
         _raise_if(problems)
         return self
+
+
+DEMO_TUNE_DEFAULTS: dict[str, Any] = {
+    "backbones": ("custom_cnn", "resnet18"),
+    "num_samples": 2,
+    "epochs": 3,
+    "image_size": 48,
+    "max_concurrent": 2,
+    "demo_images": 600,
+}
+"""Defaults when no --data is given: 4 small trials over 2 backbones that finish in minutes on 2 CPU cores."""

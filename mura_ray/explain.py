@@ -14,14 +14,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from mura_ray import storage
 from mura_ray.config import UserError
-from mura_ray.data.images import DecodeError, decode_radiograph
-from mura_ray.data.pipeline import body_part_indices, resize_pad
+from mura_ray.data.images import DecodeError, load_pixels, normalize
+from mura_ray.data.pipeline import body_part_indices
+from mura_ray.data.score_input import is_parquet_input
 from mura_ray.models import ModelSpec, MultiTaskNet, load_model
 
 logger = logging.getLogger(__name__)
@@ -138,12 +140,6 @@ class _AbnormalLogit(nn.Module):
         return self.net(image, self.body_part)["abnormal"].unsqueeze(1)
 
 
-def _preprocess(data: bytes, spec: ModelSpec) -> np.ndarray:
-    """Scoring's preprocessing up to normalisation: a (size, size) float32 image in [0, 1]."""
-    img = decode_radiograph(data, draft_size=spec.image_size)
-    return np.asarray(resize_pad(img, spec.image_size), dtype=np.float32) / 255.0
-
-
 def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -165,7 +161,7 @@ def gradcam_images(
     kept: list[int] = []
     for i, data in enumerate(images):
         try:
-            views.append(_preprocess(data, spec))
+            views.append(load_pixels(data, spec.image_size))
             kept.append(i)
         except DecodeError as e:
             logger.warning("Grad-CAM skips %r: %s", captions[i], e)
@@ -184,13 +180,13 @@ def gradcam_images(
         with GradCAM(model=wrapper, target_layers=[layer], reshape_transform=reshape) as cam:
             for start in range(0, len(views), _BATCH_SIZE):
                 batch = np.stack(views[start : start + _BATCH_SIZE])
-                x = torch.from_numpy((batch[:, None] - spec.mean) / spec.std).to(device)
+                x = torch.from_numpy(normalize(batch[:, None], spec.mean, spec.std)).to(device)
                 # A gradient path through the input keeps Grad-CAM working when trunk weights are frozen.
                 x.requires_grad_(True)
                 wrapper.body_part = torch.from_numpy(parts[start : start + len(batch)]).to(device)
                 maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * len(batch))
                 for view, heat, i in zip(batch, maps, kept[start : start + len(batch)], strict=True):
-                    rgb = np.repeat(view[:, :, None], 3, axis=2)
+                    rgb = np.repeat(view[:, :, None].astype(np.float32) / 255.0, 3, axis=2)
                     out.append((captions[i], _png(show_cam_on_image(rgb, heat, use_rgb=True))))
     model.zero_grad(set_to_none=True)
     model.train(was_training)
@@ -199,11 +195,7 @@ def gradcam_images(
 
 def _read_parquet_images(input_uri: str, image_ids: Sequence[str]) -> dict[str, bytes]:
     """Image bytes of `image_ids` from an ingested split, reading only the matching rows."""
-    import pyarrow.dataset as ds
-
-    from mura_ray.score import parquet_files
-
-    files = parquet_files(input_uri) if storage.is_dir(input_uri) else [input_uri]
+    files = storage.list_parquet(input_uri) if storage.is_dir(input_uri) else [input_uri]
     fs, _ = storage.resolve(files[0])
     dataset = ds.dataset([storage.resolve(f)[1] for f in files], filesystem=fs, format="parquet")
     table = dataset.to_table(columns=["image_id", "image"], filter=ds.field("image_id").isin(list(image_ids)))
@@ -252,8 +244,6 @@ def explain_report_examples(
     rows = pd.concat(frames)
     if not storage.exists(input_uri):
         raise UserError(f"--input {input_uri}: no such file or folder (needed to read the images to explain)")
-    from mura_ray.score import is_parquet_input
-
     if is_parquet_input(input_uri):
         images = _read_parquet_images(input_uri, sorted(set(rows["image_id"])))
     else:

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import adapt_input_conv, get_pretrained_cfg_value
 from torch import Tensor, nn
 
 from mura_ray import storage
-from mura_ray.config import UserError
+from mura_ray.config import FreezePolicy, UserError
 from mura_ray.labels import ABNORMAL_NAMES, BODY_PARTS
 
 logger = logging.getLogger(__name__)
@@ -30,8 +32,6 @@ logger = logging.getLogger(__name__)
 CUSTOM_CNN = "custom_cnn"
 UNKNOWN_BODY_PART = -1
 """Body-part index of rows whose body part is not known (external sets, raw archives)."""
-
-FreezePolicy = Literal["none", "all", "all-but-last"]
 
 
 class CustomCNN(nn.Module):
@@ -74,27 +74,17 @@ def _suggest(name: str) -> str:
 
 
 def load_state_dict_file(path: str) -> dict[str, Tensor]:
-    """Read weights from safetensors or a PyTorch file without unpickling arbitrary objects."""
-    if path.startswith("s3://"):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, os.path.basename(path))
-            try:
-                data = storage.read_bytes(path)
-            except OSError as e:  # missing, no access, unreachable endpoint
-                raise UserError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
-            with open(local, "wb") as f:
-                f.write(data)
-            return load_state_dict_file(local)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # SafetensorError for a corrupt or truncated file, OSError for an unreadable one
-            raise UserError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
+    """Read weights (local or s3://) from safetensors or a PyTorch file without unpickling arbitrary objects."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for unsafe or corrupt files
+        if path.startswith("s3://"):
+            data = storage.read_bytes(path)
+            state = (safetensors.torch.load(data) if path.endswith(".safetensors")
+                     else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        elif path.endswith(".safetensors"):
+            state = safetensors.torch.load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable, corrupt or truncated, or a pickle of objects other than tensors
         raise UserError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -104,52 +94,54 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     return state
 
 
-class _KeyMismatches(list):
-    """Missing or unexpected keys of timm's pretrained load, collected while in the `with` block.
-
-    timm loads non-strictly once it drops the classifier (`num_classes=0`) and only logs the keys it could not
-    match, so a weight file for another architecture would leave part of the trunk at random init without an
-    error. Its log records are the only report of that; they are collected here (and not shown) instead.
-    """
-
-    _logger = logging.getLogger("timm.models._builder")
-
-    def __enter__(self) -> _KeyMismatches:
-        self._handler = logging.Handler(logging.INFO)
-        self._handler.emit = self._collect  # type: ignore[method-assign]
-        self._saved = self._logger.level, self._logger.propagate
-        self._logger.setLevel(logging.INFO)
-        self._logger.propagate = False
-        self._logger.addHandler(self._handler)
-        return self
-
-    def _collect(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith(("Missing keys", "Unexpected keys")):
-            self.append(message)
-
-    def __exit__(self, *exc: object) -> None:
-        self._logger.removeHandler(self._handler)
-        self._logger.setLevel(self._saved[0])
-        self._logger.propagate = self._saved[1]
-
-
 def _create_model(backbone: str, image_size: int | None, **kwargs: Any) -> nn.Module:
-    """`timm.create_model`, at `image_size` for models built for one input size (ViT, Swin, ...: timm resamples
-    their position embeddings when loading weights); convolutional models take any size and no `img_size`."""
-    if image_size is not None:
-        try:
-            return timm.create_model(backbone, img_size=image_size, **kwargs)
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
+    """`timm.create_model`, at `image_size` for the models whose pretrained config declares a fixed input size
+    (ViT, DeiT, Swin, ...); the others take any input size."""
+    if image_size is not None and get_pretrained_cfg_value(backbone, "fixed_input_size"):
+        kwargs["img_size"] = image_size
     return timm.create_model(backbone, **kwargs)
+
+
+def _names(cfg: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = cfg.get(key) or ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _load_weights(trunk: nn.Module, state_dict: dict[str, Tensor], refusal: str) -> None:
+    """Load weights into the trunk as timm loads its own pretrained ones; raise UserError(`refusal: why`) when
+    they do not fit.
+
+    The checkpoint filter of the model's timm module (`checkpoint_filter_fn`) converts them for the trunk (it
+    resamples position embeddings to the trunk's input size), RGB input convolutions are adapted to one channel,
+    and the classifier, which the trunk has none of, is left out. Any other key missing or foreign, or a tensor
+    of another shape, does not fit.
+    """
+    filter_fn = getattr(sys.modules[type(trunk).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, trunk)
+    own = trunk.state_dict()
+    for conv in _names(trunk.pretrained_cfg, "first_conv"):
+        key = f"{conv}.weight"
+        weight = state_dict.get(key)
+        if weight is not None and key in own and weight.ndim == 4 and weight.shape[1] == 3 * own[key].shape[1]:
+            state_dict[key] = adapt_input_conv(1, weight)
+    try:
+        result = trunk.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # tensors of another shape, listed on the lines after the first
+        lines = str(e).splitlines()
+        raise UserError(f"{refusal}: {(lines[1:] or lines)[0].strip()}") from None
+    classifier = _names(trunk.pretrained_cfg, "classifier")
+    unexpected = [k for k in result.unexpected_keys if k.rpartition(".")[0] not in classifier]
+    problems = [f"{len(keys)} {kind} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for kind, keys in (("missing", result.missing_keys), ("unexpected", unexpected)) if keys]
+    if problems:
+        raise UserError(f"{refusal}: {'; '.join(problems)}")
 
 
 def build_trunk(
     backbone: str, *, pretrained: bool = False, pretrained_file: str | None = None, image_size: int | None = None
 ) -> nn.Module:
-    """A one-channel feature extractor returning pooled features; timm adapts pretrained RGB stems to one channel.
+    """A one-channel feature extractor returning pooled features; pretrained RGB stems are adapted to one channel.
 
     `image_size` builds fixed-size models (vision transformers) for that input; convolutional ones ignore it.
     """
@@ -163,28 +155,20 @@ def build_trunk(
     if pretrained_file:
         state_dict = load_state_dict_file(pretrained_file)
         logger.info("Loading weights for %s from %s", backbone, pretrained_file)
-        try:
-            with _KeyMismatches() as mismatches:
-                trunk = _create_model(backbone, image_size, pretrained=True,
-                                      pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs)
-        except RuntimeError as e:  # load_state_dict: tensors of the wrong shape
-            raise UserError(
-                f"--pretrained-file {pretrained_file} does not fit {backbone} ({str(e).splitlines()[0].strip()})"
-            ) from None
-        if mismatches:
-            raise UserError(f"--pretrained-file {pretrained_file} does not fit {backbone}: {mismatches[0][:300]}")
-    elif pretrained:
+        trunk = _create_model(backbone, image_size, pretrained=False, **kwargs)
+        _load_weights(trunk, state_dict, f"--pretrained-file {pretrained_file} does not fit {backbone}")
+        return trunk
+    if pretrained:
         logger.info("Loading timm's pretrained weights for %s from the hub", backbone)
         try:
-            trunk = _create_model(backbone, image_size, pretrained=True, **kwargs)
+            return _create_model(backbone, image_size, pretrained=True, **kwargs)
         except (OSError, RuntimeError) as e:
             raise UserError(
                 f"cannot download pretrained weights for {backbone} ({str(e).splitlines()[0]}); "
                 "on an air-gapped cluster pass --pretrained-file PATH instead"
             ) from None
-    else:  # random initialisation (training says so once per run; loading an exported model lands here too)
-        trunk = _create_model(backbone, image_size, pretrained=False, **kwargs)
-    return trunk
+    # random initialisation (training says so once per run; loading an exported model lands here too)
+    return _create_model(backbone, image_size, pretrained=False, **kwargs)
 
 
 def trunk_normalization(trunk: nn.Module) -> tuple[float, float]:
@@ -350,12 +334,8 @@ def model_from_spec(spec: ModelSpec) -> MultiTaskNet:
     )
 
 
-def _weights_id(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+def _weights_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def export_model(model: nn.Module, spec: ModelSpec, out_uri: str, card: dict[str, Any]) -> str:
@@ -363,25 +343,16 @@ def export_model(model: nn.Module, spec: ModelSpec, out_uri: str, card: dict[str
 
     The model id is a hash of the weights file, so predictions name exactly the weights that made them.
     """
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "model.safetensors")
-        save_file(state, weights)
-        model_id = _weights_id(weights)
-        with open(weights, "rb") as f:
-            storage.write_bytes(storage.join(out_uri, "model.safetensors"), f.read())
-    config = asdict(spec)
-    storage.write_json(storage.join(out_uri, "config.json"), config)
+    weights = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    model_id = _weights_id(weights)
+    storage.write_bytes(storage.join(out_uri, "model.safetensors"), weights)
+    storage.write_json(storage.join(out_uri, "config.json"), asdict(spec))
     storage.write_json(storage.join(out_uri, "model_card.json"), {"model_id": model_id, **card})
     return model_id
 
 
 def load_model(model_uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     """Load an exported model directory: (model in eval mode, its spec, model id)."""
-    from safetensors.torch import load_file
-
     for name in ("model.safetensors", "config.json"):
         if not storage.exists(storage.join(model_uri, name)):
             raise UserError(f"--model {model_uri}: not an exported model directory (no {name})")
@@ -390,14 +361,10 @@ def load_model(model_uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     raw["abnormal_names"] = tuple(raw.get("abnormal_names", ABNORMAL_NAMES))
     spec = ModelSpec(**raw)
     model = model_from_spec(spec)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "model.safetensors")
-        with open(weights, "wb") as f:
-            f.write(storage.read_bytes(storage.join(model_uri, "model.safetensors")))
-        model.load_state_dict(load_file(weights))
-        model_id = _weights_id(weights)
+    weights = storage.read_bytes(storage.join(model_uri, "model.safetensors"))
+    model.load_state_dict(safetensors.torch.load(weights))
     model.eval()
-    return model, spec, model_id
+    return model, spec, _weights_id(weights)
 
 
 def read_model_card(model_uri: str) -> dict[str, Any]:
@@ -416,9 +383,7 @@ def amp_dtype() -> torch.dtype:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to `dtype` (from `amp_dtype`, chosen once per process), or none when it is None."""
-    if dtype is not None:
-        return torch.autocast(device.type, dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def describe(model: nn.Module) -> str:

@@ -21,11 +21,6 @@ from mura_ray.config import UserError
 
 logger = logging.getLogger("mura_ray")
 
-# The jobs use Ray Train V2 (`ray.train.UserCallback`, Tune trials that build and fit a TorchTrainer), Ray's
-# default since 2.51; on an older Ray of the supported range it is opt-in. Set before anything imports ray.train.
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
-
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"
 
 
@@ -146,6 +141,36 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
         ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     _quiet_libraries()
+
+
+def use_gpu(mode: str) -> bool:
+    """A job's `--gpu`: `yes`, `no`, or `auto` (when the cluster has a GPU now)."""
+    import ray
+
+    return mode == "yes" or (mode == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+
+
+def check_fits(unit: dict[str, float], *, what: str, hint: str) -> int:
+    """How many `unit`s (a resource request such as `{"CPU": 3, "GPU": 2}`) the cluster holds at once.
+
+    When none fits, Ray waits for the resources without end: on a local Ray this process started, which no
+    autoscaler grows, that is a UserError naming `what` needs what and `hint`; on an attached cluster a warning
+    (an autoscaler may add the nodes), and 0.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    wanted = {k: v for k, v in unit.items() if v > 0}
+    fit = min((math.floor(have.get(k, 0) / v + 1e-9) for k, v in wanted.items()), default=0)
+    if fit >= 1:
+        return fit
+    short = [k for k, v in wanted.items() if have.get(k, 0) < v]
+    message = (f"{what} needs {', '.join(f'{wanted[k]:g} {k}' for k in short)}, the cluster has "
+               f"{', '.join(f'{have.get(k, 0):g} {k}' for k in short)} ({hint})")
+    if started_local_ray():
+        raise UserError(message)
+    logger.warning("The cluster cannot place this yet: %s. It waits for an autoscaler to add nodes.", message)
+    return 0
 
 
 def first_line(e: BaseException) -> str:

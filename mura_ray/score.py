@@ -1,11 +1,11 @@
-"""Batch scoring on Ray Data: a Predictor actor per model copy, resumable chunked commits, a report when labelled.
+"""Batch scoring on Ray Data (`jobs/score.py`): a Predictor actor per model copy, resumable chunked commits, a report
+when labelled.
 
-Output under DEST: `predictions/part-*.parquet`, `manifest.json` (the committed parts; written after each chunk, so
-readers trust only what it lists), `report/` when the input carries labels. One Ray Data execution scores the whole
-input (raw folders: runs of 200,000 paths), so the model actors start once; the driver cuts the stream of
-predictions into chunks and commits each. A re-run skips every image already in a
-committed part (the anti-filter runs inside the Ray Data tasks against a set built by a Ray task, so the driver
-never holds per-image state), which makes nightly scoring of an archive safe to repeat after an interruption.
+The input is listed by `mura_ray.data.score_input`, without the images already committed; one Ray Data execution
+scores it (raw folders: runs of 200,000 paths), so the model actors start once; the driver cuts the stream of
+predictions into chunks, and `predictions.Committer` commits each (`predictions/part-*.parquet`, listed in
+`manifest.json`). A re-run skips every image already in a committed part, which makes nightly scoring of an archive
+safe to repeat after an interruption.
 
 One run at a time writes an --out: it holds `DEST/_lock.json` (`storage.OutputLock`), refreshed every minute; a
 second run is refused with one line naming the first, and the lock of a run that died (not refreshed for 10
@@ -26,25 +26,43 @@ import hashlib
 import logging
 import math
 import os
-import re
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
+import pyarrow.compute as pc
 
-from mura_ray import storage
+from mura_ray import runtime, storage
 from mura_ray.config import ScoreConfig, UserError
-from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
-from mura_ray.data.pipeline import body_part_indices, read_parquet, resize_pad
+from mura_ray.data.images import DecodeError, load_pixels
+from mura_ray.data.pipeline import body_part_indices
+from mura_ray.data.score_input import (
+    RETRY_LATER,
+    check_input,
+    chunk_dataset,
+    chunk_rows,
+    count_done,
+    executions,
+    iter_chunks,
+)
 from mura_ray.labels import BODY_PARTS
-from mura_ray.runtime import first_line, user_error_cause
+from mura_ray.predictions import (
+    MANIFEST,
+    PREDICTION_SCHEMA,
+    PREDICTIONS,
+    Committer,
+    check_continuable,
+    clean_uncommitted,
+    load_done_keys,
+    load_predictions,
+    read_manifest,
+    read_predictions,
+)
+from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu, user_error_cause
 
 if TYPE_CHECKING:
     import torch
@@ -53,37 +71,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-_PART_NAME = re.compile(r"part-\d+-\d+\.parquet")
-PREDICTIONS = "predictions"
-INPUT_COLUMNS: tuple[str, ...] = ("image_id", "image", "path", "study_id", "body_part", "label")
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("path", pa.string()),
-        ("study_id", pa.string()),
-        ("body_part", pa.string()),
-        ("body_part_pred", pa.string()),
-        ("body_part_probs", pa.list_(pa.float32())),
-        ("prob_abnormal", pa.float32()),
-        ("pred_abnormal", pa.int8()),
-        ("label", pa.int8()),
-        ("model_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-        ("error", pa.string()),
-    ]
-)
-"""One row per input image; rows with an `error` carry no prediction."""
-
-
-def image_key(image_ids: Any) -> np.ndarray:
-    """Compact 64-bit keys of image ids, for the already-scored set."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "big") for i in image_ids],
-        dtype=np.uint64,
-    )
-
 
 def _present(value: Any) -> bool:
     """A non-null cell (pandas hands nulls over as None, NaN or pd.NA, by column type)."""
@@ -91,9 +78,10 @@ def _present(value: Any) -> bool:
 
 
 def decode_for_scoring(batch: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
-    """Ray Data task: decode each row's image bytes once and resize-pad it to every model input size in `sizes`
-    (uint8 `pixels_{size}` columns; the bytes are dropped). A row that cannot be decoded, or that arrives with a
-    read error, keeps its `error` and gets zero pixels.
+    """Ray Data task: each row's image bytes as the model input pixels of every input size in `sizes`
+    (`images.load_pixels`, as training's validation prepares them: uint8 `pixels_{size}` columns; the bytes are
+    dropped). A row that cannot be decoded, or that arrives with a read error, keeps its `error` and gets zero
+    pixels.
 
     The scoring job runs this as its own `map_batches` stage before the `Predictor` actors: with CPU actors Ray
     fuses the two (same resources), with GPU actors it stays a pool of CPU tasks, so that the node's CPUs decode
@@ -108,12 +96,11 @@ def decode_for_scoring(batch: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
             errors.append(str(pre_error))
             continue
         try:
-            image = decode_radiograph(data, draft_size=max(sizes))
+            for size in sizes:  # an ensemble of several input sizes decodes once for each (JPEG draft: per size)
+                pixels[size][i] = load_pixels(data, size)
         except DecodeError as e:
             errors.append(str(e))
             continue
-        for size in sizes:
-            pixels[size][i] = np.asarray(resize_pad(image, size), dtype=np.uint8)
         errors.append(None)
     out = batch.drop(columns=["image"]).assign(error=errors)
     for size in sizes:
@@ -152,7 +139,8 @@ class Predictor:
         self.sizes = sorted({s.image_size for s in specs})
 
     def _inputs(self, pixels: pd.Series, mean: float, std: float) -> torch.Tensor:
-        """uint8 images (N of S x S) to the model's normalised float input (N x 1 x S x S), on its device."""
+        """uint8 images (N of S x S) to the model's float input (N x 1 x S x S): `images.normalize`'s arithmetic,
+        on the model's device (a GPU is sent a quarter of the bytes)."""
         import torch
 
         x = torch.from_numpy(np.stack(pixels.to_numpy())).to(self.device).unsqueeze(1)
@@ -211,442 +199,6 @@ class Predictor:
             "error": errors,
         }
         return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in PREDICTION_SCHEMA})
-
-
-# ---------------------------------------------------------------------------------------------------- input
-@dataclass(frozen=True)
-class Chunk:
-    """A unit of listed input: the Parquet files of a split, or some raw image files (commits are cut from the
-    prediction stream, not per chunk)."""
-
-    parquet_files: tuple[str, ...] = ()
-    image_files: tuple[str, ...] = ()
-    root: str = ""
-
-    @property
-    def size(self) -> int:
-        return len(self.parquet_files) + len(self.image_files)
-
-
-def parquet_files(src: str) -> list[str]:
-    """The Parquet files of an input folder, without those under a name starting with `_` or `.` (as pyarrow's
-    datasets and Spark leave them out): an ingest's `_staging/`, a job's temporary files. Only the names below
-    `src` count (a relative, `~` or `file://` input is compared as the path it resolves to)."""
-    base = storage.resolve(src)[1].rstrip("/")
-    return [f for f in storage.list_files(src, ".parquet")
-            if not any(part.startswith(("_", ".")) for part in storage.resolve(f)[1][len(base):].split("/"))]
-
-
-def is_parquet_input(src: str) -> bool:
-    return bool(parquet_files(src)) if storage.is_dir(src) else src.endswith(".parquet")
-
-
-INGEST_MARKS: tuple[str, ...] = ("errors.jsonl", "_staging", "_lock.json")
-"""What an ingest writes into its DEST before `ingest_summary.json`, which it writes last."""
-
-
-def _check_ingest_finished(src: str) -> None:
-    """Refuse a split of a dataset whose ingest has not finished (still running, or killed): its summary, written
-    last, is missing while ingest's other files are there, so the split may hold only part of its files."""
-    for dest in (src.rstrip("/"), src.rstrip("/").rsplit("/", 1)[0]):
-        if storage.exists(storage.join(dest, "ingest_summary.json")):
-            return
-        if any(storage.exists(storage.join(dest, mark)) for mark in INGEST_MARKS):
-            raise UserError(f"--input {src}: the ingest writing {dest} has not finished (it has no "
-                            "ingest_summary.json yet): wait for it, or re-run jobs/ingest.py with --overwrite")
-
-
-def _check_input(src: str) -> None:
-    """Checked before the lock and Ray (a wrong path, refused credentials or an unreachable endpoint fail in a
-    second): the input exists, and is not an ingested dataset's folder holding several splits, whose train, val
-    and test images would be scored, and reported on, together (a folder with one split scores that split)."""
-    if not storage.exists(src):
-        raise UserError(f"--input {src}: no such file or folder")
-    summary = storage.join(src, "ingest_summary.json")
-    if storage.exists(summary):
-        try:
-            listed = dict(storage.read_json(summary).get("splits", {}))
-        except (ValueError, TypeError, AttributeError):
-            raise UserError(f"--input {src}: its ingest_summary.json is not an ingest summary; give a split of an "
-                            "ingested dataset, or a folder of images") from None
-        splits = sorted(s for s in listed if storage.is_dir(storage.join(src, s)))
-        if len(splits) > 1:
-            raise UserError(f"--input {src} is a whole ingested dataset ({', '.join(splits)}): give one split, such "
-                            f"as {storage.join(src, 'test' if 'test' in splits else splits[-1])}")
-
-
-def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
-    """The input, listed lazily: every Parquet file of a split in one chunk; raw images folder by folder, in chunks
-    of at least `chunk_images` paths (whole folders)."""
-    if not storage.exists(src):
-        raise UserError(f"--input {src}: no such file or folder")
-    if is_parquet_input(src):
-        if storage.is_dir(src):
-            _check_ingest_finished(src)
-        yield Chunk(parquet_files=tuple(parquet_files(src) if storage.is_dir(src) else [src]))
-        return
-    if not storage.is_dir(src):
-        raise UserError(f"--input {src}: expected an ingested Parquet split or a folder of PNG/JPEG images")
-    fs, base = storage.resolve(src)
-    pending: list[str] = []
-    found = False
-    stack = [base]
-    while stack:
-        folder = stack.pop()
-        infos = sorted(fs.get_file_info(pafs.FileSelector(folder, recursive=False)), key=lambda i: i.path,
-                       reverse=True)
-        for info in infos:
-            name = info.path.rsplit("/", 1)[-1]
-            if name.startswith("."):
-                continue
-            if info.type == pafs.FileType.Directory:
-                stack.append(info.path)
-            elif name.lower().endswith(IMAGE_SUFFIXES):
-                pending.append(info.path[len(base):].lstrip("/"))
-        if len(pending) >= chunk_images:
-            found = True
-            yield Chunk(image_files=tuple(sorted(pending)), root=src)
-            pending = []
-    if pending or not found:
-        if not pending:
-            raise UserError(f"--input {src}: no Parquet files and no PNG/JPEG images found")
-        yield Chunk(image_files=tuple(sorted(pending)), root=src)
-
-
-RETRY_LATER = "cannot read now: "
-"""How `_raw_rows` marks a row whose file S3 could not serve now: the run stops on it, its chunk not committed."""
-
-
-def _raw_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
-    """Ray Data task: read raw image files into the input columns.
-
-    A file that cannot be read for what it is (gone since the listing, a local permission) carries an error,
-    committed as its row: a re-run skips it like any scored image. S3 unreachable, throttling or failing
-    (`storage.transient`), or refusing the request (`storage.access_denied`: also what credentials that expired
-    mid-run get) is no fault of the file's: its row carries `RETRY_LATER` instead, and the driver stops the run on
-    it with one line before its chunk is committed (`_Committer.add`), so that the next run scores these images
-    rather than leaving them marked failed for good. (Raised here, the error would reach the driver wrapped by Ray
-    Data, its message lost.)
-    """
-    from mura_ray.data.ingest import image_id_for
-
-    images, errors = [], []
-    for rel in batch["path"]:
-        uri = storage.join(root, rel)
-        try:
-            images.append(storage.read_bytes(uri)), errors.append(None)
-        except OSError as e:
-            retry = storage.transient(e) or storage.access_denied(e)
-            images.append(b""), errors.append(f"{RETRY_LATER}{uri} ({first_line(e)})" if retry else
-                                              f"cannot read file: {e}")
-    parts = [
-        next((p[3:] for p in rel.split("/")[:-1] if p.startswith("XR_") and p[3:] in BODY_PARTS), None)
-        for rel in batch["path"]
-    ]
-    return pd.DataFrame({
-        "image_id": [image_id_for(p) for p in batch["path"]], "image": images, "path": batch["path"],
-        "study_id": [None] * len(batch), "body_part": parts, "label": [None] * len(batch), "error": errors,
-    })
-
-
-def _drop_done(batch: pd.DataFrame, done: Any) -> pd.DataFrame:
-    """Ray Data task: drop rows whose image is already in a committed part (`done`: ObjectRef of sorted keys).
-
-    Rows of a raw-folder listing carry only `path`: their ids come from it, so done images are dropped before their
-    bytes are read (a nightly re-run over a growing archive reads only the new images).
-    """
-    import ray
-
-    done = ray.get(done[0])
-    if len(done) == 0:
-        return batch
-    if "image_id" in batch:
-        ids = batch["image_id"]
-    else:
-        from mura_ray.data.ingest import image_id_for
-
-        ids = [image_id_for(p) for p in batch["path"]]
-    return batch[~np.isin(image_key(ids), done)]
-
-
-RAW_IMAGES_PER_EXECUTION = 200_000
-"""Raw image paths listed ahead on the driver (~20 MB): bounds its memory on archives of any size."""
-
-
-def _executions(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    """Listed chunks merged into the inputs of Ray Data executions: every Parquet file in one, raw images in runs
-    of about RAW_IMAGES_PER_EXECUTION paths."""
-    pending: list[Chunk] = []
-    for chunk in chunks:
-        pending.append(chunk)
-        if chunk.image_files and sum(len(c.image_files) for c in pending) >= RAW_IMAGES_PER_EXECUTION:
-            yield _merge(pending)
-            pending = []
-    if pending:
-        yield _merge(pending)
-
-
-def _merge(chunks: list[Chunk]) -> Chunk:
-    return Chunk(parquet_files=tuple(f for c in chunks for f in c.parquet_files),
-                 image_files=tuple(f for c in chunks for f in c.image_files), root=chunks[0].root)
-
-
-def _chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
-    import ray
-
-    if chunk.parquet_files:
-        fs, _ = storage.resolve(chunk.parquet_files[0])
-        paths = [storage.resolve(f)[1] for f in chunk.parquet_files]
-        ds = read_parquet(paths, fs)
-        names = ds.schema().names
-        missing = [c for c in ("image_id", "image") if c not in names]
-        if missing:
-            raise UserError(f"--input: {chunk.parquet_files[0]} lacks column(s) {', '.join(missing)}; "
-                            "expected a split written by jobs/ingest.py")
-        ds = ds.select_columns([c for c in INPUT_COLUMNS if c in names])
-        for column in INPUT_COLUMNS:
-            if column not in names:
-                ds = ds.add_column(column, lambda b: pd.Series([None] * len(b)), batch_format="pandas")
-    else:
-        listing = pd.DataFrame({"path": list(chunk.image_files)})
-        blocks = max(1, min(len(listing) // 64, 4096))  # tasks read ~64 images each (bounded blocks)
-        step = -(-len(listing) // blocks)
-        ds = ray.data.from_pandas([listing.iloc[i : i + step] for i in range(0, len(listing), step)])
-        ds = ds.map_batches(_drop_done, batch_format="pandas", fn_kwargs={"done": [done_ref]}, num_cpus=read_cpus)
-        return ds.map_batches(_raw_rows, batch_format="pandas", fn_kwargs={"root": chunk.root}, num_cpus=read_cpus)
-    return ds.map_batches(_drop_done, batch_format="pandas", fn_kwargs={"done": [done_ref]}, num_cpus=read_cpus)
-
-
-# ---------------------------------------------------------------------------------------------------- commit
-def read_manifest(out: str) -> dict[str, Any] | None:
-    uri = storage.join(out, MANIFEST)
-    if not storage.exists(uri):
-        return None
-    try:
-        manifest = storage.read_json(uri)
-    except ValueError as e:
-        raise UserError(f"{uri} is not valid JSON ({e}); is --out another job's folder?") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), dict):
-        raise UserError(f"{uri} is not a scoring manifest (no 'parts'); is --out another job's folder?")
-    return manifest
-
-
-def _check_continuable(out: str, manifest: dict[str, Any]) -> None:
-    """A manifest with committed parts that a run can add to: written by this tool (what it compares, and the
-    part names it numbers on from)."""
-    missing = [key for key in ("input", "model_ids") if key not in manifest]
-    odd = [name for name in manifest["parts"] if not _PART_NAME.fullmatch(name)]
-    if missing or odd:
-        what = f"lacks {', '.join(missing)}" if missing else f"lists parts not named part-N-M.parquet: {odd[:3]}"
-        raise UserError(f"{storage.join(out, MANIFEST)} is not a scoring manifest of this tool ({what}); is --out "
-                        "another job's folder?")
-
-
-def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """The committed predictions of a scoring output `out` (only the parts its manifest lists)."""
-    import pyarrow.parquet as pq
-
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise UserError(f"{out}: no {MANIFEST}; not a (complete) scoring output")
-    fs, _ = storage.resolve(out)
-    paths = [storage.resolve(storage.join(out, PREDICTIONS, p))[1] for p in sorted(manifest["parts"])]
-    if not paths:
-        return PREDICTION_SCHEMA.empty_table().to_pandas()
-    return pq.ParquetDataset(paths, filesystem=fs).read(columns=columns).to_pandas()
-
-
-def _load_done_keys(out: str, parts: list[str]) -> np.ndarray:
-    """Ray task: 64-bit keys of every image id in the committed parts."""
-    import pyarrow.parquet as pq
-
-    keys = []
-    for part in parts:
-        fs, path = storage.resolve(storage.join(out, PREDICTIONS, part))
-        keys.append(image_key(pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()))
-    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
-
-
-def _clean_uncommitted(out: str, committed: set[str]) -> None:
-    """Delete staged or stray part files that no manifest lists (left by an interrupted run)."""
-    storage.delete_dir(storage.join(out, "_staging"))
-    for uri in storage.list_files(storage.join(out, PREDICTIONS), ".parquet"):
-        if uri.rsplit("/", 1)[-1] not in committed:
-            fs, path = storage.resolve(uri)
-            fs.delete_file(path)
-
-
-def _commit_chunk(out: str, staging: str, seq: int) -> tuple[list[str], int]:
-    """Verify a staged chunk (row count, unique image ids) and move its files into predictions/."""
-    import pyarrow.parquet as pq
-
-    staged = storage.list_files(staging, ".parquet")
-    if not staged:
-        return [], 0
-    fs, _ = storage.resolve(out)
-    ids: list[str] = []
-    for uri in staged:
-        ids.extend(pq.read_table(storage.resolve(uri)[1], filesystem=fs, columns=["image_id"])["image_id"]
-                   .to_pylist())
-    if len(ids) != len(set(ids)):
-        raise RuntimeError(f"staged chunk {staging} holds duplicate image ids; nothing was committed")
-    fs.create_dir(storage.resolve(storage.join(out, PREDICTIONS))[1], recursive=True)
-    names = []
-    for i, uri in enumerate(staged):
-        name = f"part-{seq:06d}-{i:04d}.parquet"
-        fs.move(storage.resolve(uri)[1], storage.resolve(storage.join(out, PREDICTIONS, name))[1])
-        names.append(name)
-    storage.delete_dir(staging)
-    return names, len(ids)
-
-
-class _KeySet:
-    """A set of 64-bit keys in ~8 bytes a key: sorted runs, merged as they grow (each run at least twice the size of
-    the next), so a lookup is a binary search in each of O(log n) runs and a key is copied O(log n) times."""
-
-    def __init__(self) -> None:
-        self.runs: list[np.ndarray] = []
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self.runs)
-
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(keys), dtype=bool)
-        for run in self.runs:
-            at = np.minimum(np.searchsorted(run, keys), len(run) - 1)
-            found |= run[at] == keys
-        return found
-
-    def add(self, keys: np.ndarray) -> None:
-        """Add keys that are not in the set yet."""
-        if not len(keys):
-            return
-        self.runs.append(np.sort(keys))
-        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
-            newer, older = self.runs.pop(), self.runs.pop()
-            self.runs.append(np.concatenate([older, newer]))
-            self.runs[-1].sort()
-
-
-class _Committer:
-    """Cuts the stream of prediction tables into committed chunks of exactly `chunk_images` rows (the last one
-    smaller), staged as Parquet parts of at most `rows_per_file` rows, then moved and listed in the manifest.
-
-    Every image id is committed once: a row whose id this run has already taken (an input that holds an image
-    twice, in one chunk or across chunks) is dropped and counted in `duplicates`, the first kept. (Ids committed by
-    earlier runs are dropped from the input before it is read, `_drop_done`.) The ids' 64-bit keys are held for the
-    run, 8 bytes an image (`_KeySet`).
-    """
-
-    def __init__(self, out: str, manifest: dict[str, Any], seq: int, chunk_images: int, rows_per_file: int,
-                 lock: storage.OutputLock):
-        self.out, self.manifest, self.seq, self.lock = out, manifest, seq, lock
-        self.chunk_images, self.rows_per_file = chunk_images, rows_per_file
-        self.buffer: list[pa.Table] = []
-        self.buffered = self.chunk_rows = self.chunk_errors = self.scored = self.failed = 0
-        self.staging = self._new_staging()
-        self.staged = 0
-        self.seen = _KeySet()
-        self.duplicates = 0
-        self.duplicate_ids: list[str] = []  # the first few, for the log
-
-    def _new_staging(self) -> str:
-        return storage.join(self.out, "_staging", uuid.uuid4().hex)
-
-    def _first_sightings(self, table: pa.Table) -> pa.Table:
-        """`table` without the rows whose image id this run has already taken (counted in `duplicates`)."""
-        ids = table["image_id"].to_pylist()
-        keys = image_key(ids)
-        keep = np.zeros(len(keys), dtype=bool)
-        keep[np.unique(keys, return_index=True)[1]] = True  # each id's first row in this table
-        keep &= ~self.seen.contains(keys)
-        self.seen.add(keys[keep])
-        if keep.all():
-            return table
-        repeats = np.flatnonzero(~keep)
-        self.duplicates += len(repeats)
-        self.duplicate_ids += [ids[i] for i in repeats[: 5 - len(self.duplicate_ids)]]
-        return table.filter(pa.array(keep))
-
-    def add(self, table: pa.Table) -> None:
-        import pyarrow.compute as pc
-
-        retry = pc.starts_with(table["error"].cast(pa.string()), RETRY_LATER)
-        if pc.any(retry).as_py():
-            first = table.filter(pc.fill_null(retry, False))["error"][0].as_py().removeprefix(RETRY_LATER)
-            raise UserError(f"cannot read {first}; the chunks committed so far are kept: run the same command again "
-                            "to score the rest")
-        table = self._first_sightings(table)
-        while table.num_rows:
-            head = table.slice(0, min(self.chunk_images - self.chunk_rows, self.rows_per_file - self.buffered))
-            table = table.slice(head.num_rows)
-            self.buffer.append(head)
-            self.buffered += head.num_rows
-            self.chunk_rows += head.num_rows
-            self.chunk_errors += int(pc.sum(pc.is_valid(head["error"])).as_py() or 0)
-            if self.buffered >= self.rows_per_file:
-                self._stage()
-            if self.chunk_rows >= self.chunk_images:
-                self.commit()
-
-    def _stage(self) -> None:
-        import pyarrow.parquet as pq
-
-        if not self.buffered:
-            return
-        fs, path = storage.resolve(storage.join(self.staging, f"part-{self.staged:04d}.parquet"))
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as f:
-            pq.write_table(pa.concat_tables(self.buffer).cast(PREDICTION_SCHEMA), f)
-        self.buffer, self.buffered, self.staged = [], 0, self.staged + 1
-
-    def commit(self) -> None:
-        self._stage()
-        self.lock.check()  # a run whose lock was taken over (judged dead) must not move parts or write a manifest
-        names, rows = _commit_chunk(self.out, self.staging, self.seq)
-        if names:
-            if rows != self.chunk_rows:
-                raise RuntimeError(f"chunk {self.seq}: staged {rows} rows, expected {self.chunk_rows}")
-            for name in names:
-                self.manifest["parts"][name] = {"chunk": self.seq}
-            self.manifest["n_rows"] = self.manifest.get("n_rows", 0) + rows
-            self.manifest["n_errors"] = self.manifest.get("n_errors", 0) + self.chunk_errors
-            self.manifest["updated_at"] = datetime.now(timezone.utc).isoformat()
-            # The manifest is the commit: a part becomes visible to readers only once listed here.
-            storage.write_json(storage.join(self.out, MANIFEST), self.manifest)
-            self.scored += rows - self.chunk_errors
-            self.failed += self.chunk_errors
-            self.seq += 1
-        self.staging, self.staged = self._new_staging(), 0
-        self.chunk_rows = self.chunk_errors = 0
-
-
-def _resolve_gpu(mode: str) -> bool:
-    import ray
-
-    if mode == "yes":
-        return True
-    return mode == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
-
-
-def _check_pool_fits(cfg: ScoreConfig, use_gpu: bool) -> None:
-    """A pool the cluster cannot place yet is waited for (an autoscaler may add nodes), not an error: say so. On a
-    local Ray this process started, which no autoscaler grows, a pool of which not one actor fits would wait
-    forever: a UserError."""
-    import ray
-
-    from mura_ray.runtime import started_local_ray
-
-    what, one = ("GPU", 1.0) if use_gpu else ("CPU", cfg.cpus_per_actor)
-    need = cfg.concurrency * one
-    have = ray.cluster_resources().get(what, 0.0)
-    if have < one and started_local_ray():
-        fix = "use --gpu no to score on CPUs" if use_gpu else "lower --cpus-per-actor"
-        raise UserError(f"a scoring actor needs {one:g} {what}, this machine's Ray has {have:g} ({fix})")
-    if have < need:
-        later = "never, on this local Ray" if started_local_ray() else "when an autoscaler adds nodes"
-        logger.warning("The cluster has %g %s, the %d scoring actors need %g: the job scores on the actors that fit, "
-                       "the others start %s.", have, what, cfg.concurrency, need, later)
 
 
 def _same_input(uri: str) -> str:
@@ -735,7 +287,7 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
             storage.clear_dir(cfg.out, keep=(lock.NAME,))
         manifest = read_manifest(cfg.out)
         if manifest and manifest["parts"]:
-            _check_continuable(cfg.out, manifest)
+            check_continuable(cfg.out, manifest)
             _check_compatible(cfg, manifest, model_ids, threshold, model_threshold)
             manifest.setdefault("threshold", threshold)
             manifest.setdefault("threshold_source", threshold_source)
@@ -746,7 +298,7 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
                 "model_ids": model_ids,
                 "threshold": threshold, "threshold_source": threshold_source, "tta": cfg.tta, "parts": {},
             }
-        _clean_uncommitted(cfg.out, set(manifest["parts"]))
+        clean_uncommitted(cfg.out, set(manifest["parts"]))
         storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
     except OSError as e:
         lock.release()
@@ -755,6 +307,27 @@ def _open_output(cfg: ScoreConfig, model_ids: list[str], threshold: float, thres
         lock.release()
         raise
     return manifest
+
+
+def _check_pool_fits(cfg: ScoreConfig, gpu: bool) -> None:
+    """`runtime.check_fits` for one scoring actor; a fixed pool larger than the cluster scores on the actors that
+    fit, with a warning."""
+    fit = check_fits({"GPU": 1} if gpu else {"CPU": cfg.cpus_per_actor}, what="a scoring actor",
+                     hint="use --gpu no to score on CPUs" if gpu else "lower --cpus-per-actor")
+    if 0 < fit < cfg.concurrency:
+        logger.warning("The cluster has room for %d of the %d scoring actors: the job scores on those, the others "
+                       "start %s.", fit, cfg.concurrency,
+                       "never, on this local Ray" if started_local_ray() else "when an autoscaler adds nodes")
+
+
+def _stop_on_read_failure(table: pa.Table) -> None:
+    """Stop the run, before this chunk is committed, on a row whose file storage could not serve now (marked
+    RETRY_LATER by the read task): the next run scores it, instead of it being committed as failed for good."""
+    retry = pc.starts_with(table["error"].cast(pa.string()), RETRY_LATER)
+    if pc.any(retry).as_py():
+        first = table.filter(pc.fill_null(retry, False))["error"][0].as_py().removeprefix(RETRY_LATER)
+        raise UserError(f"cannot read {first}; the chunks committed so far are kept: run the same command again "
+                        "to score the rest")
 
 
 def _get(ref: Any) -> Any:
@@ -824,7 +397,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
         # --overwrite would clear the input; predictions inside the input would be read back as input next run
         raise UserError(f"--out {cfg.out} and --input {cfg.input} overlap (the same folder, or one inside the other): "
                         "give an --out outside the input")
-    _check_input(cfg.input)
+    check_input(cfg.input)
     threshold = cfg.threshold if cfg.threshold is not None else model_threshold
     threshold_source = "cli" if cfg.threshold is not None else "model"
     lock = storage.OutputLock(cfg.out, "jobs/score.py")
@@ -841,34 +414,33 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     """`score` once this run holds --out's lock."""
     import ray
 
-    from mura_ray.runtime import init_ray
-
-    init_ray()
-    use_gpu = _resolve_gpu(cfg.gpu)
-    _check_pool_fits(cfg, use_gpu)
-    amp = cfg.amp and use_gpu  # what the Predictor does: autocast on its GPU, float32 on CPU
-    _check_precision(cfg, manifest, amp, use_gpu)
+    runtime.init_ray()
+    gpu = use_gpu(cfg.gpu)
+    _check_pool_fits(cfg, gpu)
+    amp = cfg.amp and gpu  # what the Predictor does: autocast on its GPU, float32 on CPU
+    _check_precision(cfg, manifest, amp, gpu)
     manifest["amp"] = amp
     parts_before = set(manifest["parts"])
-    done_ref = ray.remote(_load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(parts_before))
+    done_ref = ray.remote(load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(parts_before))
 
-    predictor_args = {"use_gpu": use_gpu, "tta": cfg.tta, "threshold": threshold, "amp": cfg.amp}
+    predictor_args = {"use_gpu": gpu, "tta": cfg.tta, "threshold": threshold, "amp": cfg.amp}
     started = time.perf_counter()
     seq = max((int(p.split("-")[1]) for p in manifest["parts"]), default=-1) + 1
-    committer = _Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file, lock)
+    committer = Committer(cfg.out, manifest, seq, cfg.chunk_images, cfg.rows_per_file, lock)
     total = 0
     skipped_refs = []
     # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw
     # image paths held on the driver): the scoring actors start (import torch, load the model, initialise CUDA) once
     # per execution, not once per committed chunk; commits are cut from the stream of predictions.
-    for run in _executions(iter_chunks(cfg.input, cfg.chunk_images)):
-        total += _chunk_rows(run)
-        dataset = _chunk_dataset(run, done_ref, read_cpus=1.0)
-        skipped_refs.append(ray.remote(_count_done).options(num_cpus=0.25).remote(run, done_ref))
+    for run in executions(iter_chunks(cfg.input, cfg.chunk_images)):
+        total += chunk_rows(run)
+        dataset = chunk_dataset(run, done_ref, read_cpus=1.0)
+        skipped_refs.append(ray.remote(count_done).options(num_cpus=0.25).remote(run, done_ref))
         predictions = scoring_dataset(dataset, list(cfg.models), sizes, predictor_args, batch_size=cfg.batch_size,
                                       concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor,
                                       max_concurrency=cfg.max_concurrency)
         for table in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+            _stop_on_read_failure(table)
             committer.add(table)
     committer.commit()
     scored, failed, repeated = committer.scored, committer.failed, committer.duplicates
@@ -882,11 +454,6 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
                            f"already done + {repeated} repeated = {scored + failed + skipped + repeated}: rows "
                            "went missing between reading and "
                            "committing (what was committed is sound; a re-run scores the missing images)")
-    n_rows, duplicates = _get(ray.remote(_check_committed).options(num_cpus=0.25).remote(
-        cfg.out, sorted(manifest["parts"]), sorted(set(manifest["parts"]) - parts_before)))
-    if duplicates or n_rows != manifest.get("n_rows", 0):
-        raise RuntimeError(f"--out {cfg.out}: the committed parts hold {n_rows} rows (manifest: "
-                           f"{manifest.get('n_rows', 0)}), duplicated image ids: {duplicates or 'none'}")
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
         "scored": scored, "skipped_already_done": skipped, "skipped_duplicates": repeated, "failed": failed,
@@ -904,66 +471,6 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     return summary
 
 
-def _chunk_rows(chunk: Chunk) -> int:
-    """Input rows of a chunk, from the Parquet footers (the first read of each file: a corrupt one fails here)."""
-    import pyarrow.parquet as pq
-
-    if chunk.image_files:
-        return len(chunk.image_files)
-    n = 0
-    for uri in chunk.parquet_files:
-        fs, path = storage.resolve(uri)
-        try:
-            with fs.open_input_file(path) as f:
-                n += pq.ParquetFile(f).metadata.num_rows
-        except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"--input: cannot read {uri} as Parquet ({first_line(e)}); re-ingest the split "
-                            "or remove the file") from None
-    return n
-
-
-def _count_done(chunk: Chunk, done: np.ndarray) -> int:
-    """Ray task: how many input rows of `chunk` the already-scored filter (`_drop_done`, same keys) removes."""
-    import pyarrow.parquet as pq
-
-    from mura_ray.data.ingest import image_id_for
-
-    if len(done) == 0:
-        return 0
-    if chunk.image_files:
-        return int(np.isin(image_key([image_id_for(p) for p in chunk.image_files]), done).sum())
-    n = 0
-    for uri in chunk.parquet_files:
-        fs, path = storage.resolve(uri)
-        ids = pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()
-        n += int(np.isin(image_key(ids), done).sum())
-    return n
-
-
-def _check_committed(out: str, parts: list[str], new_parts: list[str]) -> tuple[int, list[str]]:
-    """Ray task: rows in the committed parts, and (up to 5 of) the image ids that occur in more than one row.
-
-    Ids are compared as the already-scored set's 64-bit keys (8 bytes an image, as `_load_done_keys` holds them);
-    the ids named are looked up in this run's parts first.
-    """
-    import pyarrow.parquet as pq
-
-    def ids_of(part: str) -> list[str]:
-        fs, path = storage.resolve(storage.join(out, PREDICTIONS, part))
-        return pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()
-
-    keys = np.concatenate([image_key(ids_of(part)) for part in parts]) if parts else np.zeros(0, dtype=np.uint64)
-    unique, counts = np.unique(keys, return_counts=True)
-    repeated = unique[counts > 1]
-    named: list[str] = []
-    for part in [*new_parts, *(p for p in parts if p not in new_parts)]:
-        if not repeated.size or len(named) >= 5:
-            break
-        ids = ids_of(part)
-        named += [i for i, hit in zip(ids, np.isin(image_key(ids), repeated), strict=True) if hit and i not in named]
-    return len(keys), named[:5]
-
-
 def _report_task(out: str, report_dir: str, threshold: float, threshold_source: str, bootstrap: int,
                  explain: dict[str, Any] | None) -> dict[str, Any] | None:
     """Ray task: build and write the metric report when the predictions carry labels (keeps the driver small).
@@ -971,7 +478,10 @@ def _report_task(out: str, report_dir: str, threshold: float, threshold_source: 
     With `explain`, Grad-CAM heatmaps of the most confident true positives, false negatives and false positives
     are added to the HTML report.
     """
-    from mura_ray.report import build_report, load_predictions, write_report
+    # Imported here, as torch and timm are in the Predictor: Ray Data's decode tasks import this module, and need
+    # neither matplotlib nor torch.
+    from mura_ray.explain import explain_report_examples
+    from mura_ray.report import build_report, write_report
 
     df = load_predictions(out)
     if "label" not in df or not (df["label"].notna() & df["prob_abnormal"].notna()).any():
@@ -979,17 +489,28 @@ def _report_task(out: str, report_dir: str, threshold: float, threshold_source: 
     report = build_report(df, threshold=threshold, threshold_source=threshold_source, bootstrap=bootstrap)
     explanations = None
     if explain:
-        from mura_ray.explain import explain_report_examples
-
         explanations = explain_report_examples(read_predictions(out), explain["input"], explain["models"],
                                                explain["n"], threshold)
     write_report(report, df, report_dir, explanations=explanations)
     return report
 
 
-def score_and_report(model_dir: str, input_uri: str, out: str, report_dir: str, bootstrap: int = 200
-                     ) -> dict[str, Any]:
-    """Score an ingested split with one model (training's test evaluation), replacing `out`; returns the report."""
-    summary = score(ScoreConfig(models=(model_dir,), input=input_uri, out=out, bootstrap=bootstrap),
-                    overwrite=True, report_dir=report_dir)
-    return summary.get("report_summary") or {}
+def score_test_split(model_dir: str, data: str, run_dir: str, bootstrap: int = 200) -> dict[str, Any]:
+    """Score an ingested dataset's test split with one exported model into RUN_DIR/test (replaced), its report in
+    RUN_DIR/report; the test metrics are recorded in the model card too. Returns the report's headline metrics."""
+    cfg = ScoreConfig(models=(model_dir,), input=storage.join(data, "test"), out=storage.join(run_dir, "test"),
+                      bootstrap=bootstrap)
+    summary = score(cfg, overwrite=True, report_dir=storage.join(run_dir, "report"))
+    report = summary.get("report_summary") or {}
+    image, study = report.get("image_level", {}), report.get("study_level", {})
+    headline = {
+        "image_accuracy": image.get("accuracy"), "image_roc_auc": image.get("roc_auc"),
+        "image_cohen_kappa": image.get("cohen_kappa"), "study_roc_auc": study.get("roc_auc"),
+        "study_cohen_kappa": study.get("cohen_kappa"),
+        "body_part_accuracy": report.get("body_part", {}).get("accuracy"),
+    }
+    card_uri = storage.join(model_dir, "model_card.json")
+    card = storage.read_json(card_uri)
+    card.setdefault("metrics", {})["test"] = headline
+    storage.write_json(card_uri, card)
+    return headline

@@ -174,6 +174,12 @@ def overlap(a: str, b: str) -> bool:
     return contains(a, b) or contains(b, a)
 
 
+def check_in_bucket(uri: str, flag: str, example: str) -> None:
+    """A job's output folder must lie inside a bucket: `s3://bucket` alone has no parent folder to name a run in."""
+    if is_remote(uri) and "/" not in uri.split("://", 1)[1].strip("/"):
+        raise UserError(f"{flag} {uri}: give a folder inside the bucket, such as {uri.rstrip('/')}/{example}")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with `/`."""
     out = uri.rstrip("/")
@@ -298,6 +304,16 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         for info in infos
         if info.type == pafs.FileType.File and info.path.endswith(suffix)
     )
+
+
+def list_parquet(uri: str) -> list[str]:
+    """The `.parquet` files under the folder `uri` (recursive, sorted, as full URIs), leaving out every name below
+    `uri` that starts with `_` or `.` (staging folders, temporary and hidden files), as pyarrow.dataset, Spark and
+    Ray Data do. (pyarrow.dataset's own discovery cannot list a folder that also holds other files: it fails on
+    the first one that is not Parquet.)"""
+    base = resolve(uri)[1].rstrip("/")
+    return [f for f in list_files(uri, ".parquet")
+            if not any(part.startswith(("_", ".")) for part in resolve(f)[1][len(base):].split("/"))]
 
 
 class OutputLock:

@@ -11,10 +11,8 @@ import hashlib
 import logging
 import math
 import os
-import queue
 import subprocess
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -23,202 +21,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mura_ray import __version__, storage
+from mura_ray import __version__, runtime, storage
 from mura_ray.config import METRIC_MODES, TrainConfig, UserError
-from mura_ray.data.pipeline import build_input, split_rows
+from mura_ray.data.pipeline import EpochStream, build_input, iter_batches, split_rows
 from mura_ray.labels import BODY_PARTS
+from mura_ray.losses import multitask_loss
+from mura_ray.metrics import compute_binary_metrics
 from mura_ray.models import ModelSpec, amp_dtype, autocast, build_model, export_model, trunk_normalization
-from mura_ray.runtime import first_line
+from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 
 
-# ---------------------------------------------------------------------------------------------------- losses
-def abnormal_loss(
-    logits: Tensor, labels: Tensor, *, kind: str, pos_weight: float | None = None, gamma: float = 2.0
-) -> Tensor:
-    """Binary loss over rows with a known label: BCE, positive-weighted BCE or focal loss (mean)."""
-    weight = torch.tensor(pos_weight, device=logits.device) if kind == "weighted" and pos_weight else None
-    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weight, reduction="none")
-    if kind == "focal":
-        p = torch.sigmoid(logits.float())
-        p_t = p * labels + (1 - p) * (1 - labels)
-        bce = bce * (1 - p_t) ** gamma
-    return bce.mean()
-
-
-def multitask_loss(
-    out: dict[str, Tensor], labels: Tensor, body_parts: Tensor, *, kind: str, pos_weight: float | None,
-    gamma: float, body_part_weight: float,
-) -> tuple[Tensor, Tensor]:
-    """(total loss, abnormality loss); body-part cross-entropy ignores rows whose body part is unknown.
-
-    Every output stays in the graph: when the body-part term is left out (weight 0, or no row with a known body part,
-    as in a fracture set without body parts) the head is added at zero weight, so it still gets a (zero) gradient —
-    DistributedDataParallel fails the next step when a trained parameter got none on some worker.
-    """
-    ab = abnormal_loss(out["abnormal"], labels, kind=kind, pos_weight=pos_weight, gamma=gamma)
-    total = ab
-    if "body_part" in out:
-        if body_part_weight > 0 and bool((body_parts >= 0).any()):
-            total = total + body_part_weight * F.cross_entropy(out["body_part"].float(), body_parts, ignore_index=-1)
-        else:
-            total = total + out["body_part"].float().sum() * 0.0
-    return total, ab
-
-
-# ---------------------------------------------------------------------------------------------------- metrics
-def compute_val_metrics(
-    labels: np.ndarray, probs: np.ndarray, body_parts: np.ndarray, body_part_pred: np.ndarray, threshold: float
-) -> dict[str, float]:
-    """Validation AUC and Cohen's kappa for abnormality, accuracy for body part (NaN when undefined)."""
-    from sklearn.metrics import cohen_kappa_score, roc_auc_score
-
-    out = {"val_auc": float("nan"), "val_kappa": float("nan"), "val_body_part_acc": float("nan")}
-    if len(np.unique(labels)) == 2:
-        out["val_auc"] = float(roc_auc_score(labels, probs))
-        out["val_kappa"] = float(cohen_kappa_score(labels, (probs >= threshold).astype(int)))
-    known = body_parts >= 0
-    if known.any() and len(body_part_pred):
-        out["val_body_part_acc"] = float((body_part_pred[known] == body_parts[known]).mean())
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- worker loop
-def _iter_batches(shard, batch_size: int, shuffle: bool, device):
-    return shard.iter_torch_batches(
-        batch_size=batch_size,
-        dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32},
-        device=device,
-        prefetch_batches=4,
-        local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
-    )
-
-
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-class EpochStream:
-    """A run's epochs cut from one stream of batches, pulled by a background thread up to `depth` batches ahead.
-
-    The training input is one Ray Data execution over all of a run's epochs (`build_input(passes=...)`: the split's
-    files once per epoch, each pass in its own seeded order), so read and decode run on without a break: an
-    execution per epoch spent ~0.9 s starting up at every epoch boundary, which held the input at 0.4x a PyTorch
-    DataLoader on 2 cores (docs/benchmarks.md, sessions 11-12). Epoch e ends with the first batch that brings the
-    rows delivered since the stream began to (e + 1) x `rows_per_epoch` (this worker's share of the split); counted
-    from the start, not per epoch, so batch boundaries never make epochs drift from the passes. Every worker gets
-    the same number of rows in batches of the same size (Ray Train splits the dataset into equal shards), so every
-    worker cuts its epochs at the same step, as DDP needs. An epoch is the split's rows give or take a batch: the
-    local shuffle buffer mixes rows across the boundary between passes.
-
-    Pulling starts when the stream is made (before the model is built, so the input's start-up overlaps the
-    model's set-up) and runs on between epochs, over validation and the checkpoint. Each `epoch()` yields one
-    epoch's batches in order (an epoch left part-way is skipped to its end by the next call); after the last epoch
-    the iterator is closed, ending this worker's part of the execution, whatever rows are left in it (a resumed run
-    reads only the epochs it has left). `close()` does the same at once (early stopping).
-
-    Batches are queued as `make_batches` delivers them: on the GPU when it moves them there, so up to `depth` + 1
-    batches of GPU memory stay in use between epochs (51 MB each at 256 single-channel images of 224 px).
-    """
-
-    _END = object()
-
-    def __init__(self, make_batches: Callable[[], Any], epochs: int, rows_per_epoch: int, depth: int = 8):
-        if rows_per_epoch <= 0:
-            raise ValueError(f"rows_per_epoch must be positive, not {rows_per_epoch}")
-        self._make = make_batches
-        self._unread = epochs  # epochs not yet handed to the loop
-        self._open = False  # an epoch handed to the loop whose end it has not reached
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pull, args=(epochs, rows_per_epoch), name="epoch-input",
-                                        daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _pull(self, epochs: int, rows_per_epoch: int) -> None:
-        it = None
-        try:
-            if epochs <= 0:
-                return
-            it = iter(self._make())
-            delivered = 0
-            for epoch in range(epochs):
-                until = (epoch + 1) * rows_per_epoch
-                while delivered < until:
-                    batch = next(it, None)
-                    if batch is None:
-                        raise RuntimeError(
-                            f"the training input ended after {delivered} rows, in epoch {epoch + 1} of {epochs} "
-                            f"({rows_per_epoch} rows an epoch): was the dataset changed during the run?")
-                    delivered += len(batch["ok"])
-                    if not self._put(batch):
-                        return
-                if not self._put(self._END):
-                    return
-        except BaseException as e:  # re-raised in the training loop's thread
-            self._put(_Failed(e))
-        finally:  # ends this worker's part of the Ray Data execution (the rows past the last epoch are not read)
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    def _next(self) -> Any:
-        item = self._queue.get()
-        if isinstance(item, _Failed):
-            self._open = False
-            raise item.error
-        if item is self._END:
-            self._open = False
-        return item
-
-    def epoch(self):
-        """The next epoch's batches (an error in the input is raised here); nothing after the last epoch."""
-        while self._open:  # the loop left the previous epoch part-way: its rest is not this one's
-            self._next()
-        if self._unread <= 0 or self._stop.is_set():
-            return
-        self._unread -= 1
-        self._open = True
-        while (item := self._next()) is not self._END:
-            yield item
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop pulling and drop what was pulled ahead; again, a no-op. The thread ends after the batch it is
-        waiting for, if any; it is not waited for longer than `timeout` (a daemon, and Ray Train shuts the
-        dataset's execution down with the workers)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._open = False
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout)
-
-
 def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype | None, loss_kwargs: dict[str, Any],
              threshold: float) -> dict[str, float]:
     """Loss and metrics over every row of a validation iterator (rows that failed to decode are skipped)."""
     model.eval()
-    labels, probs, parts, part_pred, losses, weights = [], [], [], [], [], []
+    labels, probs, parts, part_pred, losses, ab_losses, weights = [], [], [], [], [], [], []
     skipped = 0
     with torch.inference_mode():
         for batch in batches:
@@ -230,8 +54,9 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
             image, label, body_part = batch["image"][ok], batch["label"][ok], batch["body_part"][ok]
             with autocast(device, amp):
                 out = model(image, body_part)
-            loss, _ = multitask_loss(out, label, body_part, **loss_kwargs)
+            loss, ab = multitask_loss(out, label, body_part, **loss_kwargs)
             losses.append(float(loss) * len(label))
+            ab_losses.append(float(ab) * len(label))
             weights.append(len(label))
             labels.append(label.cpu().numpy())
             probs.append(torch.sigmoid(out["abnormal"].float()).cpu().numpy())
@@ -241,11 +66,19 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
     if not weights:
         raise RuntimeError(f"the validation split has no labelled image that decodes ({skipped} failed to decode): "
                            "nothing to compute the validation loss on")
-    metrics = compute_val_metrics(
-        np.concatenate(labels), np.concatenate(probs), np.concatenate(parts),
-        np.concatenate(part_pred) if part_pred else np.array([]), threshold,
-    )
-    return {"val_loss": sum(losses) / sum(weights), **metrics, "val_skipped_images": skipped}
+    m = compute_binary_metrics(np.concatenate(labels), np.concatenate(probs), threshold)
+    parts_known, parts_pred = np.concatenate(parts), np.concatenate(part_pred) if part_pred else None
+    known = parts_known >= 0
+    body_part_acc = (float((parts_pred[known] == parts_known[known]).mean()) if parts_pred is not None and known.any()
+                     else math.nan)
+    return {"val_loss": sum(losses) / sum(weights), "val_abnormal_loss": sum(ab_losses) / sum(weights),
+            "val_auc": _or_nan(m["roc_auc"]), "val_kappa": _or_nan(m["cohen_kappa"]),
+            "val_body_part_acc": body_part_acc, "val_skipped_images": skipped}
+
+
+def _or_nan(value: float | None) -> float:
+    """A metric for Ray Train's report: NaN where `metrics` says undefined (None), as Tune and ASHA expect."""
+    return math.nan if value is None else float(value)
 
 
 def _save_state(path: str, state: dict[str, Any]) -> None:
@@ -386,7 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = _validation(loop_config["val_input"]) if rank == 0 else None
     start = state["epoch"] + 1 if state is not None else 0  # as setup_training resumes
-    stream = EpochStream(lambda: _iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start,
+    stream = EpochStream(lambda: iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start,
                          rows_per_epoch=loop_config["epoch_rows"])
     try:
         _train(cfg, loop_config, state, stream, val_shard, device, rank, world, start)
@@ -476,7 +309,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             "lr": lr,
         }
         if rank == 0:
-            val = evaluate(raw_model, _iter_batches(val_shard, cfg.batch_size * 2, False, device), device,
+            val = evaluate(raw_model, iter_batches(val_shard, cfg.batch_size * 2, False, device), device,
                            amp, loss_kwargs, cfg.threshold)
         else:
             val = None
@@ -548,41 +381,14 @@ def resolve_data(cfg: TrainConfig) -> str:
     return demo_dataset(cfg.demo_images)
 
 
-def _use_gpu(mode: str) -> bool:
-    import ray
-
-    if mode == "yes":
-        return True
-    if mode == "no":
-        return False
-    return ray.cluster_resources().get("GPU", 0) >= 1
-
-
 def check_cluster_fits(cfg: TrainConfig) -> None:
-    """A run the cluster cannot place never starts: Ray Train waits for the resources and retries without end.
-
-    On a local Ray this process started that is a UserError; on an attached cluster an autoscaler may still add
-    the nodes, so it is a warning saying what the run waits for.
-    """
-    import ray
-
-    from mura_ray.runtime import started_local_ray
-
-    have = ray.cluster_resources()
-    problems = []
-    if _use_gpu(cfg.gpu) and have.get("GPU", 0) < cfg.workers:
-        problems.append(f"--workers {cfg.workers} with --gpu {cfg.gpu} needs {cfg.workers} GPU(s), the cluster has "
-                        f"{have.get('GPU', 0):g} (use --gpu no to train on CPUs)")
-    need_cpus = cfg.workers * cfg.cpus_per_worker + 1
-    if have.get("CPU", 0) < need_cpus:
-        problems.append(f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker:g} and one CPU to decode "
-                        f"images need {need_cpus:g} CPUs, the cluster has {have.get('CPU', 0):g}")
-    if not problems:
-        return
-    if started_local_ray():
-        raise UserError("; ".join(problems))
-    logger.warning("The cluster cannot place this run yet: %s. It waits for an autoscaler to add nodes.",
-                   "; ".join(problems))
+    """A run the cluster cannot place never starts (`runtime.check_fits`): the Train workers' CPUs and GPUs, and
+    one CPU more to read and decode images."""
+    gpu = use_gpu(cfg.gpu)
+    check_fits({"CPU": cfg.workers * cfg.cpus_per_worker + 1, "GPU": cfg.workers if gpu else 0},
+               what=f"--workers {cfg.workers} (x --cpus-per-worker {cfg.cpus_per_worker:g}, one CPU to decode images"
+               f"{', one GPU each' if gpu else ''})",
+               hint="use --gpu no to train on CPUs" if gpu else "lower --workers or --cpus-per-worker")
 
 
 ARCHITECTURE_OPTIONS = ("backbone", "multitask", "body_part_embedding", "freeze", "image_size")
@@ -668,12 +474,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Validate, fail fast on a bad backbone, start or attach Ray, and resolve (or build) the dataset."""
     import ray
 
-    from mura_ray.runtime import init_ray, started_local_ray
-
     cfg = cfg.validate()
     out = (cfg.out or default_run_dir(cfg.backbone)).removeprefix("file://")
-    if storage.is_remote(out) and "/" not in out.split("://", 1)[1].strip("/"):
-        raise UserError(f"--out {out}: give a run directory inside the bucket, such as {out.rstrip('/')}/runs/NAME")
+    storage.check_in_bucket(out, "--out", "runs/NAME")
     # Absolute, so that the path logged is where the run is (under `ray job submit --working-dir` a relative path
     # is inside Ray's copy of the working directory).
     cfg = replace(cfg, out=out if storage.is_remote(out) else os.path.abspath(os.path.expanduser(out)))
@@ -697,7 +500,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         storage.probe_writable(cfg.out)
     except OSError as e:
         raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
-    init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
+    runtime.init_ray(train_cpus=cfg.workers * cfg.cpus_per_worker)
     check_cluster_fits(cfg)
     weights = ray.put(probe.state_dict()) if cfg.pretrained or cfg.pretrained_file else None
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -789,7 +592,7 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
                            "epoch_rows": train_rows // cfg.workers,  # Ray Train's shards are equal
                            "val_input": val_input},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=_use_gpu(cfg.gpu), resources_per_worker={"CPU": cfg.cpus_per_worker},
+            num_workers=cfg.workers, use_gpu=use_gpu(cfg.gpu), resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         run_config=run_config,
         datasets=datasets,
@@ -798,28 +601,39 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
 
 
 def best_state(result, metric: str = "val_loss") -> dict[str, Any]:
-    """The training state saved with the best checkpoint of a finished run by `metric` (see METRIC_MODES)."""
-    best = result.get_best_checkpoint(metric, METRIC_MODES[metric])
-    if best is None:
+    """The training state saved with the best kept checkpoint of a finished run by `metric` (see METRIC_MODES).
+
+    A metric undefined at every kept checkpoint (AUC and kappa on a validation split of one class) falls back to
+    the validation loss, with one log line.
+    """
+    def defined(metrics: dict[str, Any], key: str) -> bool:
+        value = metrics.get(key)
+        return isinstance(value, int | float) and math.isfinite(value)
+
+    kept = result.best_checkpoints
+    if not kept:
         raise RuntimeError("training finished without a checkpoint")
+    if not any(defined(m, metric) for _, m in kept):
+        logger.warning("%s is undefined at every kept checkpoint (a validation split of one class?): choosing the "
+                       "checkpoint by val_loss instead", metric)
+        metric = "val_loss"
+    pick = max if METRIC_MODES[metric] == "max" else min
+    best, _ = pick(((c, m) for c, m in kept if defined(m, metric)), key=lambda cm: float(cm[1][metric]))
     return load_checkpoint_state(best)
 
 
 def fit(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, export the best checkpoint to RUN_DIR/model/, score the test split into RUN_DIR/report/."""
+    """Train and export the best checkpoint to RUN_DIR/model/; returns the run directory, the model directory, the
+    dataset trained on and the best checkpoint's validation metrics (`jobs/train.py` then scores the test split)."""
     run = prepare_run(cfg)
     check_resumable(run.cfg)
     logger.info("Run directory: %s", run.cfg.out)
     result = build_trainer(run).fit()
-    result_dict = finish_run(run, best_state(result, run.cfg.select_metric))
-    logger.info("Run directory: %s", run.cfg.out)
-    return result_dict
+    return export_best(run, best_state(result, run.cfg.select_metric))
 
 
-def finish_run(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
-    """Export the best checkpoint as a self-describing model (RUN_DIR/model/) and report on the test split."""
-    from mura_ray.score import score_and_report
-
+def export_best(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
+    """Export a checkpoint's training state as a self-describing model (RUN_DIR/model/)."""
     cfg, data, summary, mean, std = run.cfg, run.data, run.summary, run.mean, run.std
 
     model = build_model(cfg.backbone, multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding,
@@ -848,24 +662,8 @@ def finish_run(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     model_dir = storage.join(out, "model")
-    model_id = export_model(model, spec, model_dir, card)
+    export_model(model, spec, model_dir, card)
     storage.write_json(storage.join(out, "train_config.json"), asdict(cfg))
-    result: dict[str, Any] = {"run_dir": out, "model_dir": model_dir, "validation": state.get("metrics", {})}
-    if "test" in summary["splits"]:
-        report = score_and_report(model_dir, storage.join(data, "test"), storage.join(out, "test"),
-                                  storage.join(out, "report"))
-        card["metrics"]["test"] = _headline(report)
-        storage.write_json(storage.join(model_dir, "model_card.json"), {"model_id": model_id, **card})
-        result["test"] = card["metrics"]["test"]
-        result["report_dir"] = storage.join(out, "report")
-    return result
-
-
-def _headline(report: dict[str, Any]) -> dict[str, Any]:
-    image, study = report.get("image_level", {}), report.get("study_level", {})
-    return {
-        "image_accuracy": image.get("accuracy"), "image_roc_auc": image.get("roc_auc"),
-        "image_cohen_kappa": image.get("cohen_kappa"), "study_roc_auc": study.get("roc_auc"),
-        "study_cohen_kappa": study.get("cohen_kappa"),
-        "body_part_accuracy": report.get("body_part", {}).get("accuracy"),
-    }
+    logger.info("Run directory: %s", out)
+    return {"run_dir": out, "model_dir": model_dir, "data": data, "has_test": "test" in summary["splits"],
+            "validation": state.get("metrics", {})}

@@ -8,7 +8,6 @@ writes the leaderboard, exports the best trial like jobs/train.py does and compa
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -18,197 +17,33 @@ import sys
 import threading
 import time
 import zlib
-from dataclasses import asdict, fields, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 from typing import Any
 
 import ray.data
 import ray.tune
-import yaml
 
-from mura_ray import storage
-from mura_ray.config import DEMO_TRAIN_DEFAULTS, TrainConfig, TuneConfig, UserError, replace_from
-from mura_ray.runtime import first_line, user_error_cause
+from mura_ray import runtime, storage
+from mura_ray.compare import write_comparison
+from mura_ray.config import (
+    DEMO_TRAIN_DEFAULTS,
+    METRIC_MODES,
+    TrainConfig,
+    TuneConfig,
+    UserError,
+    replace_from,
+)
+from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu, user_error_cause
+from mura_ray.search_space import count_trials, resolve_space, to_param_space, varied_options
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPACE = str(Path(__file__).with_name("tune_space.yaml"))
-DOMAINS = ("choice", "grid", "uniform", "loguniform")
-SET_BY_FLAGS = {
-    "data": "--data", "out": "--out", "epochs": "--epochs", "workers": "--workers-per-trial", "gpu": "--gpu",
-    "cpus_per_worker": "--cpus-per-worker", "demo_images": "--demo-images", "seed": "--seed",
-    "select_metric": "--metric",
-}
-"""Training options the search sets for every trial from its own flags, so a space may not set them (it would be
-overwritten: `select_metric` is --metric, so that a trial keeps the checkpoint its leaderboard score comes from;
-`seed` is derived from --seed per trial, see `trial_seed`)."""
-MODES = {"val_auc": "max", "val_kappa": "max", "val_loss": "min"}
 TRIALS_DIR = "trials"
 """OUT/trials/<trial id>/ is each trial's Train run directory (its checkpoints)."""
 SEARCH_FILE = "search.json"
 
-DEMO_TUNE_DEFAULTS: dict[str, Any] = {
-    "backbones": ("custom_cnn", "resnet18"),
-    "num_samples": 2,
-    "epochs": 3,
-    "image_size": 48,
-    "max_concurrent": 2,
-    "demo_images": 600,
-}
-"""Defaults when no --data is given: 4 small trials over 2 backbones that finish in minutes on 2 CPU cores."""
-
 STOPPED_BY_ASHA = "stopped by ASHA"
 STOPPED_BY_PATIENCE = "stopped by patience"
-
-
-# ---------------------------------------------------------------------------------------------------- search space
-def load_space(path: str | None = None) -> dict[str, Any]:
-    """Read and check a search-space YAML (default: the shipped one): {option: fixed value or {domain: args}}."""
-    path = path or DEFAULT_SPACE
-    source = f"--space {path}"
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise UserError(f"{source}: cannot read it ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not raw:
-        raise UserError(f"{source}: expected a mapping of training options to values or domains, "
-                        "e.g. `lr: {loguniform: [1.0e-4, 3.0e-3]}`")
-    return check_space({str(k).replace("-", "_"): v for k, v in raw.items()}, source=source)
-
-
-def check_space(spec: dict[str, Any], *, source: str) -> dict[str, Any]:
-    """Validate every key and every value a trial could get; returns the space with values typed like TrainConfig.
-
-    Raises one UserError listing every problem, each naming its option.
-    """
-    types = {f.name: str(f.type) for f in fields(TrainConfig)}
-    searchable = sorted(set(types) - set(SET_BY_FLAGS))
-    problems: list[str] = []
-    checked: dict[str, Any] = {}
-    for name, value in spec.items():
-        if name in SET_BY_FLAGS:
-            problems.append(f"{name} is set by {SET_BY_FLAGS[name]}, not by the search space")
-        elif name not in types:
-            close = difflib.get_close_matches(name, searchable, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; options: {', '.join(searchable)}"
-            problems.append(f"unknown option {name!r}{hint}")
-        else:
-            try:
-                checked[name] = _check_entry(name, value, types[name])
-            except ValueError as e:
-                problems.append(f"{name}: {e}")
-    if problems:
-        raise UserError(f"{source}: " + "; ".join(problems))
-    return checked
-
-
-def _check_entry(name: str, value: Any, ftype: str) -> Any:
-    if not isinstance(value, dict):
-        fixed = _coerce(value, ftype)
-        _check_value(name, fixed)
-        return fixed
-    if len(value) != 1 or next(iter(value)) not in DOMAINS:
-        raise ValueError(f"a searched option is a mapping with one key of {', '.join(DOMAINS)}, got {value!r}")
-    ((kind, args),) = value.items()
-    if not isinstance(args, list) or not args:
-        raise ValueError(f"{kind} needs a non-empty list, got {args!r}")
-    if kind in ("uniform", "loguniform"):
-        if ftype != "float":
-            raise ValueError(f"{kind} draws floats but {name} is {ftype}; use choice or grid")
-        if len(args) != 2:
-            raise ValueError(f"{kind} needs [low, high], got {args!r}")
-        low, high = (_coerce(a, "float") for a in args)
-        if not low < high:
-            raise ValueError(f"{kind} needs low < high, got {args!r}")
-        if kind == "loguniform" and low <= 0:
-            raise ValueError(f"loguniform needs 0 < low, got {args!r}")
-        values = [low, high]
-    else:
-        values = [_coerce(a, ftype) for a in args]
-    for v in values:
-        _check_value(name, v)
-    return {kind: values}
-
-
-def _coerce(value: Any, ftype: str) -> Any:
-    if ftype == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 1e-4 (no dot) or 1.0e4 (no exponent sign) as a string
-            except ValueError:
-                pass
-        raise ValueError(f"expected a number, got {value!r}")
-    if ftype == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"expected an integer, got {value!r}")
-    if ftype == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"expected true or false, got {value!r}")
-    if value is None and "None" in ftype:
-        return None
-    if isinstance(value, str):
-        return value
-    raise ValueError(f"expected a string, got {value!r}")
-
-
-def _check_value(name: str, value: Any) -> None:
-    """The training job's own validation of one value (and, for a backbone, that timm knows it)."""
-    import timm
-
-    from mura_ray.models import CUSTOM_CNN, build_trunk
-
-    try:
-        TrainConfig(**{name: value}).validate()
-        if name == "backbone" and value != CUSTOM_CNN and not timm.is_model(value):
-            build_trunk(value)  # raises the UserError that names the closest timm model
-    except UserError as e:
-        raise ValueError(f"{value!r}: {e}") from None
-
-
-def resolve_space(cfg: TuneConfig) -> dict[str, Any]:
-    """The space file with the command line's overrides: --backbones as a grid, --image-size fixed."""
-    spec = load_space(cfg.space)
-    overrides: dict[str, Any] = {}
-    if cfg.backbones:
-        overrides["backbone"] = {"grid": list(cfg.backbones)}
-    if cfg.image_size is not None:
-        overrides["image_size"] = cfg.image_size
-    return {**spec, **check_space(overrides, source="command line")}
-
-
-def to_param_space(spec: dict[str, Any]) -> dict[str, Any]:
-    """Tune's param_space for a checked space."""
-    def domain(value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        ((kind, args),) = value.items()
-        if kind == "choice":
-            return ray.tune.choice(args)
-        if kind == "grid":
-            return ray.tune.grid_search(args)
-        if kind == "uniform":
-            return ray.tune.uniform(*args)
-        return ray.tune.loguniform(*args)
-
-    return {name: domain(value) for name, value in spec.items()}
-
-
-def count_trials(spec: dict[str, Any], num_samples: int) -> int:
-    """Trials a search runs: --num-samples for every grid point."""
-    return num_samples * math.prod(len(v["grid"]) for v in spec.values() if isinstance(v, dict) and "grid" in v)
-
-
-def varied_options(spec: dict[str, Any]) -> list[str]:
-    """Options that differ between trials (the leaderboard's hyper-parameter columns), backbone first."""
-    names = [k for k, v in spec.items() if isinstance(v, dict) and len(next(iter(v.values()))) > 1]
-    return ["backbone", *[n for n in names if n != "backbone"]]
 
 
 def trial_seed(seed: int, trial_id: str) -> int:
@@ -422,13 +257,13 @@ def summarize_trial(trial_id: str, params: dict[str, Any], history: list[dict[st
 
 def rank_trials(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Rows sorted best first by the trial's best `metric`, numbered from 1; trials without a score come last."""
-    key, sign = f"best_{metric}", (-1.0 if MODES[metric] == "max" else 1.0)
+    key, sign = f"best_{metric}", (-1.0 if METRIC_MODES[metric] == "max" else 1.0)
     ordered = sorted(rows, key=lambda r: (math.isnan(r[key]), 0.0 if math.isnan(r[key]) else sign * r[key]))
     return [{"rank": i, **r} for i, r in enumerate(ordered, start=1)]
 
 
 def render_leaderboard(rows: list[dict[str, Any]], columns: list[str], metric: str) -> str:
-    better = "higher" if MODES[metric] == "max" else "lower"
+    better = "higher" if METRIC_MODES[metric] == "max" else "lower"
     lines = [
         "# Search leaderboard", "",
         f"{len(rows)} trials ranked by their best validation {metric.removeprefix('val_')} ({better} is better); "
@@ -469,13 +304,6 @@ def _fmt_value(name: str, value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def _check_out(out: str) -> None:
-    """An --out that is a bucket itself has no parent for Tune's experiment directory (nor a name for it)."""
-    if storage.is_remote(out) and "/" not in out.split("://", 1)[1].strip("/"):
-        raise UserError(f"--out {out}: give a search directory inside the bucket, such as "
-                        f"{out.rstrip('/')}/tune/NAME")
-
-
 def _cannot_write(out: str, e: OSError) -> UserError:
     return UserError(f"--out {out}: cannot write there ({first_line(e)})")
 
@@ -513,7 +341,8 @@ def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: s
     dest/model/ and report on the test split in dest/report/; skipped when dest already holds this trial."""
     import ray.train
 
-    from mura_ray.train import best_state, finish_run, prepare_run
+    from mura_ray.score import score_test_split
+    from mura_ray.train import best_state, export_best, prepare_run
 
     marker = storage.join(dest, "trial.json")
     if storage.exists(marker) and storage.read_json(marker).get("trial_id") == trial_id:
@@ -523,7 +352,10 @@ def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: s
     fs, path = storage.resolve(source)
     state = best_state(ray.train.Result.from_path(path, storage_filesystem=fs), cfg.metric)
     logger.info("Exporting trial %s (epoch %d) to %s", trial_id, state["epoch"] + 1, dest)
-    result = finish_run(prepare_run(trial_config(cfg, params, trial_id=trial_id, data=cfg.data, out=dest)), state)
+    result = export_best(prepare_run(trial_config(cfg, params, trial_id=trial_id, data=cfg.data, out=dest)), state)
+    if result["has_test"]:
+        result["test"] = score_test_split(result["model_dir"], result["data"], dest)
+        result["report_dir"] = storage.join(dest, "report")
     storage.write_json(marker, {"trial_id": trial_id, "source": source, "params": params, "result": result})
     return result
 
@@ -546,7 +378,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     at every save: a lock there would be overwritten with its stale copy (and could come back after its release).
     """
     cfg = cfg.validate()
-    _check_out(cfg.out)
+    storage.check_in_bucket(cfg.out, "--out", "tune/NAME")
     cfg = replace(cfg, out=storage.absolute(cfg.out), data=storage.absolute(cfg.data) if cfg.data else None)
     spec = resolve_space(cfg)
     if cfg.data:
@@ -569,55 +401,27 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
 
 
 def check_search_fits(cfg: TuneConfig) -> int:
-    """How many trials the cluster has room for at once; a search it cannot place one trial of fails here.
+    """How many trials the cluster has room for at once (`runtime.check_fits`: none is an error on a local Ray this
+    process started, a warning on an attached cluster); fewer than --max-concurrent is a warning: the rest queue.
 
-    A trial's TorchTrainer waits for its workers' resources without end, and the training job's own check
-    (`train.check_cluster_fits`), which runs again inside each trial, cannot tell there whether this process started
-    the Ray it runs on, so it only warns, in a trial's log. Here it can: on a local Ray this process started (which
-    no autoscaler will grow) a trial that cannot be placed is a UserError; on an attached cluster an autoscaler may
-    still add nodes, so it is a warning saying what the trials wait for. A trial needs --workers-per-trial GPUs (when
-    it uses GPUs) and --workers-per-trial x --cpus-per-worker CPUs, and the cluster one CPU more, to read and decode
-    images, as the training job counts it. Fewer trials at once than --max-concurrent is a warning: the rest queue.
+    A trial needs --workers-per-trial GPUs (when it uses GPUs) and --workers-per-trial x --cpus-per-worker CPUs,
+    and the cluster one CPU more, to read and decode images, as the training job counts it.
     """
-    import ray
-
-    from mura_ray.runtime import started_local_ray
-    from mura_ray.train import _use_gpu
-
-    have = ray.cluster_resources()
-    gpus, cpus = have.get("GPU", 0), have.get("CPU", 0)
-    workers, trial_cpus = cfg.workers_per_trial, cfg.workers_per_trial * cfg.cpus_per_worker
-    use_gpu = _use_gpu(cfg.gpu)
-    by_gpu = math.floor(gpus / workers + 1e-9) if use_gpu else math.inf
-    by_cpu = max(0, math.floor((cpus - 1) / trial_cpus + 1e-9))
-    problems = []
-    if by_gpu < 1:
-        fix = "lower --workers-per-trial, or use --gpu no" if gpus else "use --gpu no"
-        problems.append(f"--workers-per-trial {workers} with --gpu {cfg.gpu} needs {workers} GPU(s) per trial, the "
-                        f"cluster has {gpus:g} ({fix} to train on CPUs)")
-    if by_cpu < 1:
-        problems.append(f"--workers-per-trial {workers} x --cpus-per-worker {cfg.cpus_per_worker:g} and one CPU to "
-                        f"decode images need {trial_cpus + 1:g} CPUs, the cluster has {cpus:g}")
-    if problems:
-        if started_local_ray():
-            raise UserError("; ".join(problems))
-        logger.warning("The cluster cannot place a trial of this search yet: %s. Its trials wait for an autoscaler to "
-                       "add nodes.", "; ".join(problems))
-        return 0
-    at_once = int(min(by_gpu, by_cpu))
-    if at_once < cfg.max_concurrent:
-        limit = (f"{gpus:g} GPU(s) for {workers} worker(s) each" if by_gpu <= by_cpu else
-                 f"{cpus:g} CPUs for {trial_cpus:g} each and one to decode images")
-        logger.warning("--max-concurrent %d: the cluster has room for %d trial(s) at once (%s); the others queue%s",
-                       cfg.max_concurrent, at_once, limit,
-                       "" if started_local_ray() else " unless an autoscaler adds nodes")
+    workers, gpu = cfg.workers_per_trial, use_gpu(cfg.gpu)
+    at_once = check_fits(
+        {"CPU": workers * cfg.cpus_per_worker + 1, "GPU": workers if gpu else 0},
+        what=f"a trial of --workers-per-trial {workers} (x --cpus-per-worker {cfg.cpus_per_worker:g}, one CPU to "
+        f"decode images{', one GPU each' if gpu else ''})",
+        hint="lower --workers-per-trial, or use --gpu no" if gpu else "lower --workers-per-trial or --cpus-per-worker")
+    if 0 < at_once < cfg.max_concurrent:
+        logger.warning("--max-concurrent %d: the cluster has room for %d trial(s) at once; the others queue%s",
+                       cfg.max_concurrent, at_once, "" if started_local_ray() else " unless an autoscaler adds nodes")
     return at_once
 
 
 def _tune_locked(cfg: TuneConfig, spec: dict[str, Any], experiment_id: str | None,
                  lock: storage.OutputLock) -> dict[str, Any]:
     """`tune` once this search holds OUT's lock."""
-    from mura_ray.runtime import init_ray
     from mura_ray.train import resolve_data
 
     varied, total = varied_options(spec), count_trials(spec, cfg.num_samples)
@@ -627,7 +431,7 @@ def _tune_locked(cfg: TuneConfig, spec: dict[str, Any], experiment_id: str | Non
     if resuming:
         _check_same_search(cfg.out, record)
 
-    init_ray(train_cpus=cfg.max_concurrent * cfg.workers_per_trial * cfg.cpus_per_worker)
+    runtime.init_ray(train_cpus=cfg.max_concurrent * cfg.workers_per_trial * cfg.cpus_per_worker)
     check_search_fits(cfg)
     if not cfg.data:
         logger.info("No --data given: searching on the built-in SYNTHETIC demo radiographs (not MURA).")
@@ -683,7 +487,7 @@ def _new_tuner(cfg: TuneConfig, spec: dict[str, Any], trainable: Any, *, data: s
     total, varied = count_trials(spec, cfg.num_samples), varied_options(spec)
     logger.info("Search in %s: %d trials (%d per grid point), up to %d at a time with %d worker(s) each, %d epochs "
                 "max; ASHA on %s (%s) from epoch %d, reduction factor %d", cfg.out, total, cfg.num_samples,
-                cfg.max_concurrent, cfg.workers_per_trial, cfg.epochs, cfg.metric, MODES[cfg.metric],
+                cfg.max_concurrent, cfg.workers_per_trial, cfg.epochs, cfg.metric, METRIC_MODES[cfg.metric],
                 cfg.grace_period, cfg.reduction_factor)
     callbacks: list[ray.tune.Callback] = [_TrialLogger(cfg.metric, cfg.epochs, total, varied)]
     if experiment_id is not None and cfg.mlflow_uri is not None:
@@ -693,7 +497,7 @@ def _new_tuner(cfg: TuneConfig, spec: dict[str, Any], trainable: Any, *, data: s
         trainable,
         param_space=to_param_space(spec),
         tune_config=ray.tune.TuneConfig(
-            metric=cfg.metric, mode=MODES[cfg.metric], num_samples=cfg.num_samples,
+            metric=cfg.metric, mode=METRIC_MODES[cfg.metric], num_samples=cfg.num_samples,
             search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent, random_state=cfg.seed),
             scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
                                     reduction_factor=cfg.reduction_factor),
@@ -730,8 +534,6 @@ def _export_best(cfg: TuneConfig, rows: list[dict[str, Any]], configs: dict[str,
                  failures: list[tuple[str, str]]) -> dict[str, Any]:
     """Export the best trial to OUT/best and compare the best trial of each backbone on the test split."""
     from ray.air.constants import EXPR_ERROR_FILE
-
-    from mura_ray.report import write_comparison
 
     usable = [r for r in rows if r["epochs"] > 0]
     if not usable:

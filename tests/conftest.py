@@ -29,7 +29,6 @@ os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
 # Worker groups can take more than Train's default 60 s to start on a loaded 2-core machine.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("MURA_RAY_CACHE", str(Path(tempfile.gettempdir()) / "mura_ray_test_cache"))
 
 

@@ -73,7 +73,7 @@ def test_report_benchmark():
 
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
-    """The prepared GPU check (run on a GPU machine when a session is lent one) runs its every section on CPU:
+    """The GPU check (benchmarks/gpu_check.py, for a GPU machine) runs its every section on CPU:
     training steps in float32 and under (bfloat16) autocast from the same weights, scoring, decode, all-reduce."""
     result = _run("gpu_check.py", "--device", "cpu", "--backbones", "custom_cnn", "--image-size", "32",
                   "--batch-size", "4", "--score-batch-size", "8", "--warmup", "1", "--steps", "2",

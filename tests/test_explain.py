@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from mura_ray.config import UserError
-from mura_ray.data.images import decode_radiograph
-from mura_ray.data.pipeline import resize_pad
+from mura_ray.data.images import load_pixels
 from mura_ray.explain import explain_report_examples, gradcam_images, select_examples, target_layer
 from mura_ray.models import ModelSpec, build_model, export_model, load_model
 
@@ -103,7 +102,7 @@ def test_gradcam_images_are_pngs_with_a_heatmap(model_dir):
         assert img.size == (SIZE, SIZE) and img.mode == "RGB"
     # A constant class activation map is scaled to zeros; the overlay must differ from that one.
     overlay = np.asarray(Image.open(io.BytesIO(out[0][1])))
-    view = np.asarray(resize_pad(decode_radiograph(images[0]), SIZE), dtype=np.float32) / 255.0
+    view = load_pixels(images[0], SIZE).astype(np.float32) / 255.0
     flat = show_cam_on_image(np.repeat(view[:, :, None], 3, axis=2), np.zeros((SIZE, SIZE), np.float32), use_rgb=True)
     assert np.abs(overlay.astype(int) - flat.astype(int)).max() > 20
     assert not any(p.grad is not None for p in model.parameters())
@@ -123,7 +122,7 @@ def test_gradcam_on_a_vision_transformer_at_the_model_input_size(tmp_path):
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     # The heatmap is not blank (the last block's output tokens, but for the class token, get no gradient).
-    view = np.asarray(resize_pad(decode_radiograph(_radiograph_png(1, (64, 64))), 64), dtype=np.float32) / 255.0
+    view = load_pixels(_radiograph_png(1, (64, 64)), 64).astype(np.float32) / 255.0
     flat = show_cam_on_image(np.repeat(view[:, :, None], 3, axis=2), np.zeros((64, 64), np.float32), use_rgb=True)
     overlay = np.asarray(Image.open(io.BytesIO(out[0][1])))
     assert overlay.shape == (64, 64, 3) and np.abs(overlay.astype(int) - flat.astype(int)).max() > 20

@@ -6,9 +6,11 @@ import csv
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import ingest as ingest_job
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from mura_ray.data.images import DecodeError, decode_radiograph
 from mura_ray.data.ingest import SCHEMA, image_id_for, list_mura
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,9 +312,8 @@ def test_ingest_streams_memory_does_not_grow_with_images(tmp_path):
     """4x the images (incompressible, ~1 MB each) must not raise the ingest job's peak memory by more than 25%.
 
     The peak is the whole job's: the driver and the Ray processes it starts, as a user's container would see it. The
-    images are large enough that a writer holding a split's bytes shows (Ray's own `write_parquet`, which ingest
-    used before, peaked 1.5x higher at 4x the images here); one more Ray worker process in one of the runs
-    (~40-180 MiB seen here, at most ~17% of the job) does not.
+    images are large enough that a writer holding a split's bytes would show; one more Ray worker process in one of
+    the runs (40-180 MiB, at most ~17% of the job) does not.
     """
     from mura_ray.data.synthetic import generate_mura
 
@@ -374,6 +376,43 @@ def _images_tree(root: Path, n: int = 3) -> Path:
     for i in range(n):
         Image.new("L", (20, 30), color=i * 40).save(tree / f"{i}.png")
     return root
+
+
+def _png16_rgb(rgb: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of `rgb` (H x W x 3, uint16), written by hand: Pillow cannot write 16-bit colour PNGs."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_an_image_the_training_decoder_refuses_is_an_error_not_a_row(ray_cluster, tmp_path):
+    """A 16-bit colour PNG with 12-bit values opens in Pillow, but `decode_radiograph` (what training and scoring
+    decode with) refuses it: ingest lists it in errors.jsonl with the decoder's reason and leaves it out of the
+    dataset, and every image it keeps decodes."""
+    archive = _images_tree(tmp_path / "archive")
+    twelve_bits = np.broadcast_to(np.array([0, 2000, 4095], dtype=np.uint16)[:, None, None], (3, 5, 3))
+    data = _png16_rgb(twelve_bits)
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()  # Pillow alone accepts it
+    with pytest.raises(DecodeError) as refused:
+        decode_radiograph(data)
+    (archive / "XR_WRIST" / "low_bits.png").write_bytes(data)
+    out = tmp_path / "out"
+    assert ingest_job.main(["--source", "images", "--root", str(archive), "--out", str(out),
+                            "--max-error-rate", "0.5"]) == 0
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert errors == [{"path": "XR_WRIST/low_bits.png", "reason": str(refused.value)}]
+    assert "16-bit colour PNG whose values use the low bits only" in errors[0]["reason"]
+    rows = _read_split(out, "test")
+    assert sorted(rows["path"]) == ["XR_WRIST/0.png", "XR_WRIST/1.png", "XR_WRIST/2.png"]
+    for row in rows.itertuples():
+        assert decode_radiograph(row.image).shape == (row.height, row.width)
+    assert json.loads((out / "ingest_summary.json").read_text())["n_errors"] == 1
 
 
 def _one_error_line(capsys) -> str:

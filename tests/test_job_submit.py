@@ -111,7 +111,7 @@ def _submit(address: str, env: dict[str, str], job: list[str]) -> subprocess.Com
 
 @pytest.mark.slow
 def test_job_submit_train_then_score_on_a_local_head(local_head, tmp_path):
-    from mura_ray.score import read_predictions
+    from mura_ray.predictions import read_predictions
 
     address, env = local_head
     run = tmp_path / "run"

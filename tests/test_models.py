@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 
 import pytest
@@ -33,9 +34,14 @@ def test_backbone_forward_backward_on_one_channel(backbone):
 def test_fixed_size_backbones_are_built_for_the_input_size():
     """A vision transformer is built at --image-size (timm's default is 224); convolutional ones take any size."""
     model = build_model("vit_tiny_patch16_224", image_size=64)
+    assert tuple(model.trunk.patch_embed.img_size) == (64, 64)
     out = model(torch.randn(2, 1, 64, 64), torch.tensor([0, 1]))
     assert out["abnormal"].shape == (2,)
-    assert build_model("resnet18", image_size=64)(torch.randn(2, 1, 64, 64))["abnormal"].shape == (2,)
+    # A ResNet has no input size: image_size does not reach it (timm's ResNet takes no img_size) nor changes it.
+    resnet = build_trunk("resnet18", image_size=64)
+    shapes = {k: v.shape for k, v in build_trunk("resnet18").state_dict().items()}
+    assert {k: v.shape for k, v in resnet.state_dict().items()} == shapes
+    assert resnet(torch.randn(2, 1, 64, 64)).shape == resnet(torch.randn(2, 1, 96, 96)).shape == (2, 512)
 
 
 def test_unknown_backbone_suggests_a_name():
@@ -83,13 +89,38 @@ def test_frozen_stages_keep_their_batch_norm_statistics():
     assert not last_bn.training
 
 
+def _refusal(backbone: str, path) -> str:
+    with pytest.raises(UserError, match=f"does not fit {backbone}: ") as e:
+        build_trunk(backbone, pretrained_file=str(path))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
 def test_weight_files_that_do_not_fit_are_user_errors(tmp_path):
     from safetensors.torch import save_file
 
-    wrong = tmp_path / "resnet34.safetensors"
-    save_file(timm.create_model("resnet34", num_classes=0).state_dict(), str(wrong))
-    with pytest.raises(UserError, match="does not fit resnet18"):
-        build_trunk("resnet18", pretrained_file=str(wrong))
+    vit = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), str(vit))
+    message = _refusal("resnet18", vit)
+    assert "missing keys (conv1.weight" in message and "unexpected keys (blocks." in message
+    efficientnet = tmp_path / "efficientnet_b0.safetensors"  # shares names such as bn1.weight, with other shapes
+    save_file(timm.create_model("efficientnet_b0").state_dict(), str(efficientnet))
+    _refusal("resnet18", efficientnet)
+    deeper = tmp_path / "resnet34.safetensors"
+    save_file(timm.create_model("resnet34", num_classes=0).state_dict(), str(deeper))
+    message = _refusal("resnet18", deeper)
+    assert "unexpected keys (layer1.2." in message and "missing keys" not in message
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in timm.create_model("resnet18").state_dict().items() if not k.startswith("layer4.")},
+              str(partial))
+    assert "missing keys (layer4.0." in _refusal("resnet18", partial)
+    wider = tmp_path / "vit_small.safetensors"
+    save_file(timm.create_model("vit_small_patch16_224").state_dict(), str(wider))
+    assert "size mismatch" in _refusal("vit_tiny_patch16_224", wider)
+    two_channels = tmp_path / "two_channels.safetensors"
+    save_file(timm.create_model("resnet18", in_chans=2).state_dict(), str(two_channels))
+    assert "size mismatch for conv1.weight" in _refusal("resnet18", two_channels)
+
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="cannot load weights"):
@@ -132,20 +163,41 @@ def test_switches_turn_off_embedding_and_aux_head():
 
 
 def test_pretrained_file_adapts_rgb_stem_to_one_channel(tmp_path):
+    """An RGB state dict loads into the one-channel trunk: the stem sums its channels, the classifier (which the
+    trunk has none of) is left out, and every other tensor is the file's."""
     from safetensors.torch import save_file
 
-    source = timm.create_model("resnet18", num_classes=10)
+    source = timm.create_model("resnet18", in_chans=3, num_classes=10).state_dict()
     path = tmp_path / "resnet18.safetensors"
-    save_file(source.state_dict(), str(path))
+    save_file(source, str(path))
     trunk = build_trunk("resnet18", pretrained_file=str(path))
-    torch.testing.assert_close(trunk.conv1.weight, source.conv1.weight.sum(1, keepdim=True))
-    torch.testing.assert_close(trunk.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    loaded = trunk.state_dict()
+    torch.testing.assert_close(loaded["conv1.weight"], source["conv1.weight"].sum(1, keepdim=True))
+    rest = [k for k in source if k != "conv1.weight" and not k.startswith("fc.")]
+    assert sorted(rest) == sorted(k for k in loaded if k != "conv1.weight")
+    for key in rest:
+        assert torch.equal(loaded[key], source[key]), key
 
     pth = tmp_path / "resnet18.pth"
-    torch.save({"state_dict": source.state_dict()}, pth)
-    from_pth = build_trunk("resnet18", pretrained_file=str(pth))
-    torch.testing.assert_close(from_pth.conv1.weight, trunk.conv1.weight)
-    torch.testing.assert_close(from_pth.layer4[1].conv2.weight, trunk.layer4[1].conv2.weight)
+    torch.save({"state_dict": source}, pth)
+    from_pth = build_trunk("resnet18", pretrained_file=str(pth)).state_dict()
+    assert all(torch.equal(from_pth[k], loaded[k]) for k in loaded)
+
+
+def test_pretrained_vision_transformer_file_is_resampled_to_the_input_size(tmp_path):
+    """timm's checkpoint filter resamples the 224-pixel position embeddings for a trunk built at image_size 64."""
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=10).state_dict()
+    path = tmp_path / "vit.safetensors"
+    save_file(source, str(path))
+    trunk = build_trunk("vit_tiny_patch16_224", pretrained_file=str(path), image_size=64)
+    loaded = trunk.state_dict()
+    assert loaded["pos_embed"].shape == (1, 1 + 4 * 4, 192)
+    torch.testing.assert_close(loaded["patch_embed.proj.weight"],
+                               source["patch_embed.proj.weight"].sum(1, keepdim=True))
+    assert torch.equal(loaded["blocks.11.mlp.fc2.weight"], source["blocks.11.mlp.fc2.weight"])
+    assert trunk(torch.randn(2, 1, 64, 64)).shape == (2, 192)
 
 
 class _Evil:
@@ -166,7 +218,8 @@ def test_export_and_load_round_trip(tmp_path):
     spec = ModelSpec(backbone="custom_cnn", image_size=32, mean=0.5, std=0.25, dropout=0.1, threshold=0.4)
     model_id = export_model(model, spec, str(tmp_path / "model"), {"backbone": "custom_cnn"})
     loaded, spec2, model_id2 = load_model(str(tmp_path / "model"))
-    assert spec2 == spec and model_id2 == model_id and len(model_id) == 16
+    assert spec2 == spec and model_id2 == model_id
+    assert model_id == hashlib.sha256((tmp_path / "model" / "model.safetensors").read_bytes()).hexdigest()[:16]
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["abnormal"], model(x)["abnormal"])
@@ -174,8 +227,27 @@ def test_export_and_load_round_trip(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_a_missing_weight_file_on_s3_is_a_user_error(s3_bucket):
-    from mura_ray.config import UserError
+def test_weights_and_models_on_s3(s3_bucket, tmp_path):
+    from safetensors.torch import save
+
+    from mura_ray import storage
 
     with pytest.raises(UserError, match=f"cannot load weights from s3://{s3_bucket}/nope.safetensors"):
         build_trunk("resnet18", pretrained_file=f"s3://{s3_bucket}/nope.safetensors")
+    source = timm.create_model("resnet18").state_dict()
+    storage.write_bytes(f"s3://{s3_bucket}/resnet18.safetensors", save(source))
+    pth = tmp_path / "resnet18.pth"
+    torch.save(source, pth)
+    storage.write_bytes(f"s3://{s3_bucket}/resnet18.pth", pth.read_bytes())
+    for name in ("resnet18.safetensors", "resnet18.pth"):
+        trunk = build_trunk("resnet18", pretrained_file=f"s3://{s3_bucket}/{name}")
+        assert torch.equal(trunk.layer4[1].conv2.weight, source["layer4.1.conv2.weight"])
+
+    model = build_model("custom_cnn").eval()
+    spec = ModelSpec(backbone="custom_cnn", image_size=32, mean=0.5, std=0.25)
+    model_id = export_model(model, spec, f"s3://{s3_bucket}/model", {"backbone": "custom_cnn"})
+    loaded, spec2, model_id2 = load_model(f"s3://{s3_bucket}/model")
+    assert spec2 == spec and model_id2 == model_id
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["abnormal"], model(x)["abnormal"])

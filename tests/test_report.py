@@ -16,16 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from mura_ray import storage
+from mura_ray.compare import compare_reports
 from mura_ray.config import UserError
 from mura_ray.labels import BODY_PARTS
-from mura_ray.report import (
-    ReportConfig,
-    build_report,
-    compare_reports,
-    load_predictions,
-    render_markdown,
-    write_report,
-)
+from mura_ray.predictions import load_predictions
+from mura_ray.render import render_markdown
+from mura_ray.report import ReportConfig, build_report, write_report
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "report.py"
 

@@ -21,14 +21,15 @@ import pytest
 import score as score_job
 from PIL import Image
 
+from mura_ray import predictions, storage
 from mura_ray import score as score_lib
-from mura_ray import storage
 from mura_ray.config import ScoreConfig, UserError
-from mura_ray.report import load_predictions
+from mura_ray.data import score_input
+from mura_ray.predictions import load_predictions
 
 
 def _predictions(out: Path) -> pd.DataFrame:
-    return score_lib.read_predictions(str(out))
+    return predictions.read_predictions(str(out))
 
 
 def _raw_folder(root: Path, n: int) -> Path:
@@ -114,7 +115,7 @@ def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_pa
     args = ["--model", str(trained_run / "model"), "--input", str(src), "--out", str(out), "--chunk-size", "4"]
 
     # Interrupt the first run after two committed chunks.
-    real_commit = score_lib._commit_chunk
+    real_commit = predictions._move_staged
     calls = {"n": 0}
 
     def crash_on_third(*a, **k):
@@ -123,7 +124,7 @@ def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_pa
             raise KeyboardInterrupt
         return real_commit(*a, **k)
 
-    monkeypatch.setattr(score_lib, "_commit_chunk", crash_on_third)
+    monkeypatch.setattr(predictions, "_move_staged", crash_on_third)
     predictors_before = _predictor_actors()
     assert score_job.main(args) == 130
     # Two chunks committed by one Ray Data execution: the model was loaded by one actor (--concurrency 1), once,
@@ -134,7 +135,7 @@ def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_pa
     assert 0 < len(first) < 14 and first["image_id"].is_unique
     # A stray part no manifest lists (as a crash between move and manifest write would leave) is not trusted.
     (out / "predictions" / "part-999999-0000.parquet").write_bytes(b"junk")
-    monkeypatch.setattr(score_lib, "_commit_chunk", real_commit)
+    monkeypatch.setattr(predictions, "_move_staged", real_commit)
     capsys.readouterr()
 
     assert score_job.main(args) == 0
@@ -172,11 +173,11 @@ def test_done_images_of_a_raw_listing_are_dropped_before_their_bytes_are_read(ra
     from mura_ray.data.ingest import image_id_for
 
     paths = ["night1/a.png", "night1/b.png", "night1/c.png"]
-    done = ray.put(np.sort(score_lib.image_key([image_id_for(paths[1])])))
+    done = ray.put(np.sort(predictions.image_key([image_id_for(paths[1])])))
     listing = pd.DataFrame({"path": paths})  # a listing row has no bytes and no image_id yet
-    assert score_lib._drop_done(listing, [done])["path"].tolist() == ["night1/a.png", "night1/c.png"]
+    assert score_input._drop_done(listing, [done])["path"].tolist() == ["night1/a.png", "night1/c.png"]
     ingested = pd.DataFrame({"image_id": ["x", image_id_for(paths[1])], "path": ["p", "q"]})
-    assert score_lib._drop_done(ingested, [done])["path"].tolist() == ["p"]
+    assert score_input._drop_done(ingested, [done])["path"].tolist() == ["p"]
 
 
 def _other_weights(model_dir: Path, dest: Path) -> Path:
@@ -273,19 +274,19 @@ def test_concurrency_min_max_is_an_autoscaling_pool(ray_cluster, exported_model,
     with caplog.at_level(logging.WARNING, logger="mura_ray.score"):
         assert score_job.main(["--model", str(exported_model), "--input", split, "--out", str(tmp_path / "auto"),
                                "--concurrency", "1-64", "--no-report"]) == 0
-        assert "scoring actors need" not in caplog.text
+        assert "scoring actors" not in caplog.text
     got = _predictions(tmp_path / "auto")
     assert len(got) == got["image_id"].nunique() == pq.read_table(split, columns=["image_id"]).num_rows
-    assert score_lib.read_manifest(str(tmp_path / "auto"))["n_rows"] == len(got)
+    assert predictions.read_manifest(str(tmp_path / "auto"))["n_rows"] == len(got)
     from mura_ray import runtime
 
     big = ScoreConfig(models=("m",), input="i", out="o", concurrency=64)
     with caplog.at_level(logging.WARNING, logger="mura_ray.score"):
-        score_lib._check_pool_fits(big, use_gpu=False)  # the session's Ray, as a cluster this job attached to
+        score_lib._check_pool_fits(big, False)  # the session's Ray, as a cluster this job attached to
         monkeypatch.setattr(runtime, "_started_local", True)
-        score_lib._check_pool_fits(big, use_gpu=False)
-    assert "the 64 scoring actors need 64: the job scores on the actors that fit, the others start when an " \
-           "autoscaler adds nodes" in caplog.text
+        score_lib._check_pool_fits(big, False)
+    assert "of the 64 scoring actors: the job scores on those, the others start when an autoscaler adds nodes" \
+           in caplog.text
     assert "the others start never, on this local Ray" in caplog.text
     for bad in ("0", "8-1", "two", "1-"):
         with pytest.raises(SystemExit) as exit_:
@@ -359,7 +360,7 @@ def test_no_report_when_no_labelled_image_was_scored(tmp_path):
             "pred_abnormal": [None, 1], "label": [1, None], "model_id": ["m", "m"],
             "scored_at": [pd.Timestamp.now(tz="UTC")] * 2, "error": ["cannot decode image", None]}
     (tmp_path / "predictions").mkdir()
-    pq.write_table(pa.table(rows, schema=score_lib.PREDICTION_SCHEMA),
+    pq.write_table(pa.table(rows, schema=predictions.PREDICTION_SCHEMA),
                    tmp_path / "predictions" / "part-000000-0000.parquet")
     (tmp_path / "manifest.json").write_text(json.dumps({"parts": {"part-000000-0000.parquet": {"chunk": 0}}}))
     assert score_lib._report_task(str(tmp_path), str(tmp_path / "report"), 0.5, "model", 0, None) is None
@@ -466,19 +467,20 @@ def test_a_pool_of_which_no_actor_fits_a_local_ray_is_refused(monkeypatch, caplo
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     cfg = ScoreConfig(models=("m",), input="i", out="o", concurrency=2, cpus_per_actor=3)
-    for started, gpu, cpus, refused in [(True, True, 3, "a scoring actor needs 1 GPU, this machine's Ray has 0 "
+    for started, gpu, cpus, said in [(True, True, 3, "a scoring actor needs 1 GPU, the cluster has 0 GPU "
                                                        "(use --gpu no to score on CPUs)"),
-                                        (True, False, 6, "a scoring actor needs 6 CPU, this machine's Ray has 4 "
+                                        (True, False, 6, "a scoring actor needs 6 CPU, the cluster has 4 CPU "
                                                          "(lower --cpus-per-actor)"),
-                                        (False, True, 3, None), (True, False, 3, None)]:
+                                        (False, True, 3, "It waits for an autoscaler to add nodes"),
+                                        (True, False, 3, "room for 1 of the 2 scoring actors")]:
         monkeypatch.setattr(runtime, "_started_local", started)
         caplog.clear()
-        if refused:
-            with pytest.raises(UserError, match=re.escape(refused)):
+        if started and "needs" in said:
+            with pytest.raises(UserError, match=re.escape(said)):
                 score_lib._check_pool_fits(replace(cfg, cpus_per_actor=cpus), gpu)
         else:
             score_lib._check_pool_fits(replace(cfg, cpus_per_actor=cpus), gpu)
-            assert "the job scores on the actors that fit" in caplog.text
+            assert said in caplog.text
 
 
 def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(exported_model, tmp_path, monkeypatch):
@@ -506,20 +508,18 @@ def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(ex
         raise errors[uri.rsplit("/", 1)[-1]]
 
     monkeypatch.setattr(storage, "read_bytes", read_bytes)
-    rows = score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", "x/local.png"]}), str(tmp_path))
+    rows = score_input._raw_rows(pd.DataFrame({"path": ["x/gone.png", "x/local.png"]}), str(tmp_path))
     assert [e.split(":")[0] for e in rows["error"]] == ["cannot read file", "cannot read file"]
     out = tmp_path / "out"
     for name in ("denied.png", "unreachable.png", "throttled.png", "failing.png"):
-        rows = score_lib._raw_rows(pd.DataFrame({"path": ["x/gone.png", f"x/{name}"]}), str(tmp_path))
-        assert rows["error"][1].startswith(f"{score_lib.RETRY_LATER}{tmp_path}/x/{name} ("), rows["error"][1]
+        rows = score_input._raw_rows(pd.DataFrame({"path": ["x/gone.png", f"x/{name}"]}), str(tmp_path))
+        assert rows["error"][1].startswith(f"{score_input.RETRY_LATER}{tmp_path}/x/{name} ("), rows["error"][1]
         # The predictions carry the read error through (decode and Predictor keep it); the driver stops on it.
         table = pa.table({"image_id": rows["image_id"], "error": rows["error"]})
-        committer = score_lib._Committer(str(out), {"parts": {}}, 0, chunk_images=1, rows_per_file=1,
-                                         lock=storage.OutputLock(str(out), "test"))
         with pytest.raises(UserError, match=rf"^cannot read {re.escape(str(tmp_path))}/x/{name} \(.*; the chunks "
                                             "committed so far are kept: run the same command again to score the rest$"):
-            committer.add(table)
-        assert committer.scored + committer.failed == 0 and not out.exists()  # nothing staged or committed
+            score_lib._stop_on_read_failure(table)  # checked before the table reaches the Committer
+        assert not out.exists()
     decoded = score_lib.decode_for_scoring(rows.assign(image=[b""] * 2), [32])
     assert decoded["error"].tolist() == rows["error"].tolist()
     monkeypatch.undo()  # the model's files are read for real
@@ -529,7 +529,7 @@ def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(ex
 
 def test_the_committed_key_set_agrees_with_a_python_set():
     rng = np.random.default_rng(0)
-    keys, reference = score_lib._KeySet(), set()
+    keys, reference = predictions._KeySet(), set()
     for _ in range(300):
         batch = rng.integers(0, 5000, rng.integers(0, 70)).astype(np.uint64)
         found = keys.contains(batch)
@@ -545,7 +545,7 @@ def test_an_image_twice_in_one_table_is_committed_once(tmp_path):
     import pyarrow as pa
 
     out = tmp_path / "out"
-    committer = score_lib._Committer(str(out), {"parts": {}}, 0, chunk_images=10, rows_per_file=10,
+    committer = predictions.Committer(str(out), {"parts": {}}, 0, chunk_images=10, rows_per_file=10,
                                      lock=storage.OutputLock(str(out), "test").acquire())
     committer.add(pa.table({"image_id": ["a", "b", "a"], "error": [None, None, None]}))
     committer.add(pa.table({"image_id": ["b", "c"], "error": [None, None]}))
@@ -617,7 +617,7 @@ def test_relative_and_file_uri_paths_score_from_any_working_directory(exported_m
                            "--no-report"]) == 0
     got = _predictions(work / "scored")
     assert len(got) == pq.read_table(work / "data" / "test", columns=["image_id"]).num_rows
-    assert score_lib.read_manifest(str(work / "scored"))["input"] == str(work / "data" / "test")
+    assert predictions.read_manifest(str(work / "scored"))["input"] == str(work / "data" / "test")
 
 
 def test_corrupt_input_parquet_is_a_one_line_error(ray_cluster, exported_model, tmp_path, capsys):
@@ -633,7 +633,7 @@ def _committed_output(out: Path, model_ids: list[str], src: str, **recorded) -> 
     input recorded, exists (an empty folder)."""
     Path(src).mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(parents=True)
-    pq.write_table(score_lib.PREDICTION_SCHEMA.empty_table(), out / "predictions" / "part-000000-0000.parquet")
+    pq.write_table(predictions.PREDICTION_SCHEMA.empty_table(), out / "predictions" / "part-000000-0000.parquet")
     manifest = {"version": 1, "input": src, "models": [], "model_ids": model_ids,
                 "parts": {"part-000000-0000.parquet": {"chunk": 0}}, "n_rows": 0, **recorded}
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -737,15 +737,15 @@ def test_the_lock_of_a_dead_run_is_taken_over_and_released(exported_model, mura_
 
 _SLOW_COMMITS = """
 import runpy, signal, sys, time
-import mura_ray.score as score
+import mura_ray.predictions as predictions
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as tests/test_runtime.py's _HOLDER explains
-commit = score._commit_chunk
+commit = predictions._move_staged
 
 def slow_commit(*args, **kwargs):  # a long run: each chunk's commit takes a second
     time.sleep(1.0)
     return commit(*args, **kwargs)
 
-score._commit_chunk = slow_commit
+predictions._move_staged = slow_commit
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -891,29 +891,14 @@ def test_user_error_in_a_ray_task_comes_back_as_itself(ray_cluster):
 
 def test_rows_lost_in_the_pipeline_are_not_reported_as_already_done(exported_model, tmp_path, monkeypatch):
     src = _raw_folder(tmp_path / "archive", 5)  # 6 images with the broken one
-    real = score_lib._chunk_dataset
+    real = score_lib.chunk_dataset
 
     def drop_one(chunk, done_ref, read_cpus):
         return real(chunk, done_ref, read_cpus=read_cpus).limit(len(chunk.image_files) - 1)
 
-    monkeypatch.setattr(score_lib, "_chunk_dataset", drop_one)
+    monkeypatch.setattr(score_lib, "chunk_dataset", drop_one)
     with pytest.raises(RuntimeError, match=r"6 input images, but .* = 5: rows went missing"):
         score_job.main(["--model", str(exported_model), "--input", str(src), "--out", str(tmp_path / "o")])
-
-
-def test_duplicates_across_committed_chunks_are_detected(exported_model, tmp_path, monkeypatch):
-    src = _raw_folder(tmp_path / "archive", 5)
-    args = ["--model", str(exported_model), "--input", str(src), "--out", str(tmp_path / "o"), "--no-report"]
-    assert score_job.main(args) == 0
-
-    # Were the already-scored set lost, a re-run would commit every image again, in chunks that are each unique.
-    def nothing_done(out, parts):
-        return np.zeros(0, dtype=np.uint64)
-
-    monkeypatch.setattr(score_lib, "_load_done_keys", nothing_done)
-    with pytest.raises(RuntimeError, match="duplicated image ids"):
-        score_job.main(args)
-    assert not load_predictions(str(tmp_path / "o"))["image_id"].is_unique
 
 
 def test_an_input_holding_an_image_twice_is_scored_once(exported_model, mura_dataset, tmp_path, capsys):
@@ -954,7 +939,7 @@ def test_score_s3_in_and_out(exported_model, mura_dataset, s3_bucket):
     dest = f"s3://{s3_bucket}/scored"
     assert score_job.main(["--model", f"s3://{s3_bucket}/models/m", "--input", f"s3://{s3_bucket}/in/test",
                            "--out", dest, "--bootstrap", "0"]) == 0
-    df = score_lib.read_predictions(dest)
+    df = predictions.read_predictions(dest)
     assert len(df) == pq.read_table(local).num_rows and df["image_id"].is_unique
     from mura_ray.storage import exists
 
@@ -963,13 +948,13 @@ def test_score_s3_in_and_out(exported_model, mura_dataset, s3_bucket):
 
 def test_executions_merge_chunks(monkeypatch):
     """Parquet files go to one Ray Data execution; raw images to runs bounded by RAW_IMAGES_PER_EXECUTION."""
-    from mura_ray.score import Chunk, _executions
+    from mura_ray.data.score_input import Chunk, executions
 
     parquet = [Chunk(parquet_files=(f"s3://b/p{i}.parquet",)) for i in range(5)]
-    assert [c.parquet_files for c in _executions(iter(parquet))] == [tuple(f"s3://b/p{i}.parquet" for i in range(5))]
-    monkeypatch.setattr(score_lib, "RAW_IMAGES_PER_EXECUTION", 5)
+    assert [c.parquet_files for c in executions(iter(parquet))] == [tuple(f"s3://b/p{i}.parquet" for i in range(5))]
+    monkeypatch.setattr(score_input, "RAW_IMAGES_PER_EXECUTION", 5)
     raw = [Chunk(image_files=tuple(f"{k}/{i}.png" for i in range(3)), root="/a") for k in range(5)]
-    runs = list(_executions(iter(raw)))
+    runs = list(executions(iter(raw)))
     assert [len(r.image_files) for r in runs] == [6, 6, 3] and all(r.root == "/a" for r in runs)
     assert sum((r.image_files for r in runs), ()) == sum((c.image_files for c in raw), ())
 
@@ -989,7 +974,7 @@ def test_a_committer_whose_lock_was_taken_over_writes_nothing(tmp_path):
     lock = storage.OutputLock(str(out), "first").acquire()
     record = json.loads((out / "_lock.json").read_text())
     (out / "_lock.json").write_text(json.dumps({**record, "token": "other", "holder": "second"}))
-    committer = score_lib._Committer(str(out), {"parts": {}}, 0, 10, 10, lock)
+    committer = predictions.Committer(str(out), {"parts": {}}, 0, 10, 10, lock)
     with pytest.raises(UserError, match="taken over"):
         committer.commit()
     assert sorted(p.name for p in out.iterdir()) == ["_lock.json"]

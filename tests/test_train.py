@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import train as train_job
 
@@ -61,7 +62,7 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
 def test_epoch_stream_cuts_every_epoch_from_one_stream_read_ahead_of_the_loop():
     import threading
 
-    from mura_ray.train import EpochStream
+    from mura_ray.data.pipeline import EpochStream
 
     def batch(i: int, rows: int = 4) -> dict:
         return {"i": i, "ok": [1.0] * rows}
@@ -139,8 +140,8 @@ def test_multitask_loss_gives_every_trained_parameter_a_gradient(known_parts, we
     --body-part-weight 0) must still reach the body-part head, at zero weight."""
     import torch
 
+    from mura_ray.losses import multitask_loss
     from mura_ray.models import build_model
-    from mura_ray.train import multitask_loss
 
     torch.manual_seed(0)
     model = build_model("custom_cnn").train()
@@ -157,7 +158,7 @@ def test_multitask_loss_gives_every_trained_parameter_a_gradient(known_parts, we
 def test_amp_uses_float16_where_bfloat16_is_only_emulated(monkeypatch):
     import torch
 
-    from mura_ray.train import amp_dtype
+    from mura_ray.models import amp_dtype
 
     # A T4 or V100: torch's default answer counts emulation; the hardware has no bfloat16.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
@@ -269,14 +270,14 @@ def test_a_cluster_that_cannot_place_the_run(monkeypatch, caplog):
     check_cluster_fits(TrainConfig(workers=2, gpu="no"))
     wants_gpus = TrainConfig(workers=2, gpu="yes", cpus_per_worker=2)
     monkeypatch.setattr(runtime, "_started_local", True)
-    with pytest.raises(UserError, match=r"--workers 2 with --gpu yes needs 2 GPU\(s\), the cluster has 0.*"
-                                        r"need 5 CPUs, the cluster has 4"):
+    with pytest.raises(UserError, match=r"--workers 2 .* needs 5 CPU, 2 GPU, the cluster has 4 CPU, 0 GPU "
+                                        r"\(use --gpu no to train on CPUs\)"):
         check_cluster_fits(wants_gpus)
     # An attached cluster may grow (autoscaler): the run waits, and says what for.
     monkeypatch.setattr(runtime, "_started_local", False)
     with caplog.at_level("WARNING", logger="mura_ray"):
         check_cluster_fits(wants_gpus)
-    assert "waits for an autoscaler" in caplog.text and "needs 2 GPU(s)" in caplog.text
+    assert "waits for an autoscaler" in caplog.text and "needs 5 CPU, 2 GPU" in caplog.text
 
 
 def test_rerun_with_another_architecture_is_refused(ray_cluster, mura_dataset, tmp_path, capsys):
@@ -507,7 +508,7 @@ def test_train_from_and_to_s3(mura_dataset, s3_bucket, capsys):
             with fs.open_output_stream(f"{s3_bucket}/data/{f.relative_to(mura_dataset)}") as out:
                 out.write(f.read_bytes())
     assert train_job.main(["--data", f"s3://{s3_bucket}/data", "--out", f"s3://{s3_bucket}", "--epochs", "1"]) == 2
-    assert "give a run directory inside the bucket" in capsys.readouterr().err
+    assert "give a folder inside the bucket" in capsys.readouterr().err
     run = f"s3://{s3_bucket}/runs/cnn"
     assert train_job.main(["--data", f"s3://{s3_bucket}/data", "--out", run, "--backbone", "custom_cnn",
                            "--image-size", "32", "--epochs", "1", "--batch-size", "16"]) == 0
@@ -631,7 +632,7 @@ def test_pretrained_weights_reach_the_workers_from_the_driver(ray_cluster, mura_
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mura_ray.train import best_state, build_trainer, finish_run, prepare_run
+    from mura_ray.train import best_state, build_trainer, export_best, prepare_run
 
     source = timm.create_model("resnet10t", num_classes=10)
     weights = tmp_path / "resnet10t.safetensors"
@@ -640,7 +641,7 @@ def test_pretrained_weights_reach_the_workers_from_the_driver(ray_cluster, mura_
                       freeze="all", image_size=32, epochs=1, batch_size=16)
     run = prepare_run(cfg)
     weights.unlink()
-    finish_run(run, best_state(build_trainer(run).fit(), run.cfg.select_metric))
+    export_best(run, best_state(build_trainer(run).fit(), run.cfg.select_metric))
     exported = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     name = "layer4.0.conv2.weight"
     torch.testing.assert_close(exported[f"trunk.{name}"], source.state_dict()[name])
@@ -729,3 +730,46 @@ def test_validation_runs_while_the_paused_training_stream_holds_every_cpu(tmp_pa
         pytest.fail("the run hung (validation waiting for CPUs held by the paused training stream):\n" + out[-3000:])
     assert proc.returncode == 0, out[-3000:]
     assert "epoch 2/2" in out and (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_validation_in_training_equals_scoring_the_split_with_the_exported_model(trained_run, mura_dataset, tmp_path):
+    """The validation metrics that training computed for the exported checkpoint (in its Train worker, on inputs
+    its decode tasks prepared) are those of jobs/score.py on the same split with the exported model: one
+    preprocessing function (`images.load_pixels`) and the same probabilities on both paths."""
+    import score as score_job
+    from sklearn.metrics import roc_auc_score
+
+    from mura_ray.predictions import read_predictions
+
+    card = json.loads((trained_run / "model" / "model_card.json").read_text())
+    val = card["metrics"]["validation"]
+    out = tmp_path / "val"
+    assert score_job.main(["--model", str(trained_run / "model"), "--input", f"{mura_dataset}/val", "--out", str(out),
+                           "--no-report"]) == 0
+    df = read_predictions(str(out))
+    df = df[df["error"].isna() & df["label"].notna()]
+    assert len(df) == card["training"]["counts"]["val"] - val["val_skipped_images"] > 0
+    y, p = df["label"].astype(int).to_numpy(), df["prob_abnormal"].astype(np.float64).to_numpy()
+    assert roc_auc_score(y, p) == pytest.approx(val["val_auc"], abs=1e-6)
+    bce = -np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))  # the abnormality loss of training's `bce`
+    assert bce == pytest.approx(val["val_abnormal_loss"], rel=1e-5)
+
+
+def test_best_state_falls_back_to_the_validation_loss_when_the_metric_is_undefined(monkeypatch, caplog):
+    """A validation split of one class has no AUC or kappa at any epoch (NaN in a live run, null once the run is
+    read back from storage): the export takes the checkpoint with the lowest validation loss, and says so."""
+    from mura_ray import train
+
+    class Result:
+        best_checkpoints = [("a", {"val_auc": float("nan"), "val_loss": 0.5}),
+                            ("b", {"val_auc": None, "val_loss": 0.4})]
+
+    monkeypatch.setattr(train, "load_checkpoint_state", lambda checkpoint: {"checkpoint": checkpoint})
+    with caplog.at_level("WARNING", logger="mura_ray.train"):
+        assert train.best_state(Result(), "val_auc") == {"checkpoint": "b"}
+    assert "val_auc is undefined at every kept checkpoint" in caplog.text
+    Result.best_checkpoints = [("a", {"val_auc": 0.7, "val_loss": 0.5}),
+                               ("b", {"val_auc": float("nan"), "val_loss": 0.4}),
+                               ("c", {"val_auc": 0.6, "val_loss": 0.3})]
+    assert train.best_state(Result(), "val_auc") == {"checkpoint": "a"}
+    assert train.best_state(Result(), "val_loss") == {"checkpoint": "c"}

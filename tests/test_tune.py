@@ -16,19 +16,14 @@ import pytest
 
 from mura_ray import storage
 from mura_ray.config import TuneConfig, UserError
+from mura_ray.search_space import DEFAULT_SPACE, count_trials, load_space, resolve_space, to_param_space, varied_options
 from mura_ray.tune import (
-    DEFAULT_SPACE,
     STOPPED_BY_ASHA,
     check_search_fits,
-    count_trials,
-    load_space,
     rank_trials,
-    resolve_space,
     summarize_trial,
-    to_param_space,
     trial_config,
     trial_seed,
-    varied_options,
 )
 
 
@@ -178,28 +173,27 @@ def test_a_search_the_cluster_cannot_place_is_refused(monkeypatch, caplog):
         monkeypatch.setattr(runtime, "_started_local", local)
 
     cluster({"CPU": 4.0}, local=True)
-    with pytest.raises(UserError, match=r"^--workers-per-trial 1 with --gpu yes needs 1 GPU\(s\) per trial, the "
-                                        r"cluster has 0 \(use --gpu no to train on CPUs\)$"):
+    with pytest.raises(UserError, match=r"^a trial of --workers-per-trial 1 .* needs 1 GPU, the cluster has 0 GPU "
+                                        r"\(lower --workers-per-trial, or use --gpu no\)$"):
         check_search_fits(TuneConfig(gpu="yes"))
     cluster({"CPU": 8.0, "GPU": 1.0}, local=True)
-    with pytest.raises(UserError, match=r"--workers-per-trial 2 with --gpu auto needs 2 GPU\(s\) per trial, the "
-                                        r"cluster has 1 \(lower --workers-per-trial, or use --gpu no"):
+    with pytest.raises(UserError, match=r"--workers-per-trial 2 .* needs 2 GPU, the cluster has 1 GPU"):
         check_search_fits(TuneConfig(workers_per_trial=2))
-    with pytest.raises(UserError, match=r"x --cpus-per-worker 4 and one CPU to decode images need 9 CPUs"):
+    with pytest.raises(UserError, match=r"x --cpus-per-worker 4, one CPU to decode images\) needs 9 CPU, the cluster "
+                                        r"has 8 CPU"):
         check_search_fits(TuneConfig(workers_per_trial=2, cpus_per_worker=4, gpu="no"))
 
     cluster({"CPU": 4.0}, local=False)
     caplog.set_level(logging.WARNING, logger="mura_ray.tune")
     assert check_search_fits(TuneConfig(gpu="yes")) == 0
-    assert "cannot place a trial of this search yet" in caplog.text and "autoscaler" in caplog.text
+    assert "cannot place this yet: a trial of" in caplog.text and "autoscaler" in caplog.text
 
     caplog.clear()
     cluster({"CPU": 16.0, "GPU": 2.0}, local=True)
     assert check_search_fits(TuneConfig(max_concurrent=4)) == 2
-    assert "--max-concurrent 4: the cluster has room for 2 trial(s) at once (2 GPU(s) for 1 worker(s) each)" \
-        in caplog.text
+    assert "--max-concurrent 4: the cluster has room for 2 trial(s) at once; the others queue" in caplog.text
     caplog.clear()
-    assert check_search_fits(TuneConfig(max_concurrent=4, gpu="no")) == 15 and not caplog.text  # 1 CPU to decode
+    assert check_search_fits(TuneConfig(max_concurrent=4, gpu="no")) == 8 and not caplog.text  # 1 CPU each to decode
 
 
 @pytest.fixture
@@ -232,8 +226,9 @@ def test_a_search_that_cannot_be_placed_exits_2_before_writing(tmp_path, monkeyp
     rc = tune_job.main(["--data", _ingested(tmp_path / "data"), "--out", str(out), "--space", space,
                         "--backbones", "custom_cnn", "--gpu", "yes"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == ["error: --workers-per-trial 1 with --gpu yes needs 1 GPU(s) per trial, the cluster "
-                               "has 0 (use --gpu no to train on CPUs)"]
+    assert rc == 2 and err == ["error: a trial of --workers-per-trial 1 (x --cpus-per-worker 1, one CPU to decode "
+                               "images, one GPU each) needs 1 GPU, the cluster has 0 GPU (lower --workers-per-trial, "
+                               "or use --gpu no)"]
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []  # no search.json, the lock released
 
 
@@ -249,7 +244,7 @@ def test_out_that_cannot_be_written_or_is_a_bucket_exits_2(no_cluster, tmp_path,
 
     assert tune_job.main([*argv, "--out", "s3://bucket/"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --out s3://bucket/: give a search directory inside the bucket, such as "
+    assert err == ["error: --out s3://bucket/: give a folder inside the bucket, such as "
                    "s3://bucket/tune/NAME"]
 
 

@@ -1,4 +1,5 @@
-"""Radiograph decoding shared by ingest, training input and scoring: Pillow, restricted formats, one channel.
+"""Radiograph decoding and preprocessing shared by ingest, training, scoring and Grad-CAM: Pillow, restricted
+formats, one channel, `load_pixels` for the model's input.
 
 MURA mixes 8-bit grayscale, RGB and 16-bit PNGs. 16-bit images are scaled by their bit depth (declared, or the one
 their values need; Pillow's `convert("L")` would clip them), so every source ends as a `uint8` array of
@@ -125,3 +126,33 @@ def decode_radiograph(
         raise DecodeError(f"16-bit colour PNG whose values use the low bits only (Pillow keeps the top 8 bits of "
                           f"each sample: at most {int(out.max())} of 255 here); save it as 16-bit grayscale")
     return out
+
+
+def resize_pad(img: np.ndarray, size: int, scale: float = 1.0) -> Image.Image:
+    """Fit the longer side to `size * scale` (aspect preserved), then centre on a black `size`x`size` canvas."""
+    h, w = img.shape
+    factor = size * scale / max(h, w)
+    nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
+    resized = Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+    if nw > size or nh > size:
+        canvas = resized.crop(((nw - size) // 2, (nh - size) // 2, (nw - size) // 2 + size, (nh - size) // 2 + size))
+    return canvas
+
+
+def load_pixels(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image bytes to the model's input pixels: decoded to one 8-bit channel, the longer side fitted to `size`
+    (aspect preserved), centred on a black square: a (size, size) uint8 array.
+
+    The one preprocessing of every model input: validation, scoring and Grad-CAM use it as it is, and training
+    augments the same decoded image (`pipeline.augment`). Raises DecodeError with a reason.
+    """
+    return np.asarray(resize_pad(decode_radiograph(data, max_pixels, draft_size=size), size), dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """uint8 pixels (`load_pixels`) to the model's float32 input: `(pixels / 255 - mean) / std`.
+
+    The scoring actors apply the same arithmetic to the same uint8 pixels in torch, on their device."""
+    return (np.asarray(pixels, dtype=np.float32) / 255.0 - mean) / std

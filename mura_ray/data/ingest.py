@@ -1,9 +1,10 @@
 """Radiograph archives (MURA-v1.1, ImageFolder-style sets, raw trees) to a Parquet dataset, on Ray Data.
 
 Listing is cheap driver work (MURA's CSVs are the source of truth; folders are walked only for the other sources).
-Every image is then read and fully decoded once by parallel Ray Data tasks; unusable files go to `errors.jsonl`.
-Usable images are streamed again into `DEST/<split>/` Parquet files with their original bytes. `ingest_summary.json`
-is written last: a dataset without it is incomplete and every reader refuses it.
+Every image is then read and decoded once by parallel Ray Data tasks, with the decoder training and scoring use;
+files it refuses go to `errors.jsonl`. Usable images are streamed again into `DEST/<split>/` Parquet files with
+their original bytes. `ingest_summary.json` is written last: a dataset without it is incomplete and every reader
+refuses it.
 
 One run at a time writes a DEST: it holds `DEST/_lock.json` (`storage.OutputLock`) from before it looks at DEST until
 it ends. `--overwrite` replaces only what an ingest writes (a DEST holding anything else is refused), and only once
@@ -29,7 +30,7 @@ import pyarrow.fs as pafs
 
 from mura_ray import storage
 from mura_ray.config import IngestConfig, UserError
-from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, open_radiograph
+from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
 from mura_ray.labels import BODY_PARTS, parse_body_part, parse_class_folder, parse_split_folder
 from mura_ray.runtime import first_line
 
@@ -297,13 +298,14 @@ def list_source(cfg: IngestConfig) -> Listing:
 
 
 def inspect_images(batch: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
-    """Ray Data task: read and fully decode each image once; width/height, or the reason it is unusable."""
+    """Ray Data task: decode each image once, with the decoder training and scoring use; width/height, or the
+    reason it is unusable (so every image kept decodes for them, and every refused one is in errors.jsonl)."""
     widths, heights, sizes, errors = [], [], [], []
     for uri in batch["uri"]:
         try:
             data = storage.read_bytes(uri)
-            img = open_radiograph(data, max_pixels)
-            widths.append(img.width), heights.append(img.height), sizes.append(len(data)), errors.append(None)
+            height, width = decode_radiograph(data, max_pixels).shape
+            widths.append(width), heights.append(height), sizes.append(len(data)), errors.append(None)
         except DecodeError as e:
             widths.append(0), heights.append(0), sizes.append(0), errors.append(str(e))
         except FileNotFoundError:

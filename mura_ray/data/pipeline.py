@@ -7,14 +7,16 @@ A row that cannot be decoded keeps its place with `ok = 0` so the consumer can s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from mura_ray import storage
-from mura_ray.data.images import DecodeError, decode_radiograph
+from mura_ray.data.images import DecodeError, decode_radiograph, load_pixels, normalize, resize_pad
 from mura_ray.labels import BODY_PART_INDEX
 
 TRAIN_COLUMNS: tuple[str, ...] = ("image", "label", "body_part")
@@ -30,8 +32,8 @@ def read_parquet(paths: str | list[str], filesystem: Any, **read_args: Any):
     Ray 2.60 reads Parquet through a new (V2) datasource by default, which makes one block of each file: a split
     written as one file is decoded by a single task, its first batch waits for the whole file, and every epoch
     spends seconds in a file-listing task. The file-based datasource splits files into row blocks that stream
-    through parallel decode tasks: on the 1,406-image demo split one epoch of input took 3.1 s instead of 9-11 s,
-    the first batch 1 s instead of 8-13 s (docs/benchmarks.md). The choice is scoped to this call.
+    through parallel decode tasks: on the 1,406-image demo split an epoch of input takes about a third of the V2
+    datasource's time (docs/benchmarks.md). The choice is scoped to this call.
     `read_args` go to `ray.data.read_parquet` (such as `override_num_blocks`).
     """
     import ray
@@ -60,30 +62,8 @@ def read_split(data: str, split: str, columns: tuple[str, ...] | None = None, *,
 
 
 def split_files(data: str, split: str) -> list[str]:
-    """The Parquet files of a split, as paths inside its filesystem, skipping hidden ones as Ray's reader does."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(storage.join(data, split))
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    root = path.rstrip("/") + "/"
-    return sorted(
-        info.path for info in infos
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet")
-        and not any(part.startswith((".", "_")) for part in info.path.removeprefix(root).split("/"))
-    )
-
-
-def resize_pad(img: np.ndarray, size: int, scale: float = 1.0) -> Image.Image:
-    """Fit the longer side to `size * scale` (aspect preserved), then centre on a black `size`x`size` canvas."""
-    h, w = img.shape
-    factor = size * scale / max(h, w)
-    nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
-    resized = Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    canvas = Image.new("L", (size, size), 0)
-    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
-    if nw > size or nh > size:
-        canvas = resized.crop(((nw - size) // 2, (nh - size) // 2, (nw - size) // 2 + size, (nh - size) // 2 + size))
-    return canvas
+    """The Parquet files of a split (`storage.list_parquet`), as paths inside its filesystem."""
+    return [storage.resolve(f)[1] for f in storage.list_parquet(storage.join(data, split))]
 
 
 def augment(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,14 +90,12 @@ def preprocess_images(
         if data is None:
             continue
         try:
-            img = decode_radiograph(data, draft_size=image_size)
+            if train:
+                out[i, 0] = (augment(decode_radiograph(data, draft_size=image_size), image_size, rng) - mean) / std
+            else:
+                out[i, 0] = normalize(load_pixels(data, image_size), mean, std)
         except DecodeError:
             continue
-        if train:
-            arr = augment(img, image_size, rng)
-        else:
-            arr = np.asarray(resize_pad(img, image_size), dtype=np.float32) / 255.0
-        out[i, 0] = (arr - mean) / std
         ok[i] = 1.0
     return out, ok
 
@@ -190,9 +168,8 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     slices what it is given itself (`preprocess_slices`), then re-blocking into `batch_size` rows; Ray Data fuses
     the three into one operator. The dataset's block-size target is one decoded slice, so every slice leaves the
     task as soon as it is decoded (with Ray's default of 128 MiB a task held back all of a file's images until the
-    file was done) and the raw blocks read are as small. Before, Ray cut each file into more blocks than files,
-    which keeps a read from fusing with the map after it, so every block went read task → object store → decode
-    task: fused, a Train worker got 1.33x the images/s (842 images, 2 cores, back to back; docs/benchmarks.md).
+    file was done) and the raw blocks read are as small. One block per file keeps the read fused with the decode
+    (more blocks than files would send every block read task → object store → decode task).
     Decoding then runs at most one task per file at a time: the file count (`--rows-per-file` at ingest) bounds its
     parallelism.
     A one-file split is cut into blocks decoded by parallel tasks, `batch_size` rows at a time.
@@ -239,3 +216,129 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
         # tasks of its own, reserving a CPU each. Blocks are slices of at most `batch_size` rows without it.
         return ds
     return ds.repartition(target_num_rows_per_block=batch_size)
+
+
+def iter_batches(shard, batch_size: int, shuffle: bool, device):
+    """A dataset shard's batches as torch tensors on `device` (a local shuffle buffer for training)."""
+    import torch  # here: the decode tasks that import this module need no torch
+
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32},
+        device=device,
+        prefetch_batches=4,
+        local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
+    )
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class EpochStream:
+    """A run's epochs cut from one stream of batches, pulled by a background thread up to `depth` batches ahead.
+
+    The training input is one Ray Data execution over all of a run's epochs (`build_input(passes=...)`: the split's
+    files once per epoch, each pass in its own seeded order), so read and decode run on without a break: an
+    execution per epoch would spend ~0.9 s starting up at every epoch boundary (docs/benchmarks.md). Epoch e ends
+    with the first batch that brings the rows delivered since the stream began to (e + 1) x `rows_per_epoch` (this
+    worker's share of the split); counted from the start, not per epoch, so batch boundaries never make epochs drift
+    from the passes. Every worker gets the same number of rows in batches of the same size (Ray Train splits the
+    dataset into equal shards), so every worker cuts its epochs at the same step, as DDP needs. An epoch is the
+    split's rows give or take a batch: the local shuffle buffer mixes rows across the boundary between passes.
+
+    Pulling starts when the stream is made (before the model is built, so the input's start-up overlaps the
+    model's set-up) and runs on between epochs, over validation and the checkpoint. Each `epoch()` yields one
+    epoch's batches in order (an epoch left part-way is skipped to its end by the next call); after the last epoch
+    the iterator is closed, ending this worker's part of the execution, whatever rows are left in it (a resumed run
+    reads only the epochs it has left). `close()` does the same at once (early stopping).
+
+    Batches are queued as `make_batches` delivers them: on the GPU when it moves them there, so up to `depth` + 1
+    batches of GPU memory stay in use between epochs (51 MB each at 256 single-channel images of 224 px).
+    """
+
+    _END = object()
+
+    def __init__(self, make_batches: Callable[[], Any], epochs: int, rows_per_epoch: int, depth: int = 8):
+        if rows_per_epoch <= 0:
+            raise ValueError(f"rows_per_epoch must be positive, not {rows_per_epoch}")
+        self._make = make_batches
+        self._unread = epochs  # epochs not yet handed to the loop
+        self._open = False  # an epoch handed to the loop whose end it has not reached
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pull, args=(epochs, rows_per_epoch), name="epoch-input",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pull(self, epochs: int, rows_per_epoch: int) -> None:
+        it = None
+        try:
+            if epochs <= 0:
+                return
+            it = iter(self._make())
+            delivered = 0
+            for epoch in range(epochs):
+                until = (epoch + 1) * rows_per_epoch
+                while delivered < until:
+                    batch = next(it, None)
+                    if batch is None:
+                        raise RuntimeError(
+                            f"the training input ended after {delivered} rows, in epoch {epoch + 1} of {epochs} "
+                            f"({rows_per_epoch} rows an epoch): was the dataset changed during the run?")
+                    delivered += len(batch["ok"])
+                    if not self._put(batch):
+                        return
+                if not self._put(self._END):
+                    return
+        except BaseException as e:  # re-raised in the training loop's thread
+            self._put(_Failed(e))
+        finally:  # ends this worker's part of the Ray Data execution (the rows past the last epoch are not read)
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _next(self) -> Any:
+        item = self._queue.get()
+        if isinstance(item, _Failed):
+            self._open = False
+            raise item.error
+        if item is self._END:
+            self._open = False
+        return item
+
+    def epoch(self):
+        """The next epoch's batches (an error in the input is raised here); nothing after the last epoch."""
+        while self._open:  # the loop left the previous epoch part-way: its rest is not this one's
+            self._next()
+        if self._unread <= 0 or self._stop.is_set():
+            return
+        self._unread -= 1
+        self._open = True
+        while (item := self._next()) is not self._END:
+            yield item
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop pulling and drop what was pulled ahead; again, a no-op. The thread ends after the batch it is
+        waiting for, if any; it is not waited for longer than `timeout` (a daemon, and Ray Train shuts the
+        dataset's execution down with the workers)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._open = False
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout)
