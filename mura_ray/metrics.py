@@ -33,14 +33,7 @@ from mura_ray.labels import BODY_PARTS
 OperatingPoint = Literal["youden", "sensitivity"]
 CalibrationLevel = Literal["image", "study"]
 
-AUC_BOOTSTRAP_BINS = 10_000
-"""Bootstrap AUCs are computed on at most this many score bins (exact when there are fewer distinct scores)."""
-
 _BINARY = [0, 1]
-_BOOTSTRAP_CHUNK = 100  # resamples drawn at once
-_BOOTSTRAP_CHUNK_CLASSES = 4_000_000  # ... fewer when chunk x group classes (or groups) would exceed this
-_MULTINOMIAL_COST = 8  # a multinomial count per class costs about this many uniform draws of a group
-_MAX_SIGNATURE_CELLS = 10_000_000  # groups x largest group size, above which groups are not merged into classes
 
 
 def compute_binary_metrics(
@@ -131,7 +124,6 @@ def compute_binary_metrics(
         out["bootstrap"] = {
             "n_resamples": int(bootstrap),
             "seed": int(seed),
-            "auc_bins": AUC_BOOTSTRAP_BINS,
             "unit": unit or ("group" if groups is not None else "row"),
             "n_units": ci["n_units"],
             "n_resamples_used": used,
@@ -161,62 +153,36 @@ def bootstrap_ci(
 
     With `groups` (one id per row, no missing ids), a resample draws as many groups as there are, with
     replacement, each with all its rows: the images of one study are correlated, and resampling them one by one
-    would give intervals that are too narrow. Without `groups`, every row is its own group.
-
-    A resample is fully described by how often each distinct (score bin, label, prediction) cell is drawn, and
-    groups whose rows fall in the same cells the same number of times are interchangeable. So a resample draws
-    counts over those group classes and spreads them onto cells: each costs O(classes + their distinct cells),
-    not O(n) (rows that are their own group collapse to at most 4 x bins classes). Kappa is exact, and AUC is exact
-    up to `AUC_BOOTSTRAP_BINS` equal-count score bins (ties within a bin move AUC by at most 1/bins).
+    would give intervals that are too narrow. Without `groups`, every row is its own group. A resample is a weight
+    per row (how often its group was drawn); the rows are sorted by score once, so each resample's exact AUC is a
+    weighted sum over runs of tied scores, O(rows) (1,000,000 rows, 200 resamples: seconds, docs/benchmarks.md).
 
     A resample with one class only has no AUC, and one whose labels and predictions are all the same class has no
     kappa; each is skipped for that metric only. Returns `roc_auc_ci95` and `cohen_kappa_ci95` (None when no
     resample was usable), `n_resamples_used` per metric and `n_units` (the number of groups).
     """
     y = np.asarray(y_true).astype(np.int64)
-    n = y.size
-    score_bin = _score_bins(np.asarray(prob, dtype=np.float64), AUC_BOOTSTRAP_BINS)
-    cell = (score_bin * 2 + y) * 2 + np.asarray(y_pred).astype(np.int64)
-    cell_ids, cell_of_row = np.unique(cell, return_inverse=True)
-    cell_of_row = cell_of_row.reshape(-1)
-    cell_pred = cell_ids % 2
-    cell_label = (cell_ids // 2) % 2
-    cell_bin = cell_ids // 4
-    unit_of_row = _group_codes(groups, n)
-    n_units = int(unit_of_row.max()) + 1 if n else 0
-    class_of_unit, entry_class, entry_cell, entry_count = _group_classes(unit_of_row, cell_of_row, n_units)
-    n_classes = int(class_of_unit.max()) + 1
-    class_p = np.bincount(class_of_unit, minlength=n_classes) / n_units
-    # Either way a resample is n_units groups drawn uniformly with replacement: multinomial counts per class cost
-    # O(classes), drawing the groups one by one O(groups); take the cheaper.
-    by_class = n_classes * _MULTINOMIAL_COST < n_units
-
-    # Kappa depends only on the 2x2 table, so each resample collapses to its four (label, prediction) counts.
-    to_table = np.zeros((cell_ids.size, 4), dtype=np.float64)
-    to_table[np.arange(cell_ids.size), cell_label * 2 + cell_pred] = 1
-    table_label, table_pred = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    p = np.asarray(prob, dtype=np.float64)
+    unit = _group_codes(groups, y.size)
+    n_units = int(unit.max()) + 1 if y.size else 0
+    order = np.argsort(p, kind="stable")
+    label_sorted, unit_sorted = y[order], unit[order]
+    ties = np.flatnonzero(np.r_[True, np.diff(p[order]) != 0])  # where each run of equal scores starts
+    cell = y * 2 + np.asarray(y_pred).astype(np.int64)  # the 2x2 table's cell of each row
     rng = np.random.default_rng(seed)
-    chunk = max(1, min(_BOOTSTRAP_CHUNK, _BOOTSTRAP_CHUNK_CLASSES // (n_classes if by_class else n_units)))
     aucs: list[float] = []
     kappas: list[float] = []
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        if by_class:
-            draws = rng.multinomial(n_units, class_p, size=size)
-        else:
-            picked = class_of_unit[rng.integers(0, n_units, size=(size, n_units))]
-            draws = np.stack([np.bincount(row, minlength=n_classes) for row in picked])
-        for draw in draws:
-            # Rows drawn per cell (integers, exact in float64 up to 2**53).
-            w = np.bincount(entry_cell, weights=draw[entry_class] * entry_count, minlength=cell_ids.size)
-            table = w @ to_table
-            total = table.sum()
-            n_pos = table[2] + table[3]
-            if 0 < n_pos < total:  # a resample with one class has no AUC; skipping it is the usual convention
-                drawn = w > 0
-                aucs.append(roc_auc_score(cell_label[drawn], cell_bin[drawn], sample_weight=w[drawn]))
-            if table[0] < total and table[3] < total:  # otherwise chance agreement is 1: kappa is undefined
-                kappas.append(cohen_kappa_score(table_label, table_pred, labels=_BINARY, sample_weight=table))
+    for _ in range(n_resamples):
+        drawn = np.bincount(rng.integers(0, n_units, n_units), minlength=n_units).astype(np.float64)
+        weight = drawn[unit_sorted]
+        pos = np.add.reduceat(weight * label_sorted, ties)
+        neg = np.add.reduceat(weight * (1 - label_sorted), ties)
+        if pos.sum() > 0 and neg.sum() > 0:  # a resample with one class has no AUC; skipping it is the convention
+            # Each positive outranks the negatives of lower scores, and half of those tied with it.
+            aucs.append(float((pos * (np.cumsum(neg) - 0.5 * neg)).sum() / (pos.sum() * neg.sum())))
+        table = np.bincount(cell, weights=drawn[unit], minlength=4)
+        if table[0] < table.sum() and table[3] < table.sum():  # otherwise chance agreement is 1: kappa is undefined
+            kappas.append(cohen_kappa_score([0, 0, 1, 1], [0, 1, 0, 1], labels=_BINARY, sample_weight=table))
     return {
         "roc_auc_ci95": _percentile_ci(np.array(aucs)),
         "cohen_kappa_ci95": _percentile_ci(np.array(kappas)),
@@ -235,33 +201,6 @@ def _group_codes(groups: np.ndarray | Sequence[Any] | pd.Series | None, n: int) 
     if (codes < 0).any():
         raise ValueError(f"groups has {int((codes < 0).sum())} missing ids; give each such row its own group")
     return codes.astype(np.int64)
-
-
-def _group_classes(
-    unit_of_row: np.ndarray, cell_of_row: np.ndarray, n_units: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Groups with the same cells, as often, are interchangeable in a resample: merge them into classes.
-
-    Returns (class_of_unit, entry_class, entry_cell, entry_count): each group's class, and per class the rows it
-    holds: `entry_count` rows of cell `entry_cell` for each of its groups drawn.
-    """
-    sizes = np.bincount(unit_of_row, minlength=n_units)
-    width = int(sizes.max()) if n_units else 0
-    order = np.lexsort((cell_of_row, unit_of_row))
-    unit_sorted, cell_sorted = unit_of_row[order], cell_of_row[order]
-    if n_units * width <= _MAX_SIGNATURE_CELLS:
-        # Each group's sorted cells, padded with -1, is its signature; equal signatures make a class.
-        position = np.arange(unit_sorted.size) - (np.cumsum(sizes) - sizes)[unit_sorted]
-        signature = np.full((n_units, width), -1, dtype=np.int64)
-        signature[unit_sorted, position] = cell_sorted
-        signatures, class_of_unit = np.unique(signature, axis=0, return_inverse=True)
-        rows = np.repeat(np.arange(signatures.shape[0]), width)
-        cells = signatures.reshape(-1)
-        rows, cells = rows[cells >= 0], cells[cells >= 0]
-    else:  # a few huge groups: no padding to their size; every group is its own class (still exact, slower)
-        rows, cells, class_of_unit = unit_sorted, cell_sorted, np.arange(n_units)
-    pairs, entry_count = np.unique(np.stack([rows, cells]), axis=1, return_counts=True)
-    return class_of_unit.reshape(-1).astype(np.int64), pairs[0], pairs[1], entry_count.astype(np.int64)
 
 
 def aggregate_studies(
@@ -409,15 +348,6 @@ def _kappa(y: np.ndarray, y_pred: np.ndarray) -> float | None:
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         value = cohen_kappa_score(y, y_pred, labels=_BINARY, replace_undefined_by=np.nan)
     return _num(value)
-
-
-def _score_bins(prob: np.ndarray, max_bins: int) -> np.ndarray:
-    """Map scores to ordered integer bins: one per distinct score, or `max_bins` equal-count bins if more."""
-    values, inverse, counts = np.unique(prob, return_inverse=True, return_counts=True)
-    if values.size <= max_bins:
-        return inverse
-    rows_before = np.cumsum(counts) - counts
-    return (rows_before * max_bins // prob.size)[inverse]
 
 
 def _percentile_ci(values: np.ndarray) -> list[float] | None:

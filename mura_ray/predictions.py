@@ -186,6 +186,8 @@ class _KeySet:
     """A set of 64-bit keys in ~8 bytes a key: sorted runs, merged as they grow (each run at least twice the size of
     the next), so a lookup is a binary search in each of O(log n) runs and a key is copied O(log n) times."""
 
+    # Not a Python set: that holds 69 bytes a key (measured, 1M keys), 0.7 GB on the driver for 10M images.
+
     def __init__(self) -> None:
         self.runs: list[np.ndarray] = []
 

@@ -121,7 +121,7 @@ def _blocks(report: dict[str, Any]) -> list[_Block]:
         blocks.append(("figure:per_body_part.png", "ROC AUC and Cohen's kappa per body part"))
     if report.get("body_part"):
         blocks.append(("h2", "Body part classification"))
-        blocks.append(table(*_body_part_rows(report["body_part"]), "Body part classification report"))
+        blocks.append(table(*_classification_rows(report["body_part"], title=True), "Body part classification report"))
         blocks.append(("figure:body_part_confusion.png", "Body part confusion matrix"))
 
     notes = _collect_notes(report)
@@ -179,9 +179,10 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _classification_rows(m: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _classification_rows(m: dict[str, Any], *, title: bool = False) -> tuple[list[str], list[list[str]]]:
+    """scikit-learn's classification report as a table (`title`: class names title-cased, as body parts)."""
     headers = ["Class", "Precision", "Recall", "F1-score", "Support"]
-    rows = [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), str(v["support"])]
+    rows = [[c.title() if title else c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), str(v["support"])]
             for c, v in m["per_class"].items()]
     total = str(m["n"])
     rows.append(["Accuracy", "", "", fmt(m["accuracy"]), total])
@@ -200,18 +201,6 @@ def _per_body_part_rows(per_part: dict[str, Any]) -> tuple[list[str], list[list[
         rows.append([part.title(), str(im["n"]), str(im["n_abnormal"]), fmt(im["accuracy"]), fmt(im["roc_auc"]),
                      fmt(im["cohen_kappa"]), str(st["n"]), fmt(st["accuracy"]), fmt(st["roc_auc"]),
                      fmt(st["cohen_kappa"])])
-    return headers, rows
-
-
-def _body_part_rows(body_part: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["Class", "Precision", "Recall", "F1-score", "Support"]
-    rows = [[name.title(), fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), str(v["support"])]
-            for name, v in body_part["per_class"].items()]
-    total = str(body_part["n"])
-    rows.append(["Accuracy", "", "", fmt(body_part["accuracy"]), total])
-    for key, label in [("macro_avg", "Macro Avg"), ("weighted_avg", "Weighted Avg")]:
-        a = body_part[key]
-        rows.append([label, fmt(a["precision"]), fmt(a["recall"]), fmt(a["f1"]), total])
     return headers, rows
 
 

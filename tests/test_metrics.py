@@ -100,17 +100,6 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     assert a["bootstrap"]["n_resamples"] == 100
 
 
-def test_bootstrap_with_binned_scores_stays_close(monkeypatch):
-    # More distinct scores than bins: AUC is bootstrapped on equal-count bins, off by at most 1/bins.
-    rng = np.random.default_rng(2)
-    y = rng.integers(0, 2, 5000)
-    p = rng.random(5000) * 0.5 + 0.3 * y
-    exact = compute_binary_metrics(y, p, 0.5, bootstrap=100, seed=0)["roc_auc_ci95"]
-    monkeypatch.setattr(metrics, "AUC_BOOTSTRAP_BINS", 1000)
-    binned = compute_binary_metrics(y, p, 0.5, bootstrap=100, seed=0)["roc_auc_ci95"]
-    assert binned == pytest.approx(exact, abs=2e-3)
-
-
 def test_aggregate_studies_mean_probability_and_max_label():
     studies = aggregate_studies(
         ["A", "A", "A", "B", "B", "C"],
@@ -250,19 +239,25 @@ def test_image_level_bootstrap_of_duplicated_images_equals_the_study_level_one()
     assert rows["roc_auc_ci95"][1] - rows["roc_auc_ci95"][0] < 0.8 * width
 
 
-def test_bootstrap_without_merging_groups_draws_the_same(monkeypatch):
-    # Groups with the same cells are merged into classes unless that would take too much memory; both ways draw
-    # the same groups from the same seed here, so the intervals agree exactly.
+def test_bootstrap_resamples_equal_scikit_learn_on_the_same_draws():
+    # Each resample's AUC (a weighted sum over runs of tied scores) and kappa are scikit-learn's on the rows drawn.
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
     rng = np.random.default_rng(4)
     studies = np.repeat(np.arange(30), rng.integers(1, 4, 30))
     y = (studies % 3 == 0).astype(int)
-    p = np.round(rng.random(studies.size) * 0.6 + 0.3 * y, 1)  # coarse: many studies share cells
-    merged = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n_resamples=100, seed=0, groups=studies)
-    monkeypatch.setattr(metrics, "_MAX_SIGNATURE_CELLS", 0)
-    unmerged = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n_resamples=100, seed=0, groups=studies)
-    for key in ("roc_auc_ci95", "cohen_kappa_ci95"):
-        assert unmerged[key] == pytest.approx(merged[key], rel=1e-12), key
-    assert unmerged["n_resamples_used"] == merged["n_resamples_used"]
+    p = np.round(rng.random(studies.size) * 0.6 + 0.3 * y, 1)  # coarse: many tied scores
+    pred = (p >= 0.5).astype(int)
+    got = metrics.bootstrap_ci(y, p, pred, n_resamples=100, seed=0, groups=studies)
+    draws, aucs, kappas = np.random.default_rng(0), [], []
+    for _ in range(100):
+        weight = np.bincount(draws.integers(0, 30, 30), minlength=30)[studies]
+        if len(np.unique(y[weight > 0])) == 2:
+            aucs.append(roc_auc_score(y, p, sample_weight=weight))
+        kappas.append(cohen_kappa_score(y, pred, sample_weight=weight))
+    assert got["roc_auc_ci95"] == pytest.approx(list(np.percentile(aucs, [2.5, 97.5])), rel=1e-12)
+    assert got["cohen_kappa_ci95"] == pytest.approx(list(np.percentile(kappas, [2.5, 97.5])), rel=1e-12)
+    assert got["n_resamples_used"] == {"roc_auc": len(aucs), "cohen_kappa": 100}
 
 
 def test_bootstrap_by_study_is_seeded():
