@@ -179,7 +179,7 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     the stream by rows (`mura_ray.train.EpochStream`), so read and decode never stop to start a new execution. The
     split is shuffled without an all-to-all step: ingest writes its rows in a seeded random order across many
     small files, each pass reads the files in a new order, and the consumer mixes rows in a local shuffle buffer.
-    (`randomize_block_order`, used before, waits for the whole split to be read into the object store before the
+    (`randomize_block_order` waits for the whole split to be read into the object store before the
     first image is decoded.) Evaluation reads the split once, in order.
     `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead.
     `num_cpus` is each read-and-decode task's CPU reservation, `max_tasks` caps how many run at once (None: as many
