@@ -63,7 +63,8 @@ def _s3_filesystem(environment: tuple[str | None, ...]) -> pafs.S3FileSystem:
 # operation: <S3's message>", TYPE being the AWS SDK's name for the error, or UNKNOWN (HTTP status N). These types
 # (and HTTP 403) are S3 refusing the request: an unknown key, a wrong secret or token, or no permission.
 # A HEAD request (a file's or folder's information, the first request of most jobs) gets no error body from S3, so
-# even a wrong key or secret is ACCESS_DENIED there.
+# even a wrong key or secret is ACCESS_DENIED there. pyarrow raises a plain OSError: the SDK's error type reaches
+# Python only in that message, so it is matched there.
 _ACCESS_DENIED = re.compile(
     r"AWS Error (?:ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|INCOMPLETE_SIGNATURE|INVALID_SIGNATURE"
     r"|INVALID_CLIENT_TOKEN_ID|INVALID_TOKEN|MISSING_AUTHENTICATION_TOKEN|UNRECOGNIZED_CLIENT"
