@@ -222,11 +222,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
 
         def batches():
-            # The arguments of mura_ray.train._iter_batches (training's iterator), with prefetch as a knob.
+            # The arguments of mura_ray.data.pipeline.iter_batches (training's iterator), with prefetch as a knob.
             return shard.iter_torch_batches(
                 batch_size=batch_size,
                 dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64,
-                        "ok": torch.float32},
+                        "ok": torch.float32, "study": torch.int64},
                 device=device,
                 prefetch_batches=config["prefetch_batches"],
                 local_shuffle_buffer_size=batch_size * 8,

@@ -35,8 +35,11 @@ GpuMode = Literal["auto", "yes", "no"]
 FreezePolicy = Literal["none", "all", "all-but-last"]
 LossName = Literal["bce", "weighted", "focal"]
 Source = Literal["mura", "folder", "images"]
-SelectMetric = Literal["val_loss", "val_auc", "val_kappa"]
-METRIC_MODES: dict[str, Literal["min", "max"]] = {"val_loss": "min", "val_auc": "max", "val_kappa": "max"}
+SelectMetric = Literal["val_study_kappa", "val_study_auc", "val_auc", "val_kappa", "val_abnormal_loss", "val_loss"]
+METRIC_MODES: dict[str, Literal["min", "max"]] = {
+    "val_study_kappa": "max", "val_study_auc": "max", "val_auc": "max", "val_kappa": "max",
+    "val_abnormal_loss": "min", "val_loss": "min",
+}
 """Validation metrics that rank checkpoints and trials, and their direction."""
 
 
@@ -346,12 +349,15 @@ class TrainConfig:
     focal_gamma: float = 2.0
     """Focusing parameter gamma of the focal loss."""
     patience: int = 5
-    """Early stopping: epochs without a better validation loss."""
+    """Early stopping: epochs without a better --select-metric."""
     num_to_keep: int = 2
     """Checkpoints kept, the best by --select-metric, plus the latest for resuming."""
-    select_metric: SelectMetric = "val_loss"
-    """Validation metric that ranks checkpoints: which are kept and which is exported (val_loss lower is better,
-    val_auc and val_kappa higher). Early stopping always watches the validation loss."""
+    select_metric: SelectMetric = "val_study_kappa"
+    """Validation metric that picks the kept and the exported checkpoints and that early stopping watches. The
+    default is MURA's own measure, Cohen's kappa per study (a study's probability is the mean of its images');
+    val_study_auc, val_auc and val_kappa are higher-is-better, val_abnormal_loss (the abnormality loss alone) and
+    val_loss (with the body-part term) lower. At an epoch where it is undefined (a validation split of one class)
+    early stopping watches val_abnormal_loss instead, with one log line."""
     max_failures: int = 2
     """Worker-group restarts allowed; training resumes from the last checkpoint."""
     seed: int = 0
@@ -490,7 +496,8 @@ class TuneConfig:
     max_concurrent: int = 2
     """Trials running at once."""
     metric: SelectMetric = "val_auc"
-    """What ASHA and the leaderboard rank by: val_auc and val_kappa higher is better, val_loss lower."""
+    """What ASHA and the leaderboard rank by (each trial's best over its epochs): the AUC and kappa metrics, per
+    image or per study, higher is better, the losses lower."""
     image_size: int | None = None
     """Fix every trial's input side in pixels, overriding the space."""
     mlflow_uri: str | None = None
@@ -512,7 +519,7 @@ class TuneConfig:
 
     def validate(self) -> TuneConfig:
         problems: list[str] = []
-        _check_choice(problems, self, "metric", ("val_auc", "val_loss", "val_kappa"))
+        _check_choice(problems, self, "metric", tuple(METRIC_MODES))
         _check_choice(problems, self, "gpu", ("auto", "yes", "no"))
         _check_positive(problems, self, "num_samples", "epochs", "workers_per_trial", "max_concurrent",
                         "cpus_per_worker", "grace_period", "demo_images")

@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from mura_ray.config import METRIC_MODES, TrainConfig, UserError
 from mura_ray.data.pipeline import EpochStream, build_input, iter_batches, split_rows
 from mura_ray.labels import BODY_PARTS
 from mura_ray.losses import multitask_loss
-from mura_ray.metrics import compute_binary_metrics
+from mura_ray.metrics import aggregate_studies, compute_binary_metrics
 from mura_ray.models import ModelSpec, amp_dtype, autocast, build_model, export_model, trunk_normalization
 from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu
 
@@ -40,9 +40,10 @@ STATE_FILE = "state.pt"
 # ---------------------------------------------------------------------------------------------------- worker loop
 def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype | None, loss_kwargs: dict[str, Any],
              threshold: float) -> dict[str, float]:
-    """Loss and metrics over every row of a validation iterator (rows that failed to decode are skipped)."""
+    """Loss and metrics over every row of a validation iterator (rows that failed to decode are skipped), at image
+    level and at MURA's study level (a study's probability is the mean of its images', its label the max)."""
     model.eval()
-    labels, probs, parts, part_pred, losses, ab_losses, weights = [], [], [], [], [], [], []
+    labels, probs, parts, part_pred, studies, losses, ab_losses, weights = [], [], [], [], [], [], [], []
     skipped = 0
     with torch.inference_mode():
         for batch in batches:
@@ -61,18 +62,24 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
             labels.append(label.cpu().numpy())
             probs.append(torch.sigmoid(out["abnormal"].float()).cpu().numpy())
             parts.append(body_part.cpu().numpy())
+            studies.append(batch["study"][ok].cpu().numpy())
             if "body_part" in out:
                 part_pred.append(out["body_part"].argmax(1).cpu().numpy())
     if not weights:
         raise RuntimeError(f"the validation split has no labelled image that decodes ({skipped} failed to decode): "
                            "nothing to compute the validation loss on")
-    m = compute_binary_metrics(np.concatenate(labels), np.concatenate(probs), threshold)
+    y, p, study = np.concatenate(labels), np.concatenate(probs), np.concatenate(studies)
+    study = np.where(study >= 0, study, -1 - np.arange(study.size))  # an image without a study is its own
+    m = compute_binary_metrics(y, p, threshold)
+    by_study = aggregate_studies(study, p, y)
+    s = compute_binary_metrics(by_study["label"].to_numpy(), by_study["prob_abnormal"].to_numpy(), threshold)
     parts_known, parts_pred = np.concatenate(parts), np.concatenate(part_pred) if part_pred else None
     known = parts_known >= 0
     body_part_acc = (float((parts_pred[known] == parts_known[known]).mean()) if parts_pred is not None and known.any()
                      else math.nan)
     return {"val_loss": sum(losses) / sum(weights), "val_abnormal_loss": sum(ab_losses) / sum(weights),
             "val_auc": _or_nan(m["roc_auc"]), "val_kappa": _or_nan(m["cohen_kappa"]),
+            "val_study_auc": _or_nan(s["roc_auc"]), "val_study_kappa": _or_nan(s["cohen_kappa"]),
             "val_body_part_acc": body_part_acc, "val_skipped_images": skipped}
 
 
@@ -150,7 +157,8 @@ class TrainingSetup:
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
     start_epoch: int = 0
-    best_val_loss: float = math.inf
+    best: dict[str, float] = field(default_factory=dict)
+    """The best value so far of each metric early stopping has watched (`watch`)."""
     bad_epochs: int = 0
 
 
@@ -177,8 +185,21 @@ def setup_training(model: nn.Module, cfg: TrainConfig, state: dict[str, Any] | N
     if state.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     start = state["epoch"] + 1
+    # A checkpoint written before `best` was recorded holds the best validation loss only.
+    best = state.get("best", {"val_loss": state.get("best_val_loss", math.inf)})
     return TrainingSetup(model, raw_model, optimizer, lr_schedule(optimizer, cfg, start), scaler, amp, start,
-                         state["best_val_loss"], state["bad_epochs"])
+                         dict(best), state["bad_epochs"])
+
+
+def watch(val: dict[str, float], best: dict[str, float], metric: str) -> tuple[str, bool]:
+    """The metric early stopping watches at this epoch (`metric`, or val_abnormal_loss where `metric` is undefined)
+    and whether it beat its best so far, which is then updated in `best`."""
+    watched = metric if math.isfinite(val[metric]) else "val_abnormal_loss"
+    value, sign = val[watched], 1.0 if METRIC_MODES[watched] == "min" else -1.0
+    improved = watched not in best or sign * value < sign * best[watched] - 1e-6
+    if improved:
+        best[watched] = value
+    return watched, improved
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -204,7 +225,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # The run had already ended (e.g. a search was interrupted while this run wrote its last checkpoint):
             # report its last epoch again, so that the caller (Tune) learns how it ended instead of getting nothing.
             if rank == 0:
-                why = (f"it stopped early (no better val_loss for {bad_epochs} epochs; raise --patience to go on)"
+                why = (f"it stopped early (no better {cfg.select_metric} for {bad_epochs} epochs; raise --patience "
+                       "to go on)"
                        if bad_epochs >= cfg.patience else f"it had trained its {start_epoch} epochs")
                 print(f"Nothing to train: {why}", flush=True)
             last = dict(state["metrics"])  # saved as floats
@@ -261,7 +283,8 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
     run = setup_training(model, cfg, state, ray.train.torch.prepare_model, device)
     model, raw_model, optimizer, scheduler, scaler, amp = (
         run.model, run.raw_model, run.optimizer, run.scheduler, run.scaler, run.amp)
-    start_epoch, best_val_loss, bad_epochs = run.start_epoch, run.best_val_loss, run.bad_epochs
+    start_epoch, best, bad_epochs = run.start_epoch, run.best, run.bad_epochs
+    said_undefined = False
     assert start_epoch == start, "the input stream was made for other epochs than the loop runs"
     loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
                    "body_part_weight": cfg.body_part_weight if cfg.multitask else 0.0}
@@ -320,11 +343,12 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             dist.broadcast_object_list(box, src=0)
             val = box[0]
         metrics.update(val)
-        if val["val_loss"] < best_val_loss - 1e-6:
-            best_val_loss, bad_epochs = val["val_loss"], 0
-        else:
-            bad_epochs += 1
-        metrics["best_val_loss"] = best_val_loss
+        watched, improved = watch(val, best, cfg.select_metric)
+        if watched != cfg.select_metric and rank == 0 and not said_undefined:
+            logger.warning("%s is undefined at epoch %d (a validation split of one class?): early stopping watches "
+                           "%s where it is", cfg.select_metric, epoch + 1, watched)
+            said_undefined = True
+        bad_epochs = 0 if improved else bad_epochs + 1
         metrics["stopped_early"] = bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
@@ -332,8 +356,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
                 _save_state(tmp, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                    "best_val_loss": best_val_loss,
-                    "bad_epochs": bad_epochs, "metrics": {k: float(v) for k, v in metrics.items()},
+                    "best": best, "bad_epochs": bad_epochs, "metrics": {k: float(v) for k, v in metrics.items()},
                 })
                 reported = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=reported)
@@ -437,9 +460,10 @@ class _EpochLogger:
                 m = metrics[0]
                 skipped = int(m.get("skipped_images", 0) + m.get("val_skipped_images", 0))
                 logger.info(
-                    "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_kappa %.4f  "
-                    "body_part_acc %.4f  %.1f img/s  stall %.0f%%%s%s",
+                    "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_kappa %.4f  study_auc %.4f  "
+                    "study_kappa %.4f  body_part_acc %.4f  %.1f img/s  stall %.0f%%%s%s",
                     m["epoch"], epochs, m["train_loss"], m["val_loss"], m["val_auc"], m["val_kappa"],
+                    m["val_study_auc"], m["val_study_kappa"],
                     m["val_body_part_acc"], m["images_per_s"], 100 * m["data_stall_share"],
                     f"  skipped {skipped} undecodable image(s)" if skipped else "",
                     "  (stopping early)" if m.get("stopped_early") else "",
@@ -604,7 +628,8 @@ def best_state(result, metric: str = "val_loss") -> dict[str, Any]:
     """The training state saved with the best kept checkpoint of a finished run by `metric` (see METRIC_MODES).
 
     A metric undefined at every kept checkpoint (AUC and kappa on a validation split of one class) falls back to
-    the validation loss, with one log line.
+    the abnormality loss, as early stopping does (the validation loss for checkpoints that lack it), with one log
+    line.
     """
     def defined(metrics: dict[str, Any], key: str) -> bool:
         value = metrics.get(key)
@@ -614,9 +639,10 @@ def best_state(result, metric: str = "val_loss") -> dict[str, Any]:
     if not kept:
         raise RuntimeError("training finished without a checkpoint")
     if not any(defined(m, metric) for _, m in kept):
+        fallback = "val_abnormal_loss" if any(defined(m, "val_abnormal_loss") for _, m in kept) else "val_loss"
         logger.warning("%s is undefined at every kept checkpoint (a validation split of one class?): choosing the "
-                       "checkpoint by val_loss instead", metric)
-        metric = "val_loss"
+                       "checkpoint by %s instead", metric, fallback)
+        metric = fallback
     pick = max if METRIC_MODES[metric] == "max" else min
     best, _ = pick(((c, m) for c, m in kept if defined(m, metric)), key=lambda cm: float(cm[1][metric]))
     return load_checkpoint_state(best)
@@ -658,6 +684,7 @@ def export_best(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
             "best_epoch": state["epoch"] + 1, "config": asdict(cfg),
         },
         "metrics": {"validation": state.get("metrics", {})},
+        "selected_by": cfg.select_metric,
         "code_version": _git_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -143,7 +143,7 @@ class _TrialLogger(ray.tune.Callback):
         last = trial.last_result or {}
         status = trial_status({**last, "done": True}, error=error is not None, max_epochs=self.epochs)
         options = " ".join(f"{k}={_fmt_value(k, trial.config.get(k))}" for k in self.varied)
-        shown = dict.fromkeys([self.metric, "val_auc", "val_kappa", "val_loss"])  # the search's metric first
+        shown = dict.fromkeys([self.metric, "val_study_kappa", "val_auc", "val_loss"])  # the search's metric first
         scores = "  ".join(f"{k} {_fmt_value(k, last[k])}" for k in shown if k in last)
         logger.info("trial %d/%d %s %s after %d/%d epochs (%.0f s): %s | %s%s", finished, self.total,
                     trial.trial_id, status,
@@ -234,7 +234,7 @@ def mlflow_experiment(uri: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- leaderboard
-SCORE_COLUMNS = ("best_val_auc", "best_val_kappa", "best_val_loss")
+SCORE_COLUMNS = tuple(f"best_{metric}" for metric in METRIC_MODES)
 
 
 def summarize_trial(trial_id: str, params: dict[str, Any], history: list[dict[str, Any]], *,
@@ -247,8 +247,7 @@ def summarize_trial(trial_id: str, params: dict[str, Any], history: list[dict[st
     status = trial_status(last, error=error, max_epochs=max_epochs)
     return {
         "trial_id": trial_id, **params,
-        "best_val_auc": best("val_auc", max), "best_val_kappa": best("val_kappa", max),
-        "best_val_loss": best("val_loss", min),
+        **{f"best_{metric}": best(metric, max if mode == "max" else min) for metric, mode in METRIC_MODES.items()},
         "epochs": max((int(h.get("epoch") or 0) for h in history), default=0),
         "stopped_early": status in (STOPPED_BY_ASHA, STOPPED_BY_PATIENCE), "status": status,
         "wall_time_s": float(last.get("time_total_s", math.nan)),

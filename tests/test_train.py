@@ -26,6 +26,9 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
     card = json.loads((model / "model_card.json").read_text())
     for key in ("model_id", "backbone", "tasks", "input", "training", "metrics", "code_version"):
         assert key in card
+    assert card["selected_by"] == "val_auc"  # the fixture's --select-metric
+    assert {"val_auc", "val_kappa", "val_study_auc", "val_study_kappa", "val_abnormal_loss"} <= set(
+        card["metrics"]["validation"])
     assert card["tasks"]["body_part"][0] == "ELBOW" and card["training"]["fingerprint"]
     assert set(card["metrics"]["test"]) >= {"image_roc_auc", "image_cohen_kappa", "body_part_accuracy"}
     report = json.loads((trained_run / "report" / "report.json").read_text())
@@ -531,7 +534,8 @@ def test_evaluate_leaves_out_undecoded_and_unlabelled_rows():
     model = build_model("custom_cnn")
     image = torch.randn(6, 1, 32, 32)
     batch = {"image": image, "label": torch.tensor([0.0, 1.0, 0.0, 1.0, -1.0, 1.0]),
-             "body_part": torch.tensor([0, 1, 2, 3, 4, 5]), "ok": torch.tensor([1.0, 1, 1, 1, 1, 0])}
+             "body_part": torch.tensor([0, 1, 2, 3, 4, 5]), "ok": torch.tensor([1.0, 1, 1, 1, 1, 0]),
+             "study": torch.tensor([7, 7, 8, 9, -1, 9])}  # -1: no study (the row is its own)
     kwargs = {"kind": "bce", "pos_weight": None, "gamma": 2.0, "body_part_weight": 0.5}
     got = evaluate(model, [batch], torch.device("cpu"), None, kwargs, 0.5)
     clean = {k: v[:4] for k, v in batch.items()}
@@ -566,7 +570,7 @@ def _state_after_one_step(cfg: TrainConfig) -> dict:
     train_step(run.model, _tiny_batch(), run.optimizer, run.scaler, cpu, None, _LOSS)
     return {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": 0,
-            "best_val_loss": 0.7, "bad_epochs": 0}
+            "best": {"val_study_kappa": 0.4}, "bad_epochs": 0}
 
 
 def test_resumed_optimizer_state_follows_the_prepared_model():
@@ -584,7 +588,7 @@ def test_resumed_optimizer_state_follows_the_prepared_model():
     run = setup_training(build_model("custom_cnn", image_size=32), cfg, state, lambda m: m.to(torch.float64), cpu)
     moments = [s["exp_avg"] for s in run.optimizer.state.values()]
     assert moments and all(m.dtype == torch.float64 for m in moments)
-    assert (run.start_epoch, run.best_val_loss) == (1, 0.7)
+    assert (run.start_epoch, run.best) == (1, {"val_study_kappa": 0.4})
     n, _, loss = train_step(run.model, _tiny_batch(torch.float64), run.optimizer, run.scaler, cpu, None, _LOSS)
     assert n == 4 and loss == loss  # a step, not a device/dtype error
 
@@ -739,6 +743,7 @@ def test_validation_in_training_equals_scoring_the_split_with_the_exported_model
     import score as score_job
     from sklearn.metrics import roc_auc_score
 
+    from mura_ray.metrics import aggregate_studies
     from mura_ray.predictions import read_predictions
 
     card = json.loads((trained_run / "model" / "model_card.json").read_text())
@@ -753,6 +758,8 @@ def test_validation_in_training_equals_scoring_the_split_with_the_exported_model
     assert roc_auc_score(y, p) == pytest.approx(val["val_auc"], abs=1e-6)
     bce = -np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))  # the abnormality loss of training's `bce`
     assert bce == pytest.approx(val["val_abnormal_loss"], rel=1e-5)
+    studies = aggregate_studies(df["study_id"], p, y)
+    assert roc_auc_score(studies["label"], studies["prob_abnormal"]) == pytest.approx(val["val_study_auc"], abs=1e-6)
 
 
 def test_best_state_falls_back_to_the_validation_loss_when_the_metric_is_undefined(monkeypatch, caplog):
@@ -768,8 +775,28 @@ def test_best_state_falls_back_to_the_validation_loss_when_the_metric_is_undefin
     with caplog.at_level("WARNING", logger="mura_ray.train"):
         assert train.best_state(Result(), "val_auc") == {"checkpoint": "b"}
     assert "val_auc is undefined at every kept checkpoint" in caplog.text
+    Result.best_checkpoints = [("a", {"val_auc": None, "val_abnormal_loss": 0.5}),
+                               ("b", {"val_auc": None, "val_abnormal_loss": 0.3})]
+    assert train.best_state(Result(), "val_auc") == {"checkpoint": "b"}  # the abnormality loss, where recorded
     Result.best_checkpoints = [("a", {"val_auc": 0.7, "val_loss": 0.5}),
                                ("b", {"val_auc": float("nan"), "val_loss": 0.4}),
                                ("c", {"val_auc": 0.6, "val_loss": 0.3})]
     assert train.best_state(Result(), "val_auc") == {"checkpoint": "a"}
     assert train.best_state(Result(), "val_loss") == {"checkpoint": "c"}
+
+
+def test_early_stopping_watches_the_selected_metric_and_falls_back_where_it_is_undefined():
+    from mura_ray.train import watch
+
+    best: dict[str, float] = {}
+    nan = float("nan")
+    epochs = [{"val_study_kappa": 0.3, "val_abnormal_loss": 0.6}, {"val_study_kappa": 0.5, "val_abnormal_loss": 0.7},
+              {"val_study_kappa": 0.4, "val_abnormal_loss": 0.5}, {"val_study_kappa": nan, "val_abnormal_loss": 0.4},
+              {"val_study_kappa": nan, "val_abnormal_loss": 0.45}]
+    seen = [watch(val, best, "val_study_kappa") for val in epochs]
+    # Kappa higher is better: epoch 3's lower kappa is no better, though its loss is; without kappa, the loss.
+    assert seen == [("val_study_kappa", True), ("val_study_kappa", True), ("val_study_kappa", False),
+                    ("val_abnormal_loss", True), ("val_abnormal_loss", False)]
+    assert best == {"val_study_kappa": 0.5, "val_abnormal_loss": 0.4}
+    assert watch({"val_abnormal_loss": 0.3}, {"val_abnormal_loss": 0.4}, "val_abnormal_loss") == ("val_abnormal_loss",
+                                                                                                  True)

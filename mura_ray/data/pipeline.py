@@ -7,6 +7,7 @@ A row that cannot be decoded keeps its place with `ok = 0` so the consumer can s
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -22,8 +23,11 @@ from mura_ray.labels import BODY_PART_INDEX
 TRAIN_COLUMNS: tuple[str, ...] = ("image", "label", "body_part")
 """Parquet columns the training input reads."""
 
-TENSOR_COLUMNS: tuple[str, ...] = ("image", "label", "body_part", "ok")
-"""Columns the preprocessing emits for training and evaluation."""
+EVAL_COLUMNS: tuple[str, ...] = (*TRAIN_COLUMNS, "study_id")
+"""Parquet columns the validation input reads: its metrics are computed per image and per study too."""
+
+TENSOR_COLUMNS: tuple[str, ...] = ("image", "label", "body_part", "ok", "study")
+"""Columns the preprocessing emits for training and evaluation (`study`: `study_codes`, -1 in training)."""
 
 
 def read_parquet(paths: str | list[str], filesystem: Any, **read_args: Any):
@@ -111,6 +115,12 @@ def label_values(labels: Any) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def study_codes(study_ids: Any) -> np.ndarray:
+    """Study ids as non-negative 62-bit integer codes (a tensor column cannot hold strings); null or "" → -1."""
+    return np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big") >> 2
+                     if isinstance(s, str) and s else -1 for s in study_ids], dtype=np.int64)
+
+
 def preprocess_batch(
     batch: dict[str, np.ndarray], *, image_size: int, mean: float, std: float, train: bool
 ) -> dict[str, np.ndarray]:
@@ -121,6 +131,7 @@ def preprocess_batch(
         "label": label_values(batch["label"]),
         "body_part": body_part_indices(batch["body_part"]),
         "ok": ok,
+        "study": study_codes(batch["study_id"]) if "study_id" in batch else np.full(len(ok), -1, dtype=np.int64),
     }
 
 
@@ -190,6 +201,7 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     from ray.data import TaskPoolStrategy
 
     kwargs = {"image_size": image_size, "mean": mean, "std": std, "train": train}
+    columns = TRAIN_COLUMNS if train else EVAL_COLUMNS
     limits = {} if max_tasks is None else {"concurrency": max_tasks}
     placed = {} if scheduling_strategy is None else {"scheduling_strategy": scheduling_strategy}
     if placed:
@@ -200,11 +212,11 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
         if train:
             files = pass_order(files, passes, seed)
     if len(set(files)) <= 1:
-        ds = read_split(data, split, TRAIN_COLUMNS, files=files or None, num_cpus=num_cpus, **limits)
+        ds = read_split(data, split, columns, files=files or None, num_cpus=num_cpus, **limits)
         return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
                               compute=compute, fn_kwargs=kwargs, **placed)
     # The read's CPUs are the decode's: operators with different resources would not fuse.
-    ds = read_split(data, split, TRAIN_COLUMNS, files=files, override_num_blocks=len(files), num_cpus=num_cpus,
+    ds = read_split(data, split, columns, files=files, override_num_blocks=len(files), num_cpus=num_cpus,
                     **limits)
     ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
     ds = ds.map_batches(
@@ -224,7 +236,8 @@ def iter_batches(shard, batch_size: int, shuffle: bool, device):
 
     return shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32},
+        dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32,
+                "study": torch.int64},
         device=device,
         prefetch_batches=4,
         local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
