@@ -43,11 +43,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mura_ray.score import score_test_split
+    from mura_ray.score import choose_model_threshold, score_test_split
     from mura_ray.train import fit
 
-    result = fit(build_config(args))
+    cfg = build_config(args)
+    result = fit(cfg)
     print(f"model:  {result['model_dir']}")
+    chosen = choose_model_threshold(result["model_dir"], result["data"], result["run_dir"], cfg.threshold_policy,
+                                    cfg.threshold)
+    print(f"threshold: {chosen['threshold']:.4f} ({chosen['threshold_policy']})")
     if result["has_test"]:  # train, then score the test split into RUN_DIR/test with its report in RUN_DIR/report
         test = score_test_split(result["model_dir"], result["data"], result["run_dir"])
         print(f"report: {result['run_dir'].rstrip('/')}/report")

@@ -252,6 +252,21 @@ def options_given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
 
 
+def threshold_policy(policy: str) -> tuple[str, float]:
+    """`--threshold-policy` as (method, target sensitivity): kappa, youden, sensitivity:X or fixed."""
+    method, _, target = policy.partition(":")
+    if method in ("kappa", "youden", "fixed") and not target:
+        return method, 0.9
+    if method == "sensitivity":
+        try:
+            value = float(target or "0.9")
+        except ValueError:
+            value = math.nan
+        if 0.0 < value <= 1.0:
+            return method, value
+    raise ValueError(f"{policy!r} is not one of kappa, youden, sensitivity:X (0 < X <= 1), fixed")
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     source: Source
@@ -364,8 +379,14 @@ class TrainConfig:
     """Seed of the weight initialisation (plus the worker's rank) and of the per-epoch file order. Augmentation and
     the row order within a file are drawn by each decode task from fresh entropy, as Ray Data gives a task no epoch
     number to derive a per-epoch seed from: two runs match in distribution, not bit for bit."""
+    threshold_policy: str = "kappa"
+    """How the exported model's operating threshold is chosen, on the validation split at study level (MURA's
+    unit): `kappa` maximises Cohen's kappa, `youden` sensitivity + specificity, `sensitivity:X` takes the most
+    specific threshold whose sensitivity reaches X (e.g. sensitivity:0.9), `fixed` keeps --threshold. Stored with
+    the model (config.json, model card); scoring uses it by default."""
     threshold: float = 0.5
-    """Operating threshold stored with the exported model."""
+    """Operating threshold with --threshold-policy fixed, and where the validation split cannot choose one (a split
+    of one class)."""
     demo_images: int = 2000
     """Size of the synthetic demo set, used only without --data."""
 
@@ -383,6 +404,10 @@ class TrainConfig:
             problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.batch_size == 1:  # batch norm cannot train on one image: every batch would be left out
             problems.append("--batch-size must be at least 2, got 1")
+        try:
+            threshold_policy(self.threshold_policy)
+        except ValueError as e:
+            problems.append(f"--threshold-policy {e}")
         if not 0.0 < self.threshold < 1.0:
             problems.append(f"--threshold must be in (0, 1), got {self.threshold}")
         if self.image_size < 16:

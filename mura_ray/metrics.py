@@ -30,7 +30,7 @@ from sklearn.metrics import (
 
 from mura_ray.labels import BODY_PARTS
 
-OperatingPoint = Literal["youden", "sensitivity"]
+OperatingPoint = Literal["kappa", "youden", "sensitivity"]
 CalibrationLevel = Literal["image", "study"]
 
 _BINARY = [0, 1]
@@ -283,8 +283,9 @@ def choose_threshold(
 ) -> float:
     """Pick an operating point on validation predictions; `prob >= threshold` is then called abnormal.
 
-    `youden` maximises sensitivity + specificity - 1 (Youden's J). `sensitivity` takes the highest threshold whose
-    sensitivity reaches `target_sensitivity`, i.e. the most specific point that meets the target.
+    `kappa` maximises Cohen's kappa (MURA's measure), `youden` sensitivity + specificity - 1 (Youden's J).
+    `sensitivity` takes the highest threshold whose sensitivity reaches `target_sensitivity`, i.e. the most specific
+    point that meets the target.
     """
     y = np.asarray(y_true).astype(np.int8, copy=False)
     p = np.asarray(prob, dtype=np.float64)
@@ -297,13 +298,20 @@ def choose_threshold(
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1]; got {target_sensitivity}")
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
-    if method == "youden":
+    if method == "kappa":
+        # Kappa of the 2x2 table at each of the curve's thresholds: 2 (TP TN - FN FP) / (row and column products).
+        tp, fp = tpr * n_pos, fpr * (y.size - n_pos)
+        fn, tn = n_pos - tp, (y.size - n_pos) - fp
+        denominator = (tp + fp) * (fp + tn) + (tp + fn) * (fn + tn)
+        kappa = np.divide(2 * (tp * tn - fn * fp), denominator, out=np.full_like(tp, -np.inf), where=denominator > 0)
+        best = int(np.argmax(kappa))
+    elif method == "youden":
         best = int(np.argmax(tpr - fpr))
     elif method == "sensitivity":
         # tpr is non-decreasing as the threshold falls, so the first index reaching the target is the highest one.
         best = int(np.argmax(tpr >= target_sensitivity - 1e-12))
     else:
-        raise ValueError(f"Unknown operating point method {method!r}; expected 'youden' or 'sensitivity'")
+        raise ValueError(f"Unknown operating point method {method!r}; expected 'kappa', 'youden' or 'sensitivity'")
     threshold = float(thresholds[best])
     if not np.isfinite(threshold):
         # roc_curve's first threshold is +inf ("nothing abnormal"); keep that meaning with a finite number.

@@ -59,8 +59,8 @@ class ReportConfig:
     """Validation predictions of the same model (and --tta setting) on which to choose the threshold; see
     --operating-point and --calibrate-level."""
     operating_point: OperatingPoint | None = None
-    """With --calibrate-on: `youden` (the default) maximises sensitivity + specificity; `sensitivity` takes the
-    highest threshold whose validation sensitivity reaches --target-sensitivity."""
+    """With --calibrate-on: `youden` (the default) maximises sensitivity + specificity, `kappa` Cohen's kappa;
+    `sensitivity` takes the highest threshold whose validation sensitivity reaches --target-sensitivity."""
     target_sensitivity: float | None = None
     """With --operating-point sensitivity: the validation sensitivity to reach, in (0, 1]; without it, 0.9."""
     calibrate_level: CalibrationLevel | None = None

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mura_ray import runtime, storage
-from mura_ray.config import ScoreConfig, UserError
+from mura_ray.config import ScoreConfig, UserError, threshold_policy
 from mura_ray.data.images import DecodeError, load_pixels
 from mura_ray.data.pipeline import body_part_indices
 from mura_ray.data.score_input import (
@@ -493,6 +493,36 @@ def _report_task(out: str, report_dir: str, threshold: float, threshold_source: 
                                                explain["n"], threshold)
     write_report(report, df, report_dir, explanations=explanations)
     return report
+
+
+def choose_model_threshold(model_dir: str, data: str, run_dir: str, policy: str, fixed: float) -> dict[str, Any]:
+    """Choose an exported model's operating threshold by `policy` (`config.threshold_policy`) on the dataset's
+    validation split at study level, and store it with the model: `threshold` in its config.json (what scoring uses
+    by default) and in its model card, with `threshold_policy` and the `operating_point` (the validation metrics at
+    that threshold, image and study level). The split is scored into RUN_DIR/val (replaced) with the exported model:
+    the probabilities training's validation computed. A split of one class cannot choose: `fixed` is kept."""
+    from mura_ray.report import calibrate_threshold  # as in `_report_task`: the decode tasks need no matplotlib
+
+    method, target = threshold_policy(policy)
+    point: dict[str, Any] = {"method": "fixed", "threshold": fixed}
+    if method != "fixed":
+        val = ScoreConfig(models=(model_dir,), input=storage.join(data, "val"), out=storage.join(run_dir, "val"),
+                          threshold=fixed, report=False)
+        score(val, overwrite=True)
+        try:
+            point = calibrate_threshold(load_predictions(val.out), method, target, level="study")
+            point["calibrated_on"] = val.out
+        except ValueError as e:
+            logger.warning("--threshold-policy %s: %s; keeping --threshold %g", policy, e, fixed)
+            policy = "fixed"
+    threshold = float(point["threshold"])
+    for name, update in (("config.json", {"threshold": threshold}),
+                         ("model_card.json", {"threshold": threshold, "threshold_policy": policy,
+                                              "operating_point": point})):
+        uri = storage.join(model_dir, name)
+        storage.write_json(uri, {**storage.read_json(uri), **update})
+    logger.info("Operating threshold %.4f (%s, on the validation split's studies)", threshold, policy)
+    return {"threshold": threshold, "threshold_policy": policy, "operating_point": point}
 
 
 def score_test_split(model_dir: str, data: str, run_dir: str, bootstrap: int = 200) -> dict[str, Any]:

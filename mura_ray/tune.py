@@ -337,10 +337,11 @@ def _safe_name(name: str) -> str:
 
 def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: str) -> dict[str, Any]:
     """Export a trial's best checkpoint by the search's metric (the epoch its leaderboard score comes from) to
-    dest/model/ and report on the test split in dest/report/; skipped when dest already holds this trial."""
+    dest/model/, choose its threshold on the validation split and report on the test split in dest/report/, as
+    jobs/train.py does; skipped when dest already holds this trial."""
     import ray.train
 
-    from mura_ray.score import score_test_split
+    from mura_ray.score import choose_model_threshold, score_test_split
     from mura_ray.train import best_state, export_best, prepare_run
 
     marker = storage.join(dest, "trial.json")
@@ -351,7 +352,10 @@ def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: s
     fs, path = storage.resolve(source)
     state = best_state(ray.train.Result.from_path(path, storage_filesystem=fs), cfg.metric)
     logger.info("Exporting trial %s (epoch %d) to %s", trial_id, state["epoch"] + 1, dest)
-    result = export_best(prepare_run(trial_config(cfg, params, trial_id=trial_id, data=cfg.data, out=dest)), state)
+    run = prepare_run(trial_config(cfg, params, trial_id=trial_id, data=cfg.data, out=dest))
+    result = export_best(run, state)
+    result.update(choose_model_threshold(result["model_dir"], result["data"], dest, run.cfg.threshold_policy,
+                                         run.cfg.threshold))
     if result["has_test"]:
         result["test"] = score_test_split(result["model_dir"], result["data"], dest)
         result["report_dir"] = storage.join(dest, "report")

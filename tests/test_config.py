@@ -189,3 +189,13 @@ def test_a_field_without_a_docstring_has_no_flag():
 
     with pytest.raises(TypeError, match="Undocumented.size has no docstring"):
         add_config_arguments(argparse.ArgumentParser(), Undocumented)
+
+
+def test_a_threshold_policy_outside_its_forms_is_refused():
+    from mura_ray.config import UserError
+
+    for ok in ("kappa", "youden", "fixed", "sensitivity:0.95"):
+        TrainConfig(threshold_policy=ok).validate()
+    for bad in ("kap", "sensitivity:1.5", "fixed:0.3"):
+        with pytest.raises(UserError, match=f"--threshold-policy '{bad}' is not one of kappa, youden"):
+            TrainConfig(threshold_policy=bad).validate()

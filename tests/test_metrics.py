@@ -304,3 +304,14 @@ def test_aggregate_studies_flags_mixed_labels_and_refuses_missing_ids():
     for missing in (None, ""):
         with pytest.raises(ValueError, match="1 rows have no study id"):
             aggregate_studies(["A", missing], [0.1, 0.2], [0, 1])
+
+
+def test_the_kappa_operating_point_maximises_cohens_kappa():
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        y = rng.integers(0, 2, 200)
+        p = np.round(rng.random(200) * 0.7 + 0.3 * y, 2)  # ties
+        best = max(cohen_kappa_score(y, (p >= t).astype(int)) for t in np.unique(p))
+        assert cohen_kappa_score(y, (p >= metrics.choose_threshold(y, p, "kappa")).astype(int)) == pytest.approx(best)

@@ -27,11 +27,18 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
     for key in ("model_id", "backbone", "tasks", "input", "training", "metrics", "code_version"):
         assert key in card
     assert card["selected_by"] == "val_auc"  # the fixture's --select-metric
+    # The threshold is chosen on the validation split's studies (kappa by default), stored where scoring reads it,
+    # and the test report is at that threshold.
+    assert card["threshold_policy"] == "kappa" and card["operating_point"]["level"] == "study"
+    assert card["threshold"] == config["threshold"] == card["operating_point"]["threshold"]
+    val = card["operating_point"]["validation"]["study_level"]
+    assert val["cohen_kappa"] is not None and val["n"] > 0
     assert {"val_auc", "val_kappa", "val_study_auc", "val_study_kappa", "val_abnormal_loss"} <= set(
         card["metrics"]["validation"])
     assert card["tasks"]["body_part"][0] == "ELBOW" and card["training"]["fingerprint"]
     assert set(card["metrics"]["test"]) >= {"image_roc_auc", "image_cohen_kappa", "body_part_accuracy"}
     report = json.loads((trained_run / "report" / "report.json").read_text())
+    assert report["threshold"] == pytest.approx(card["threshold"]) and report["threshold_source"] == "model"
     for key in ("accuracy", "roc_auc", "cohen_kappa"):
         assert key in report["image_level"]
     assert 0.0 <= report["body_part"]["accuracy"] <= 1.0
