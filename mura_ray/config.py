@@ -331,9 +331,16 @@ class TrainConfig:
     lr: float = 1e-3
     """Peak learning rate of AdamW, on a cosine schedule after a linear warm-up."""
     weight_decay: float = 1e-4
-    """AdamW weight decay."""
+    """AdamW weight decay (not on biases, norms and embeddings)."""
     warmup_epochs: int = 1
-    """Epochs of linear learning-rate warm-up."""
+    """Epochs of linear learning-rate warm-up; the rate then follows a cosine to 0, stepped every step."""
+    clip_grad: float = 0.0
+    """Clip the gradients' global norm to this (0: no clipping)."""
+    ema: bool = False
+    """Keep an exponential moving average of the weights (timm's ModelEmaV3): it is what validation scores and what
+    is exported."""
+    ema_decay: float = 0.9998
+    """Decay of the weights' moving average per step (warmed up over the first steps)."""
     image_size: int = 224
     """Square input side in pixels; images keep their aspect ratio, padded."""
     workers: int = 1
@@ -398,8 +405,10 @@ class TrainConfig:
         _check_choice(problems, self, "select_metric", tuple(METRIC_MODES))
         _check_positive(problems, self, "epochs", "batch_size", "lr", "image_size", "workers", "cpus_per_worker")
         _check_positive(problems, self, "patience", "num_to_keep", "demo_images")
-        _check_positive(problems, self, "weight_decay", "warmup_epochs", "max_failures", "focal_gamma",
+        _check_positive(problems, self, "weight_decay", "warmup_epochs", "clip_grad", "max_failures", "focal_gamma",
                         "body_part_weight", allow_zero=True)
+        if not 0.0 < self.ema_decay < 1.0:
+            problems.append(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.batch_size == 1:  # batch norm cannot train on one image: every batch would be left out

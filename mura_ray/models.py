@@ -265,6 +265,12 @@ class MultiTaskNet(nn.Module):
                     module.eval()
         return self
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay spares beside biases and norms (timm's optimizer factory asks): the body-part
+        embedding and what the trunk names (a ViT's position embedding and class token)."""
+        trunk = getattr(self.trunk, "no_weight_decay", lambda: set())()
+        return {f"trunk.{name}" for name in trunk} | ({"body_part_embed.weight"} if self.body_part_embed else set())
+
     def forward(self, image: Tensor, body_part: Tensor | None = None) -> dict[str, Tensor]:
         """`body_part` holds known indices, or UNKNOWN_BODY_PART where the row has none (then predicted)."""
         features = self.trunk(image)

@@ -14,13 +14,16 @@ import os
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import timm.optim
 import torch
+from timm.scheduler import CosineLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from mura_ray import __version__, runtime, storage
@@ -99,10 +102,11 @@ def load_checkpoint_state(checkpoint) -> dict[str, Any]:
 
 def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, device: torch.device, amp: torch.dtype | None,
-               loss_kwargs: dict[str, Any]) -> tuple[int, int, float]:
+               loss_kwargs: dict[str, Any], clip_grad: float = 0.0) -> tuple[int, int, float]:
     """One optimisation step on a batch of the input pipeline (`image`, `label`, `body_part`, `ok`), under autocast
-    to `amp` (None: float32) with `scaler` (enabled for float16): (images trained on, images that failed to decode,
-    loss). Rows that failed to decode or have no label are left out of the loss.
+    to `amp` (None: float32) with `scaler` (enabled for float16), the gradients' norm clipped to `clip_grad` (0: not
+    clipped): (images trained on, images that failed to decode, loss). Rows that failed to decode or have no label
+    are left out of the loss.
 
     Every worker steps on every batch (even an all-failed one) so DDP's collectives stay in lockstep.
     """
@@ -117,33 +121,37 @@ def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.opti
         loss = sum(v.sum() for v in out.values()) * 0.0
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the float16 loss-scaled ones
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
     return int(keep.sum()), int((~ok).sum()), float(loss.detach())
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                start_epoch: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
-    """The recipe's per-epoch learning rate (--warmup-epochs of linear warm-up from a tenth of --lr, then cosine
-    annealing over the rest of --epochs), advanced to `start_epoch`.
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW at --lr, weight decay on the weights but not on biases, norms and embeddings (timm's parameter
+    groups); frozen parameters are left out."""
+    return timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                start_epoch: int = 0) -> Scheduler:
+    """The recipe's learning rate, stepped per optimisation step (`step_update(updates)`): --warmup-epochs of linear
+    warm-up from a tenth of --lr, then cosine annealing to 0 over the rest of --epochs (timm's CosineLRScheduler),
+    advanced to `start_epoch`.
 
     Built from the recipe, not restored from a checkpoint: a resumed run with the same recipe continues exactly
-    where it stopped, and one with more --epochs, another --lr or --weight-decay follows the new recipe from there,
-    as a fresh run of it would at that epoch (a restored schedule would keep the old length and rate).
+    where it stopped, and one with more --epochs or another --lr follows the new recipe from there, as a fresh run
+    of it would at that epoch (a restored schedule would keep the old length and rate).
     """
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = cfg.lr
-        group["weight_decay"] = cfg.weight_decay
-    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
-    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
-    if warmup:
-        schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup))
-    schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs - warmup, 1)))
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=[warmup] if warmup else [])
-    with warnings.catch_warnings():  # stepping the schedule without optimizer steps is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start_epoch):
-            scheduler.step()
+    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0)) * steps_per_epoch
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(cfg.epochs * steps_per_epoch - warmup, 1), lr_min=0.0,
+                                  warmup_t=warmup, warmup_lr_init=cfg.lr / 10, warmup_prefix=True,
+                                  t_in_epochs=False)
+    scheduler.step_update(start_epoch * steps_per_epoch)
     return scheduler
 
 
@@ -153,7 +161,7 @@ class TrainingSetup:
     """As prepared (on its device; wrapped in DistributedDataParallel when there are several workers)."""
     raw_model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: Scheduler
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
     start_epoch: int = 0
@@ -163,7 +171,8 @@ class TrainingSetup:
 
 
 def setup_training(model: nn.Module, cfg: TrainConfig, state: dict[str, Any] | None,
-                   prepare: Callable[[nn.Module], nn.Module], device: torch.device) -> TrainingSetup:
+                   prepare: Callable[[nn.Module], nn.Module], device: torch.device,
+                   steps_per_epoch: int = 1) -> TrainingSetup:
     """The model on its device (`prepare`: Ray Train's `prepare_model`), then its optimizer, learning-rate schedule
     and loss scaler, restored from a checkpoint's `state` when resuming.
 
@@ -175,20 +184,22 @@ def setup_training(model: nn.Module, cfg: TrainConfig, state: dict[str, Any] | N
         model.load_state_dict(state["model"])
     model = prepare(model)
     raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(raw_model, cfg)
     amp = amp_dtype() if cfg.amp and device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     if state is None:
-        return TrainingSetup(model, raw_model, optimizer, lr_schedule(optimizer, cfg), scaler, amp)
+        return TrainingSetup(model, raw_model, optimizer, lr_schedule(optimizer, cfg, steps_per_epoch), scaler, amp)
+    recipe = [group["weight_decay"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, weight_decay in zip(optimizer.param_groups, recipe, strict=True):  # this run's recipe, not the saved
+        group["weight_decay"] = weight_decay
     if state.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     start = state["epoch"] + 1
     # A checkpoint written before `best` was recorded holds the best validation loss only.
     best = state.get("best", {"val_loss": state.get("best_val_loss", math.inf)})
-    return TrainingSetup(model, raw_model, optimizer, lr_schedule(optimizer, cfg, start), scaler, amp, start,
-                         dict(best), state["bad_epochs"])
+    return TrainingSetup(model, raw_model, optimizer, lr_schedule(optimizer, cfg, steps_per_epoch, start), scaler,
+                         amp, start, dict(best), state["bad_epochs"])
 
 
 def watch(val: dict[str, float], best: dict[str, float], metric: str) -> tuple[str, bool]:
@@ -280,10 +291,16 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
     if loop_config.get("weights") is not None:
         model.load_state_dict(ray.get(loop_config["weights"]))
     pos_weight = loop_config.get("pos_weight")
-    run = setup_training(model, cfg, state, ray.train.torch.prepare_model, device)
+    steps_per_epoch = max(1, math.ceil(loop_config["epoch_rows"] / cfg.batch_size))
+    run = setup_training(model, cfg, state, ray.train.torch.prepare_model, device, steps_per_epoch)
     model, raw_model, optimizer, scheduler, scaler, amp = (
         run.model, run.raw_model, run.optimizer, run.scheduler, run.scaler, run.amp)
     start_epoch, best, bad_epochs = run.start_epoch, run.best, run.bad_epochs
+    updates = start_epoch * steps_per_epoch
+    # The weights' exponential moving average (--ema): what validation scores, and what is exported.
+    ema = ModelEmaV3(raw_model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    if ema is not None and state is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
     said_undefined = False
     assert start_epoch == start, "the input stream was made for other epochs than the loop runs"
     loss_kwargs = {"kind": cfg.loss, "pos_weight": pos_weight, "gamma": cfg.focal_gamma,
@@ -292,7 +309,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
         if bad_epochs >= cfg.patience:
             break
         model.train()
-        lr = optimizer.param_groups[0]["lr"]  # this epoch's (the schedule steps at its end)
+        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
         t_start = time.perf_counter()
         wait = 0.0
         seen, skipped, left_out, loss_sum = 0, 0, 0, 0.0
@@ -308,11 +325,14 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
                 # out. The shards are equal, so every worker leaves it out together.
                 left_out += 1
                 continue
-            n, failed, loss = train_step(model, batch, optimizer, scaler, device, amp, loss_kwargs)
+            n, failed, loss = train_step(model, batch, optimizer, scaler, device, amp, loss_kwargs, cfg.clip_grad)
+            updates += 1
+            scheduler.step_update(updates)
+            if ema is not None:
+                ema.update(raw_model, step=updates)
             seen += n
             skipped += failed
             loss_sum += loss * n
-        scheduler.step()
         elapsed = time.perf_counter() - t_start
         if world > 1:  # the epoch's counts and loss over every worker's shard, not rank 0's alone
             import torch.distributed as dist
@@ -332,8 +352,9 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             "lr": lr,
         }
         if rank == 0:
-            val = evaluate(raw_model, iter_batches(val_shard, cfg.batch_size * 2, False, device), device,
-                           amp, loss_kwargs, cfg.threshold)
+            val = evaluate(raw_model if ema is None else ema.module,
+                           iter_batches(val_shard, cfg.batch_size * 2, False, device), device, amp, loss_kwargs,
+                           cfg.threshold)
         else:
             val = None
         if world > 1:
@@ -355,8 +376,9 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             if rank == 0:
                 _save_state(tmp, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                    "best": best, "bad_epochs": bad_epochs, "metrics": {k: float(v) for k, v in metrics.items()},
+                    "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
                 })
                 reported = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=reported)
@@ -664,7 +686,7 @@ def export_best(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
 
     model = build_model(cfg.backbone, multitask=cfg.multitask, body_part_embedding=cfg.body_part_embedding,
                         dropout=cfg.dropout, image_size=cfg.image_size)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema") or state["model"])  # the EMA weights, which validation scored
     spec = ModelSpec(
         backbone=cfg.backbone, image_size=cfg.image_size, mean=mean, std=std, multitask=cfg.multitask,
         body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, freeze=cfg.freeze,

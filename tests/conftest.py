@@ -87,6 +87,7 @@ def trained_run(ray_cluster, mura_dataset, tmp_path_factory) -> Path:
         "--data", mura_dataset, "--out", str(out), "--backbone", "custom_cnn", "--image-size", "32",
         # 13: epochs cut from one stream end mid-batch (see test_train).
         "--epochs", "3", "--batch-size", "13", "--lr", "3e-3", "--select-metric", "val_auc",
+        "--ema", "--ema-decay", "0.9", "--clip-grad", "5",  # validated and exported: the moving average
     ])
     assert rc == 0
     return out

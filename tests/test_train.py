@@ -444,15 +444,16 @@ def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     # The restarted worker group resumed at epoch 2 from epoch 1's checkpoint: epoch 1 was not trained again.
     assert epochs == [2, 3]
     # ... and at epochs 2 and 3's learning rates of the recipe's schedule (each epoch reports its own rate).
+    import math
+
     import torch
 
+    from mura_ray.data.pipeline import split_rows
     from mura_ray.train import lr_schedule
 
+    steps = math.ceil(split_rows(mura_dataset, "train") // cfg.workers / cfg.batch_size)  # as the workers count
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    schedule, rates = lr_schedule(optimizer, cfg), []
-    for _ in range(cfg.epochs):
-        rates.append(optimizer.param_groups[0]["lr"])
-        schedule.step()
+    rates = [lr_schedule(optimizer, cfg, steps, epoch) and optimizer.param_groups[0]["lr"] for epoch in range(3)]
     assert list(result.metrics_dataframe["lr"]) == pytest.approx(rates[1:])
 
     # Re-running the same run directory resumes the finished run: nothing is trained again, and the run reports
@@ -601,38 +602,57 @@ def test_resumed_optimizer_state_follows_the_prepared_model():
 
 
 def test_a_resumed_run_follows_its_recipe_from_where_it_stopped():
-    """Same recipe: the learning rate goes on exactly as if never interrupted. More --epochs or another --lr: the
-    new recipe's rate at that epoch (a restored schedule would keep the old length and the old rate)."""
+    """The rate is stepped every step (warm-up, then cosine). Same recipe: it goes on exactly as if never
+    interrupted. More --epochs or another --lr: the new recipe's rate at that epoch (a restored schedule would keep
+    the old length and the old rate); the new --weight-decay, on the weights only."""
     import torch
 
     from mura_ray.models import build_model
     from mura_ray.train import lr_schedule, setup_training
 
+    steps = 3
+
     def rates(cfg: TrainConfig, start: int, state=None) -> list[float]:
         if state is None:
             optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-            scheduler = lr_schedule(optimizer, cfg, start)
+            scheduler = lr_schedule(optimizer, cfg, steps, start)
         else:
             run = setup_training(build_model("custom_cnn", image_size=32), cfg, state, lambda m: m,
-                                 torch.device("cpu"))
+                                 torch.device("cpu"), steps)
             optimizer, scheduler = run.optimizer, run.scheduler
         out = []
-        for _ in range(start, cfg.epochs):
+        for update in range(start * steps, cfg.epochs * steps):
             out.append(optimizer.param_groups[0]["lr"])
-            scheduler.step()
+            scheduler.step_update(update + 1)
         return out
 
     ten = TrainConfig(backbone="custom_cnn", image_size=32, epochs=10, lr=1e-3, warmup_epochs=2)
     fresh = rates(ten, 0)
     assert fresh[0] == pytest.approx(1e-4) and max(fresh) == pytest.approx(1e-3) and fresh[-1] > 0
-    assert rates(ten, 4) == pytest.approx(fresh[4:])
+    assert fresh[1] > fresh[0] and fresh[-2] > fresh[-1]  # within an epoch too
+    assert rates(ten, 4) == pytest.approx(fresh[4 * steps:])
     state = {**_state_after_one_step(ten), "epoch": 5}
-    assert rates(ten, 6, state) == pytest.approx(fresh[6:])
+    assert rates(ten, 6, state) == pytest.approx(fresh[6 * steps:])
     longer = TrainConfig(backbone="custom_cnn", image_size=32, epochs=20, lr=1e-2, warmup_epochs=2, weight_decay=0.1)
     resumed = setup_training(build_model("custom_cnn", image_size=32), longer, state, lambda m: m,
-                             torch.device("cpu"))
-    assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.1
-    assert rates(longer, 6, state) == pytest.approx(rates(longer, 0)[6:])
+                             torch.device("cpu"), steps)
+    assert sorted(group["weight_decay"] for group in resumed.optimizer.param_groups) == [0.0, 0.1]
+    assert rates(longer, 6, state) == pytest.approx(rates(longer, 0)[6 * steps:])
+
+
+def test_weight_decay_spares_biases_and_norms():
+    import torch
+
+    from mura_ray.models import build_model
+    from mura_ray.train import build_optimizer
+
+    model = build_model("custom_cnn", image_size=32)
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        spared = p.ndim <= 1 or name.endswith(".bias") or name == "body_part_embed.weight"
+        assert decay[id(p)] == (0.0 if spared else 0.05), name
+    assert isinstance(optimizer, torch.optim.AdamW)
 
 
 def test_pretrained_weights_reach_the_workers_from_the_driver(ray_cluster, mura_dataset, tmp_path):
