@@ -433,8 +433,9 @@ def test_a_split_without_labelled_images_is_refused_before_training(ray_cluster,
 def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     from mura_ray.train import best_state, build_trainer, prepare_run
 
+    # Ranked by the validation loss, which falls epoch by epoch here, the 2 checkpoints kept are the last two.
     cfg = TrainConfig(data=mura_dataset, out=str(tmp_path / "crash"), backbone="custom_cnn", image_size=32,
-                      epochs=3, batch_size=16, max_failures=2)
+                      epochs=3, batch_size=16, max_failures=2, select_metric="val_loss")
     run = prepare_run(cfg)
     marker = tmp_path / "killed"
     killer = _KillWorkerAfterFirstEpoch(ray_cluster.get_runtime_context().gcs_address, marker)
