@@ -19,9 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import timm.optim
 import torch
-from timm.scheduler import CosineLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
@@ -33,6 +31,7 @@ from mura_ray.labels import BODY_PARTS
 from mura_ray.losses import multitask_loss
 from mura_ray.metrics import aggregate_studies, compute_binary_metrics
 from mura_ray.models import ModelSpec, amp_dtype, autocast, build_model, export_model, trunk_normalization
+from mura_ray.optim import build_optimizer, lr_schedule
 from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu
 
 logger = logging.getLogger(__name__)
@@ -127,32 +126,6 @@ def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.opti
     scaler.step(optimizer)
     scaler.update()
     return int(keep.sum()), int((~ok).sum()), float(loss.detach())
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW at --lr, weight decay on the weights but not on biases, norms and embeddings (timm's parameter
-    groups); frozen parameters are left out."""
-    return timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
-                start_epoch: int = 0) -> Scheduler:
-    """The recipe's learning rate, stepped per optimisation step (`step_update(updates)`): --warmup-epochs of linear
-    warm-up from a tenth of --lr, then cosine annealing to 0 over the rest of --epochs (timm's CosineLRScheduler),
-    advanced to `start_epoch`.
-
-    Built from the recipe, not restored from a checkpoint: a resumed run with the same recipe continues exactly
-    where it stopped, and one with more --epochs or another --lr follows the new recipe from there, as a fresh run
-    of it would at that epoch (a restored schedule would keep the old length and rate).
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = cfg.lr
-    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0)) * steps_per_epoch
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(cfg.epochs * steps_per_epoch - warmup, 1), lr_min=0.0,
-                                  warmup_t=warmup, warmup_lr_init=cfg.lr / 10, warmup_prefix=True,
-                                  t_in_epochs=False)
-    scheduler.step_update(start_epoch * steps_per_epoch)
-    return scheduler
 
 
 @dataclass

@@ -450,7 +450,7 @@ def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     import torch
 
     from mura_ray.data.pipeline import split_rows
-    from mura_ray.train import lr_schedule
+    from mura_ray.optim import lr_schedule
 
     steps = math.ceil(split_rows(mura_dataset, "train") // cfg.workers / cfg.batch_size)  # as the workers count
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
@@ -609,7 +609,8 @@ def test_a_resumed_run_follows_its_recipe_from_where_it_stopped():
     import torch
 
     from mura_ray.models import build_model
-    from mura_ray.train import lr_schedule, setup_training
+    from mura_ray.optim import lr_schedule
+    from mura_ray.train import setup_training
 
     steps = 3
 
@@ -645,7 +646,7 @@ def test_weight_decay_spares_biases_and_norms():
     import torch
 
     from mura_ray.models import build_model
-    from mura_ray.train import build_optimizer
+    from mura_ray.optim import build_optimizer
 
     model = build_model("custom_cnn", image_size=32)
     optimizer = build_optimizer(model, TrainConfig(weight_decay=0.05))
