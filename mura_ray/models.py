@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
-import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
@@ -373,11 +372,6 @@ def load_model(model_uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     return model, spec, _weights_id(weights)
 
 
-def read_model_card(model_uri: str) -> dict[str, Any]:
-    uri = storage.join(model_uri, "model_card.json")
-    return storage.read_json(uri) if storage.exists(uri) else {}
-
-
 # ---------------------------------------------------------------------------------------------------- precision
 def amp_dtype() -> torch.dtype:
     """Mixed precision on this GPU (training and scoring): bfloat16 where the hardware has it (Ampere and later),
@@ -390,9 +384,3 @@ def amp_dtype() -> torch.dtype:
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to `dtype` (from `amp_dtype`, chosen once per process), or none when it is None."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def describe(model: nn.Module) -> str:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return json.dumps({"parameters": total, "trainable": trainable})

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -203,7 +202,7 @@ class Predictor:
 
 def _same_input(uri: str) -> str:
     """An input as compared between runs: remote URIs without a trailing slash, local paths absolute."""
-    return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
+    return storage.absolute(uri).rstrip("/")
 
 
 def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:

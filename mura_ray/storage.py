@@ -199,17 +199,6 @@ def is_dir(uri: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def is_empty_dir(uri: str) -> bool:
-    """True when `uri` does not exist or is a directory with nothing in it."""
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return True
-    if info.type != pafs.FileType.Directory:
-        return False
-    return not fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-
-
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
