@@ -58,6 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     if "report_dir" in result["best"]:
         print(f"report:      {result['best']['report_dir']}")
         print(f"comparison:  {result['comparison']}")
+    if "ensemble" in result:
+        print(f"ensemble:    {result['ensemble']['model_dir']} (top {len(result['ensemble']['trial_ids'])} trials)")
     return 0
 
 

@@ -383,9 +383,14 @@ class TrainConfig:
     max_failures: int = 2
     """Worker-group restarts allowed; training resumes from the last checkpoint."""
     seed: int = 0
-    """Seed of the weight initialisation (plus the worker's rank) and of the per-epoch file order. Augmentation and
-    the row order within a file are drawn by each decode task from fresh entropy, as Ray Data gives a task no epoch
-    number to derive a per-epoch seed from: two runs match in distribution, not bit for bit."""
+    """Seed of everything random in a run: the initial weights, each epoch's file order, the shuffle of each
+    epoch's rows, augmentation and dropout (per worker and epoch). On CPU, two runs with the same seed, data and
+    --workers give the same metrics and the same model, a resumed run included (docs/operations.md)."""
+    tta: bool = False
+    """Validate with test-time augmentation: the abnormality and body-part probabilities averaged over a horizontal
+    flip, as `jobs/score.py --tta` averages them. The selection metric, the threshold and the test report then all
+    see the flipped views; the exported model records it (config.json, model card) and scoring applies it by
+    default. Doubles validation's model calls."""
     threshold_policy: str = "kappa"
     """How the exported model's operating threshold is chosen, on the validation split at study level (MURA's
     unit): `kappa` maximises Cohen's kappa, `youden` sensitivity + specificity, `sensitivity:X` takes the most
@@ -469,9 +474,10 @@ class ScoreConfig:
     autoscaling cluster, the GPU nodes they need are added); None: a fixed pool of `concurrency` actors."""
     gpu: GpuMode = "auto"
     """One GPU per actor: `auto` when the cluster has them."""
-    tta: bool = False
-    """Test-time augmentation: average the probabilities over a horizontal flip. A re-run into the same --out must
-    use the same setting."""
+    tta: bool | None = None
+    """Test-time augmentation: average the probabilities over a horizontal flip, as validation does with
+    `jobs/train.py --tta`. Default: the model's own setting (its config.json; an ensemble's when all its models
+    have it). A re-run into the same --out must use the same setting."""
     threshold: float | None = None
     """Operating threshold; without it, the model's own (its config.json). Recorded in manifest.json, where
     jobs/report.py finds it; a re-run into the same --out must use the same threshold."""
@@ -546,6 +552,10 @@ class TuneConfig:
     """ASHA: keep 1/factor of the trials at each rung."""
     seed: int = 0
     """Seed of the sampling; trial N of the search trains with seed + N, shown in the leaderboard's seed column."""
+    ensemble_size: int = 3
+    """Export the top N trials by --metric, across backbones, as one ensemble in OUT/ensemble/: model/ (scored as
+    one --model: the mean of its members' probabilities, at a threshold chosen on validation like a single
+    model's), its test report/ and comparison.md (the ensemble beside each member). 0 or 1: no ensemble."""
     demo_images: int = 2000
     """Size of the synthetic demo set, used only without --data."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -557,6 +567,7 @@ class TuneConfig:
         _check_choice(problems, self, "gpu", ("auto", "yes", "no"))
         _check_positive(problems, self, "num_samples", "epochs", "workers_per_trial", "max_concurrent",
                         "cpus_per_worker", "grace_period", "demo_images")
+        _check_positive(problems, self, "ensemble_size", allow_zero=True)
         if self.reduction_factor < 2:
             problems.append(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
         if self.image_size is not None and self.image_size < 16:

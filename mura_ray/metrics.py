@@ -232,6 +232,18 @@ def aggregate_studies(
     return studies.drop(columns="min_label")
 
 
+def validation_metrics(
+    labels: np.ndarray, probs: np.ndarray, study_ids: np.ndarray | Sequence[Any] | pd.Series, threshold: float
+) -> dict[str, float | None]:
+    """AUC and Cohen's kappa (at `threshold`) per image and per study (`aggregate_studies`): the validation metrics
+    that select checkpoints and that every model card records. None where undefined (one class)."""
+    image = compute_binary_metrics(labels, probs, threshold)
+    studies = aggregate_studies(study_ids, probs, labels)
+    study = compute_binary_metrics(studies["label"].to_numpy(), studies["prob_abnormal"].to_numpy(), threshold)
+    return {"val_auc": image["roc_auc"], "val_kappa": image["cohen_kappa"], "val_study_auc": study["roc_auc"],
+            "val_study_kappa": study["cohen_kappa"]}
+
+
 def compute_body_part_metrics(
     y_true_names: np.ndarray | Sequence[str], y_pred_names: np.ndarray | Sequence[str]
 ) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import io
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -305,6 +306,8 @@ class ModelSpec:
     dropout: float = 0.3
     freeze: str = "none"
     threshold: float = 0.5
+    tta: bool = False
+    """Whether validation averaged over the test-time flips (`predict`): scoring does by default."""
     body_parts: tuple[str, ...] = BODY_PARTS
     abnormal_names: tuple[str, ...] = ABNORMAL_NAMES
     extra: dict[str, Any] = field(default_factory=dict)
@@ -339,6 +342,26 @@ def model_from_spec(spec: ModelSpec) -> MultiTaskNet:
     )
 
 
+def predict(model: nn.Module, image: Tensor, body_part: Tensor | None = None, *, tta: bool = False
+            ) -> dict[str, Tensor]:
+    """The model's named logits; with `tta`, averaged in probability over the image and its horizontal flip.
+
+    The one test-time augmentation: validation, the test split and `jobs/score.py --tta` all call this. Averaged
+    logits are the logits of the mean probabilities (the sigmoid of `abnormal` and the softmax of `body_part` are
+    the views' means), computed in log space so that no probability of 0 or 1 overflows, and the losses of
+    validation stay the losses of what scoring outputs.
+    """
+    if not tta:
+        return model(image, body_part)
+    outs = [model(view, body_part) for view in (image, torch.flip(image, dims=[3]))]
+    ab = torch.stack([o["abnormal"].float() for o in outs])
+    merged = {"abnormal": torch.logsumexp(F.logsigmoid(ab), 0) - torch.logsumexp(F.logsigmoid(-ab), 0)}
+    if "body_part" in outs[0]:
+        parts = torch.stack([F.log_softmax(o["body_part"].float(), dim=1) for o in outs])
+        merged["body_part"] = torch.logsumexp(parts, 0) - math.log(len(outs))
+    return merged
+
+
 def _weights_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -354,6 +377,39 @@ def export_model(model: nn.Module, spec: ModelSpec, out_uri: str, card: dict[str
     storage.write_json(storage.join(out_uri, "config.json"), asdict(spec))
     storage.write_json(storage.join(out_uri, "model_card.json"), {"model_id": model_id, **card})
     return model_id
+
+
+ENSEMBLE_FILE = "ensemble.json"
+"""In an ensemble's directory: its members (directories relative to it), operating threshold and TTA setting."""
+
+
+def ensemble_members(model_uri: str) -> tuple[list[str], dict[str, Any] | None]:
+    """The exported models behind a --model directory: itself, or an ensemble's members (with its ensemble.json).
+
+    An ensemble directory (`jobs/tune.py --ensemble-size`) holds copies of its members' model directories and the
+    operating threshold chosen on validation for their mean probability.
+    """
+    uri = storage.join(model_uri, ENSEMBLE_FILE)
+    if not storage.exists(uri):
+        return [model_uri], None
+    ensemble = storage.read_json(uri)
+    members = ensemble.get("members") if isinstance(ensemble, dict) else None
+    if not members or not all(isinstance(m, str) for m in members):
+        raise UserError(f"--model {model_uri}: {ENSEMBLE_FILE} names no members; export the ensemble again")
+    return [storage.join(model_uri, m) for m in members], ensemble
+
+
+def write_ensemble(members: list[str], out_uri: str, card: dict[str, Any], *, tta: bool) -> None:
+    """Copy exported model directories into `out_uri`/members/ and describe them as one ensemble model (its
+    threshold 0.5 until one is chosen on validation, as for a single model)."""
+    names = []
+    for i, member in enumerate(members):
+        name = f"members/{i}"
+        for file in ("model.safetensors", "config.json", "model_card.json"):
+            storage.write_bytes(storage.join(out_uri, name, file), storage.read_bytes(storage.join(member, file)))
+        names.append(name)
+    storage.write_json(storage.join(out_uri, ENSEMBLE_FILE), {"members": names, "threshold": 0.5, "tta": tta})
+    storage.write_json(storage.join(out_uri, "model_card.json"), {**card, "members": names, "threshold": 0.5})
 
 
 def load_model(model_uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:

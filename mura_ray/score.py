@@ -112,9 +112,9 @@ class Predictor:
 
     Batches come from `decode_for_scoring` (`pixels_{size}` columns), or carry the image bytes, which are then
     decoded here. Several models form an ensemble: probabilities are averaged. With `tta`, each model's
-    probabilities are also averaged over a horizontal flip. On a GPU the models run under autocast (`amp`,
-    bfloat16 where the GPU has it, else float16). A row whose image cannot be decoded gets an `error` and no
-    prediction.
+    probabilities are also averaged over a horizontal flip (`models.predict`, as validation does). On a GPU the
+    models run under autocast (`amp`, bfloat16 where the GPU has it, else float16). A row whose image cannot be
+    decoded gets an `error` and no prediction.
     """
 
     def __init__(self, model_uris: list[str], *, use_gpu: bool, tta: bool, threshold: float | None,
@@ -154,7 +154,7 @@ class Predictor:
     def _predict(self, batch: pd.DataFrame) -> pa.Table:
         import torch
 
-        from mura_ray.models import autocast
+        from mura_ray.models import autocast, predict
 
         if "image" in batch:
             batch = decode_for_scoring(batch, self.sizes)
@@ -165,14 +165,12 @@ class Predictor:
         part_probs = np.zeros((n, len(BODY_PARTS)), dtype=np.float64)
         for model, spec, _ in self.members:
             x = self._inputs(batch[f"pixels_{spec.image_size}"], spec.mean, spec.std)
-            views = [x, torch.flip(x, dims=[3])] if self.tta else [x]
-            for view in views:
-                with autocast(self.device, self.amp):
-                    out = model(view, known)
-                prob += torch.sigmoid(out["abnormal"].float()).cpu().numpy()
-                if "body_part" in out:
-                    part_probs += torch.softmax(out["body_part"].float(), dim=1).cpu().numpy()
-        prob /= len(self.members) * (2 if self.tta else 1)
+            with autocast(self.device, self.amp):
+                out = predict(model, x, known, tta=self.tta)
+            prob += torch.sigmoid(out["abnormal"].float()).cpu().numpy()
+            if "body_part" in out:
+                part_probs += torch.softmax(out["body_part"].float(), dim=1).cpu().numpy()
+        prob /= len(self.members)
         # Decide on the value that is stored (float32), so the report and Grad-CAM, which read it back, agree with
         # pred_abnormal at the threshold (an ensemble's float64 mean can round across it).
         prob = prob.astype(np.float32).astype(np.float64)
@@ -225,12 +223,32 @@ def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     return loaded
 
 
-def _check_models(models: tuple[str, ...]) -> tuple[list[str], float, list[int]]:
-    """Load each model once on the driver (a bad --model fails before any cluster work): ids, mean threshold,
-    input sizes."""
-    loaded = [_load_model(uri) for uri in models]
-    return ([m[2] for m in loaded], float(np.mean([m[1].threshold for m in loaded])),
-            sorted({m[1].image_size for m in loaded}))
+def _check_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], float, list[int], bool]:
+    """Load each model once on the driver (a bad --model fails before any cluster work): the model directories
+    to load (an ensemble directory's members), their ids, the threshold (an ensemble directory's, else the mean of
+    the models'), input sizes, and whether the models were validated with TTA (the default of --tta)."""
+    from mura_ray.models import ensemble_members
+
+    def members(uri: str) -> tuple[list[str], dict[str, Any] | None]:
+        try:
+            return ensemble_members(uri)
+        except OSError as e:
+            if storage.s3_problem(e):  # as `_load_model` says it
+                raise UserError(f"--model {uri}: cannot read it ({first_line(e)})") from None
+            raise
+
+    expanded = [members(uri) for uri in models]
+    ensembles = [e for _, e in expanded if e is not None]
+    if ensembles and len(models) > 1:
+        raise UserError("an ensemble directory (with ensemble.json) is scored alone: its threshold was chosen for "
+                        "its members' mean; give it as the only --model")
+    uris = tuple(m for members, _ in expanded for m in members)
+    loaded = [_load_model(uri) for uri in uris]
+    threshold = float(np.mean([m[1].threshold for m in loaded]))
+    tta = all(m[1].tta for m in loaded)
+    if ensembles:
+        threshold, tta = float(ensembles[0].get("threshold", threshold)), bool(ensembles[0].get("tta", tta))
+    return uris, [m[2] for m in loaded], threshold, sorted({m[1].image_size for m in loaded}), tta
 
 
 def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: list[str], threshold: float,
@@ -386,7 +404,8 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     # in another working directory (under `ray job submit --working-dir`, Ray's copy of it).
     cfg = replace(cfg, input=storage.absolute(cfg.input), out=storage.absolute(cfg.out),
                   models=tuple(storage.absolute(m) for m in cfg.models))
-    model_ids, model_threshold, sizes = _check_models(cfg.models)
+    members, model_ids, model_threshold, sizes, model_tta = _check_models(cfg.models)
+    cfg = replace(cfg, models=members, tta=model_tta if cfg.tta is None else cfg.tta)
     if cfg.explain:
         import importlib.util
 
@@ -496,30 +515,45 @@ def _report_task(out: str, report_dir: str, threshold: float, threshold_source: 
 
 def choose_model_threshold(model_dir: str, data: str, run_dir: str, policy: str, fixed: float) -> dict[str, Any]:
     """Choose an exported model's operating threshold by `policy` (`config.threshold_policy`) on the dataset's
-    validation split at study level, and store it with the model: `threshold` in its config.json (what scoring uses
-    by default) and in its model card, with `threshold_policy` and the `operating_point` (the validation metrics at
-    that threshold, image and study level). The split is scored into RUN_DIR/val (replaced) with the exported model:
-    the probabilities training's validation computed. A split of one class cannot choose: `fixed` is kept."""
+    validation split at study level, and store it with the model: `threshold` in its config.json (an ensemble's
+    ensemble.json: what scoring uses by default) and in its model card, with `threshold_policy` and the
+    `operating_point` (the validation metrics at that threshold, image and study level). The split is scored into
+    RUN_DIR/val (replaced) with the exported model: the probabilities training's validation computed. A split of
+    one class cannot choose: `fixed` is kept. A card without validation metrics (an ensemble's: no training run
+    computed them) gets them from those predictions, at `fixed` as training computes them."""
+    from mura_ray.metrics import validation_metrics
+    from mura_ray.models import ENSEMBLE_FILE
     from mura_ray.report import calibrate_threshold  # as in `_report_task`: the decode tasks need no matplotlib
 
     method, target = threshold_policy(policy)
     point: dict[str, Any] = {"method": "fixed", "threshold": fixed}
-    if method != "fixed":
+    card_uri = storage.join(model_dir, "model_card.json")
+    card = storage.read_json(card_uri)
+    validated = "validation" in card.get("metrics", {})
+    if method != "fixed" or not validated:
         val = ScoreConfig(models=(model_dir,), input=storage.join(data, "val"), out=storage.join(run_dir, "val"),
                           threshold=fixed, report=False)
         score(val, overwrite=True)
-        try:
-            point = calibrate_threshold(load_predictions(val.out), method, target, level="study")
-            point["calibrated_on"] = val.out
-        except ValueError as e:
-            logger.warning("--threshold-policy %s: %s; keeping --threshold %g", policy, e, fixed)
-            policy = "fixed"
+        predictions = load_predictions(val.out)
+        if not validated:
+            rows = predictions[predictions["error"].isna() & predictions["label"].notna()]
+            card.setdefault("metrics", {})["validation"] = validation_metrics(
+                rows["label"].to_numpy(int), rows["prob_abnormal"].to_numpy(float),
+                rows["study_id"].fillna(rows["image_id"]), fixed)
+        if method != "fixed":
+            try:
+                point = calibrate_threshold(predictions, method, target, level="study")
+                point["calibrated_on"] = val.out
+            except ValueError as e:
+                logger.warning("--threshold-policy %s: %s; keeping --threshold %g", policy, e, fixed)
+                policy = "fixed"
     threshold = float(point["threshold"])
-    for name, update in (("config.json", {"threshold": threshold}),
-                         ("model_card.json", {"threshold": threshold, "threshold_policy": policy,
-                                              "operating_point": point})):
-        uri = storage.join(model_dir, name)
-        storage.write_json(uri, {**storage.read_json(uri), **update})
+    config_uri = storage.join(model_dir, ENSEMBLE_FILE)
+    if not storage.exists(config_uri):
+        config_uri = storage.join(model_dir, "config.json")
+    storage.write_json(config_uri, {**storage.read_json(config_uri), "threshold": threshold})
+    storage.write_json(card_uri, {**card, "threshold": threshold, "threshold_policy": policy,
+                                  "operating_point": point})
     logger.info("Operating threshold %.4f (%s, on the validation split's studies)", threshold, policy)
     return {"threshold": threshold, "threshold_policy": policy, "operating_point": point}
 

@@ -8,6 +8,7 @@ runs on rank 0 over every validation row (the val set is never split across work
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -26,24 +27,44 @@ from torch import Tensor, nn
 
 from mura_ray import __version__, runtime, storage
 from mura_ray.config import METRIC_MODES, TrainConfig, UserError
-from mura_ray.data.pipeline import EpochStream, build_input, iter_batches, split_rows
+from mura_ray.data.pipeline import (
+    EpochStream,
+    build_input,
+    derive_seed,
+    iter_batches,
+    shuffle_epochs,
+    split_rows,
+)
 from mura_ray.labels import BODY_PARTS
 from mura_ray.losses import multitask_loss
-from mura_ray.metrics import aggregate_studies, compute_binary_metrics
-from mura_ray.models import ModelSpec, amp_dtype, autocast, build_model, export_model, trunk_normalization
+from mura_ray.metrics import validation_metrics
+from mura_ray.models import (
+    ModelSpec,
+    amp_dtype,
+    autocast,
+    build_model,
+    export_model,
+    predict,
+    trunk_normalization,
+)
 from mura_ray.optim import build_optimizer, lr_schedule
 from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"
+"""Beside the state in each checkpoint: its epoch, which the driver reads without loading the weights."""
+SHUFFLE_BATCHES = 16
+"""Training rows are shuffled in windows of this many batches of one epoch (`pipeline.shuffle_epochs`)."""
 
 
 # ---------------------------------------------------------------------------------------------------- worker loop
 def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype | None, loss_kwargs: dict[str, Any],
-             threshold: float) -> dict[str, float]:
+             threshold: float, tta: bool = False) -> dict[str, float]:
     """Loss and metrics over every row of a validation iterator (rows that failed to decode are skipped), at image
-    level and at MURA's study level (a study's probability is the mean of its images', its label the max)."""
+    level and at MURA's study level (a study's probability is the mean of its images', its label the max). With
+    `tta`, of the probabilities averaged over the flips scoring averages (`models.predict`)."""
     model.eval()
     labels, probs, parts, part_pred, studies, losses, ab_losses, weights = [], [], [], [], [], [], [], []
     skipped = 0
@@ -56,7 +77,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
                 continue
             image, label, body_part = batch["image"][ok], batch["label"][ok], batch["body_part"][ok]
             with autocast(device, amp):
-                out = model(image, body_part)
+                out = predict(model, image, body_part, tta=tta)
             loss, ab = multitask_loss(out, label, body_part, **loss_kwargs)
             losses.append(float(loss) * len(label))
             ab_losses.append(float(ab) * len(label))
@@ -72,16 +93,12 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
                            "nothing to compute the validation loss on")
     y, p, study = np.concatenate(labels), np.concatenate(probs), np.concatenate(studies)
     study = np.where(study >= 0, study, -1 - np.arange(study.size))  # an image without a study is its own
-    m = compute_binary_metrics(y, p, threshold)
-    by_study = aggregate_studies(study, p, y)
-    s = compute_binary_metrics(by_study["label"].to_numpy(), by_study["prob_abnormal"].to_numpy(), threshold)
+    levels = {k: _or_nan(v) for k, v in validation_metrics(y, p, study, threshold).items()}
     parts_known, parts_pred = np.concatenate(parts), np.concatenate(part_pred) if part_pred else None
     known = parts_known >= 0
     body_part_acc = (float((parts_pred[known] == parts_known[known]).mean()) if parts_pred is not None and known.any()
                      else math.nan)
-    return {"val_loss": sum(losses) / sum(weights), "val_abnormal_loss": sum(ab_losses) / sum(weights),
-            "val_auc": _or_nan(m["roc_auc"]), "val_kappa": _or_nan(m["cohen_kappa"]),
-            "val_study_auc": _or_nan(s["roc_auc"]), "val_study_kappa": _or_nan(s["cohen_kappa"]),
+    return {"val_loss": sum(losses) / sum(weights), "val_abnormal_loss": sum(ab_losses) / sum(weights), **levels,
             "val_body_part_acc": body_part_acc, "val_skipped_images": skipped}
 
 
@@ -195,7 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = TrainConfig(**loop_config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # the initial weights (DDP then gives every rank rank 0's)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
     device = ray.train.torch.get_device()
@@ -220,13 +237,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(last, checkpoint=None)
             return
 
-    # The input starts now, while the model is built, and runs on through every epoch left. A resumed run (or a
-    # restarted worker) reads the dataset's passes from the first again: its epochs take the first passes' orders.
+    # The input starts now, while the model is built, and runs on through every epoch left. A resumed run reads
+    # the passes from its first unfinished epoch on (the driver found it: `resume_epoch`), in the orders they have
+    # in a run from the start; so are its batches shuffled (`shuffle_epochs`): it goes on as if never stopped.
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = _validation(loop_config["val_input"]) if rank == 0 else None
     start = state["epoch"] + 1 if state is not None else 0  # as setup_training resumes
-    stream = EpochStream(lambda: iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start,
-                         rows_per_epoch=loop_config["epoch_rows"])
+    rows = loop_config["epoch_rows"]
+    if start != loop_config["first_pass"] and rank == 0:
+        logger.warning("Resuming at epoch %d from an input that starts at pass %d (the worker group restarted "
+                       "within the run): these epochs see other batches than a run that never stopped",
+                       start + 1, loop_config["first_pass"] + 1)
+
+    def batches():
+        return shuffle_epochs(iter_batches(train_shard, cfg.batch_size, device), rows_per_epoch=rows,
+                              batch_size=cfg.batch_size, window=SHUFFLE_BATCHES * cfg.batch_size,
+                              seed=derive_seed(cfg.seed, rank), first_epoch=start)
+
+    stream = EpochStream(batches, epochs=cfg.epochs - start, rows_per_epoch=rows)
     try:
         _train(cfg, loop_config, state, stream, val_shard, device, rank, world, start)
     finally:
@@ -281,6 +309,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             break
+        torch.manual_seed(derive_seed(cfg.seed, rank, epoch))  # dropout: the same masks in a resumed epoch
         model.train()
         lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
         t_start = time.perf_counter()
@@ -326,8 +355,8 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
         }
         if rank == 0:
             val = evaluate(raw_model if ema is None else ema.module,
-                           iter_batches(val_shard, cfg.batch_size * 2, False, device), device, amp, loss_kwargs,
-                           cfg.threshold)
+                           iter_batches(val_shard, cfg.batch_size * 2, device), device, amp, loss_kwargs,
+                           cfg.threshold, cfg.tta)
         else:
             val = None
         if world > 1:
@@ -347,6 +376,8 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
             if rank == 0:
+                with open(os.path.join(tmp, PROGRESS_FILE), "w") as f:  # read by `resume_epoch`
+                    json.dump({"epoch": epoch}, f)
                 _save_state(tmp, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
@@ -412,6 +443,21 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
 ARCHITECTURE_OPTIONS = ("backbone", "multitask", "body_part_embedding", "freeze", "image_size")
 """Options whose change makes a run directory's checkpoints unloadable (weights or optimizer state; the image size
 shapes the position embeddings of fixed-size backbones such as ViT)."""
+
+
+def resume_epoch(out: str) -> int:
+    """The epoch a run in `out` resumes at (0 for a new run): after the latest of its checkpoints, which Ray Train
+    restores. Checkpoints written without PROGRESS_FILE count as none (their run's input restarts at pass 1)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(out)
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    epochs = [-1]
+    for e in entries:
+        progress = storage.join(out, e.base_name, PROGRESS_FILE)
+        if e.base_name.startswith("checkpoint_") and storage.exists(progress):
+            epochs.append(int(storage.read_json(progress)["epoch"]))
+    return max(epochs) + 1
 
 
 def _has_checkpoints(out: str) -> bool:
@@ -585,10 +631,16 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     # keep their CPUs; with every spare CPU held so, validation tasks that reserve one would never be scheduled and
     # the run would hang (seen with a small object store: the decoded-ahead budget fills during validation).
     spare = int(ray.cluster_resources().get("CPU", 0) - cfg.workers * cfg.cpus_per_worker)
+    first_pass = min(resume_epoch(cfg.out), cfg.epochs - 1)  # a finished run reads nothing (one pass, unread)
     datasets = {
         "train": build_input(run.data, "train", image_size=cfg.image_size, mean=run.mean, std=run.std, train=True,
-                             batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs),
+                             batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs, first_pass=first_pass),
     }
+    # Blocks in the order of the files, and so to the workers in the same split (Ray Data hands each block to the
+    # worker with the fewest rows; on one node, locality does not reorder): the same rows in the same order to
+    # each rank for the same seed. Decoded blocks are then held until the ones before them are done.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     # Validation is built by rank 0 (`_validation`), to keep its tasks on rank 0's node; not split, every row.
     val_input = {"data": run.data, "split": "val", "image_size": cfg.image_size, "mean": run.mean, "std": run.std,
                  "batch_size": cfg.batch_size, "num_cpus": 0, "max_tasks": spare}
@@ -609,13 +661,13 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary), "weights": run.weights,
                            "epoch_rows": train_rows // cfg.workers,  # Ray Train's shards are equal
-                           "val_input": val_input},
+                           "val_input": val_input, "first_pass": first_pass},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=use_gpu(cfg.gpu), resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
     )
 
 
@@ -663,7 +715,7 @@ def export_best(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
     spec = ModelSpec(
         backbone=cfg.backbone, image_size=cfg.image_size, mean=mean, std=std, multitask=cfg.multitask,
         body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, freeze=cfg.freeze,
-        threshold=cfg.threshold,
+        threshold=cfg.threshold, tta=cfg.tta,
     )
     out = cfg.out
     assert out is not None
@@ -680,6 +732,7 @@ def export_best(run: PreparedRun, state: dict[str, Any]) -> dict[str, Any]:
         },
         "metrics": {"validation": state.get("metrics", {})},
         "selected_by": cfg.select_metric,
+        "selected_with_tta": cfg.tta,
         "code_version": _git_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

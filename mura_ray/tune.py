@@ -312,7 +312,7 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _search_record(cfg: TuneConfig, spec: dict[str, Any]) -> dict[str, Any]:
-    config = {k: v for k, v in asdict(cfg).items() if k != "space"}
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("space", "ensemble_size")}  # export only
     return json.loads(json.dumps({"config": config, "space": spec}))
 
 
@@ -553,17 +553,68 @@ def _export_best(cfg: TuneConfig, rows: list[dict[str, Any]], configs: dict[str,
     best_dir = storage.join(cfg.out, "best")
     best_result = export_trial(cfg, best["trial_id"], configs[best["trial_id"]], best_dir)
     out: dict[str, Any] = {"best": {"trial_id": best["trial_id"], **best_result}}
-    if "report_dir" not in best_result:
+    exported = {best["trial_id"]: best_dir}
+    if "report_dir" in best_result:
+        compared = []
+        for backbone in dict.fromkeys(r["backbone"] for r in usable):
+            top = next(r for r in usable if r["backbone"] == backbone)
+            if top is not best:
+                dest = storage.join(cfg.out, "best_per_backbone", _safe_name(backbone))
+                export_trial(cfg, top["trial_id"], configs[top["trial_id"]], dest)
+                exported[top["trial_id"]] = dest
+            compared.append(exported[top["trial_id"]])
+        write_comparison(compared, cfg.out)
+        out["comparison"] = storage.join(cfg.out, "comparison.md")
+    else:
         logger.info("The dataset has no test split: no test report and no comparison across backbones")
-        return out
-    compared = []
-    for backbone in dict.fromkeys(r["backbone"] for r in usable):
-        top = next(r for r in usable if r["backbone"] == backbone)
-        if top is best:
-            compared.append(best_dir)
-        else:
-            dest = storage.join(cfg.out, "best_per_backbone", _safe_name(backbone))
-            export_trial(cfg, top["trial_id"], configs[top["trial_id"]], dest)
-            compared.append(dest)
-    write_comparison(compared, cfg.out)
-    return {**out, "comparison": storage.join(cfg.out, "comparison.md")}
+    if cfg.ensemble_size > 1 and len(usable) > 1:
+        out["ensemble"] = export_ensemble(cfg, usable[:cfg.ensemble_size], configs, exported)
+    return out
+
+
+def export_ensemble(cfg: TuneConfig, top: list[dict[str, Any]], configs: dict[str, Any],
+                    exported: dict[str, str]) -> dict[str, Any]:
+    """Export the `top` trials (leaderboard rows, best first) as one ensemble in OUT/ensemble/, as a training run
+    directory: model/ (`models.write_ensemble`), its threshold chosen on the validation split like a single model's,
+    and, where the dataset has a test split, report/ and comparison.md with the ensemble beside each member.
+    Members not yet exported (as the best trial or a backbone's best) are exported to OUT/top/<trial>/ first.
+    Skipped when OUT/ensemble already holds these trials."""
+    from mura_ray.models import write_ensemble
+    from mura_ray.score import choose_model_threshold, score_test_split
+
+    dest = storage.join(cfg.out, "ensemble")
+    trial_ids = [r["trial_id"] for r in top]
+    marker = storage.join(dest, "trial.json")
+    if storage.exists(marker) and storage.read_json(marker).get("trial_ids") == trial_ids:
+        logger.info("%s already holds the ensemble of %s", dest, ", ".join(trial_ids))
+        return storage.read_json(marker)["result"]
+    members, results = [], []
+    for trial_id in trial_ids:
+        run_dir = exported.get(trial_id) or storage.join(cfg.out, "top", _safe_name(trial_id))
+        results.append(export_trial(cfg, trial_id, configs[trial_id], run_dir))
+        members.append(run_dir)
+    trials = [trial_config(cfg, configs[t], trial_id=t, data=cfg.data, out=d) for t, d in zip(trial_ids, members,
+                                                                                              strict=True)]
+    tta = all(t.tta for t in trials)
+    model_dir = storage.join(dest, "model")
+    storage.clear_dir(dest)
+    logger.info("Exporting the ensemble of the top %d trials (%s) to %s", len(top), ", ".join(trial_ids), dest)
+    card = {
+        "backbone": "ensemble(" + "+".join(t.backbone for t in trials) + ")",
+        "trials": [{"trial_id": r["trial_id"], "backbone": r["backbone"], cfg.metric: r.get(cfg.metric),
+                    "model_id": storage.read_json(storage.join(d, "model", "model_card.json"))["model_id"]}
+                   for r, d in zip(top, members, strict=True)],
+        "selected_by": cfg.metric, "selected_with_tta": tta,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_ensemble([storage.join(d, "model") for d in members], model_dir, card, tta=tta)
+    data = results[0]["data"]
+    result: dict[str, Any] = {"run_dir": dest, "model_dir": model_dir, "trial_ids": trial_ids}
+    result.update(choose_model_threshold(model_dir, data, dest, trials[0].threshold_policy, trials[0].threshold))
+    if all(r.get("has_test") for r in results):
+        result["test"] = score_test_split(model_dir, data, dest)
+        result["report_dir"] = storage.join(dest, "report")
+        write_comparison([dest, *members], dest)
+        result["comparison"] = storage.join(dest, "comparison.md")
+    storage.write_json(marker, {"trial_ids": trial_ids, "result": result})
+    return result

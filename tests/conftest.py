@@ -88,6 +88,7 @@ def trained_run(ray_cluster, mura_dataset, tmp_path_factory) -> Path:
         # 13: epochs cut from one stream end mid-batch (see test_train).
         "--epochs", "3", "--batch-size", "13", "--lr", "3e-3", "--select-metric", "val_auc",
         "--ema", "--ema-decay", "0.9", "--clip-grad", "5",  # validated and exported: the moving average
+        "--tta",  # validated over the flips that scoring then averages by default
     ])
     assert rc == 0
     return out

@@ -6,6 +6,7 @@ Not timed. The Ray benchmarks start their own local Ray, so they run in a subpro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,18 @@ def test_gpu_check_without_a_gpu_is_a_one_line_error():
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no CUDA device visible"), proc.stderr
+
+
+@pytest.mark.slow
+def test_selection_benchmark(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "selection.py"), "--seeds", "0", "--epochs", "2", "--demo-images", "300"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "MURA_RAY_CACHE": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["name"] == "selection" and line["seeds"] == [0]
+    picks = line["per_seed"]["0"]
+    assert set(picks) == {"val_study_kappa", "val_auc"}
+    for pick in picks.values():
+        assert pick["epoch"] in (1, 2) and 0 <= pick["test_study_auc"] <= 1
+    assert len(line["study_minus_image_selection_kappa"]) == 1

@@ -17,6 +17,7 @@ from mura_ray.models import (
     build_trunk,
     export_model,
     load_model,
+    predict,
 )
 
 
@@ -251,3 +252,27 @@ def test_weights_and_models_on_s3(s3_bucket, tmp_path):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["abnormal"], model(x)["abnormal"])
+
+
+def test_tta_averages_the_probabilities_of_the_image_and_its_flip():
+    """`predict(tta=True)` gives logits whose sigmoid/softmax are the mean probabilities over the two views, and
+    stays finite where a view's probability is 0 or 1 in floating point."""
+    torch.manual_seed(0)
+    model = build_model("custom_cnn").eval()
+    x = torch.rand(3, 1, 32, 32)
+    known = torch.tensor([0, -1, 3])
+    with torch.inference_mode():
+        plain, flipped = model(x, known), model(torch.flip(x, dims=[3]), known)
+        merged = predict(model, x, known, tta=True)
+        assert predict(model, x, known)["abnormal"].equal(plain["abnormal"])  # without TTA, the model's own
+    mean = (torch.sigmoid(plain["abnormal"]) + torch.sigmoid(flipped["abnormal"])) / 2
+    torch.testing.assert_close(torch.sigmoid(merged["abnormal"]), mean)
+    parts = (torch.softmax(plain["body_part"], 1) + torch.softmax(flipped["body_part"], 1)) / 2
+    torch.testing.assert_close(torch.softmax(merged["body_part"], 1), parts)
+
+    class Saturated(torch.nn.Module):
+        def forward(self, image, body_part=None):
+            return {"abnormal": image.flatten(1)[:, 0] * 1e4}
+
+    out = predict(Saturated(), torch.tensor([1.0, -1.0]).view(2, 1, 1, 1), tta=True)["abnormal"]
+    assert torch.isfinite(out).all() and out[0] > 30 and out[1] < -30

@@ -65,7 +65,8 @@ def test_score_ingested_split_with_report(trained_run, mura_dataset, tmp_path):
     assert report["n_images"] == len(test) and "study_level" in report and "per_body_part" in report
     assert (report["threshold"], report["threshold_source"]) == (pytest.approx(threshold), "model")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["threshold"], manifest["threshold_source"], manifest["tta"]) == (threshold, "model", False)
+    # The model was validated with TTA: scoring applies it by default.
+    assert (manifest["threshold"], manifest["threshold_source"], manifest["tta"]) == (threshold, "model", True)
 
     # jobs/report.py on these predictions reports at the threshold they were scored at, not at 0.5.
     import report as report_job
@@ -94,12 +95,13 @@ def test_score_at_a_given_threshold(trained_run, mura_dataset, tmp_path, capsys)
     assert (report["threshold"], report["threshold_source"]) == (0.3, "cli")
     assert json.loads((out / "manifest.json").read_text())["threshold"] == 0.3
     capsys.readouterr()
-    # Re-runs into this --out at another threshold (the model's own, here) or with TTA would mix rows: refused.
+    # Re-runs into this --out at another threshold (the model's own, here) or without the model's TTA would mix
+    # rows: refused.
     assert score_job.main(args) == 2
     err = capsys.readouterr().err
     assert "holds predictions at threshold 0.3, this run's is" in err and "(the model's)" in err
-    assert score_job.main([*args, "--threshold", "0.3", "--tta"]) == 2
-    assert "holds predictions scored without --tta, this run is with it" in capsys.readouterr().err
+    assert score_job.main([*args, "--threshold", "0.3", "--no-tta"]) == 2
+    assert "holds predictions scored with --tta, this run is without it" in capsys.readouterr().err
 
 
 def _predictor_actors() -> int:
@@ -211,6 +213,23 @@ def test_ensemble_averages_members(exported_model, mura_dataset, tmp_path):
                            "--no-report"]) == 0
     again = _predictions(tmp_path / "ab")
     assert len(again) == len(both) and set(again["model_id"]) == {both["model_id"].iloc[0]}
+
+    # An ensemble directory (jobs/tune.py exports one) is one --model: its copied members, at its own threshold.
+    from mura_ray.models import ENSEMBLE_FILE, write_ensemble
+
+    ensemble = tmp_path / "ensemble"
+    write_ensemble([a, b], str(ensemble), {"backbone": "ensemble(custom_cnn+custom_cnn)"}, tta=False)
+    storage.write_json(str(ensemble / ENSEMBLE_FILE), {**storage.read_json(str(ensemble / ENSEMBLE_FILE)),
+                                                       "threshold": 0.37})
+    assert score_job.main(["--model", str(ensemble), "--input", split, "--out", str(tmp_path / "ens"),
+                           "--no-report"]) == 0
+    from_dir = _predictions(tmp_path / "ens").set_index("image_id").sort_index()
+    assert set(from_dir["model_id"]) == {both["model_id"].iloc[0]}
+    np.testing.assert_allclose(from_dir["prob_abnormal"], both["prob_abnormal"], atol=1e-6)
+    assert (from_dir["pred_abnormal"] == (from_dir["prob_abnormal"] >= 0.37).astype(int)).all()
+    assert json.loads((tmp_path / "ens" / "manifest.json").read_text())["threshold"] == 0.37
+    with pytest.raises(UserError, match="scored alone"):
+        score_lib._check_models((str(ensemble), a))
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -338,7 +357,7 @@ def test_pred_abnormal_is_decided_on_the_stored_probability(trained_run):
 
 
 def test_manifests_that_cannot_be_continued_are_one_line_errors(exported_model, tmp_path, capsys):
-    model_ids = score_lib._check_models((str(exported_model),))[0]
+    model_ids = score_lib._check_models((str(exported_model),))[1]
     base = ["--model", str(exported_model), "--input", str(tmp_path / "in")]
     for name, change in (("no_input", {"input": None}), ("odd_part", {"parts": {"scores.parquet": {"chunk": 0}}})):
         out = tmp_path / name
@@ -640,7 +659,7 @@ def _committed_output(out: Path, model_ids: list[str], src: str, **recorded) -> 
 
 
 def test_rerun_with_other_tta_or_threshold_is_refused(exported_model, tmp_path, capsys):
-    model_ids, model_threshold, _ = score_lib._check_models((str(exported_model),))
+    _, model_ids, model_threshold, _, _ = score_lib._check_models((str(exported_model),))
     src = str(tmp_path / "in")
     base = ["--model", str(exported_model), "--input", src]
     cases = [  # (recorded in the manifest, this run's flags, the error names both values)
@@ -660,7 +679,7 @@ def test_rerun_with_other_tta_or_threshold_is_refused(exported_model, tmp_path, 
 
     # The defaults continue an old manifest, which records them from then on.
     _committed_output(tmp_path / "old", model_ids, src)
-    cfg = ScoreConfig(models=(str(exported_model),), input=src, out=str(tmp_path / "old"))
+    cfg = ScoreConfig(models=(str(exported_model),), input=src, out=str(tmp_path / "old"), tta=False)
     lock = storage.OutputLock(cfg.out, "test")
     manifest = score_lib._open_output(cfg, model_ids, model_threshold, "model", model_threshold, overwrite=False,
                                       lock=lock)

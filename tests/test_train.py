@@ -58,14 +58,11 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
     best = max(states, key=lambda st: st["metrics"]["val_auc"])
     assert card["training"]["best_epoch"] == best["epoch"] + 1
     assert card["metrics"]["validation"]["val_auc"] == pytest.approx(best["metrics"]["val_auc"])
-    # The three epochs are cut from one stream of three passes over the split: each ends with the batch (13 rows)
-    # that brings the rows delivered since the start to a multiple of the split's, so none loses or repeats a batch
-    # and the epochs never drift from the passes (182, 169, then the rest: 159).
+    # The three epochs are cut from one stream of three passes over the split at exact rows (`shuffle_epochs`):
+    # each trains on the split's every row once, in batches of 13 but its last (none of one row).
     n_train = card["training"]["counts"]["train"]
-    delivered = [0] + [min(-(-n_train * e // 13) * 13, 3 * n_train) for e in (1, 2, 3)]
     for st in states:
-        e = st["epoch"]
-        assert st["metrics"]["train_images"] == delivered[e + 1] - delivered[e], (e, n_train)
+        assert st["metrics"]["train_images"] + st["metrics"]["skipped_images"] == n_train, (st["epoch"], n_train)
         assert st["metrics"]["left_out_images"] == 0
 
 
@@ -142,6 +139,48 @@ def test_epoch_stream_cuts_every_epoch_from_one_stream_read_ahead_of_the_loop():
     assert [b["i"] for b in partial.epoch()] == [3, 4, 5]
     assert list(partial.epoch()) == []
     partial.close()
+
+
+def test_shuffle_epochs_cuts_exact_epochs_and_a_resumed_run_sees_the_same_batches():
+    import torch
+
+    from mura_ray.data.pipeline import shuffle_epochs
+
+    def stream(first_row: int, size: int):  # batches of 7 rows (or 5), which do not divide an epoch of 50
+        rows = torch.arange(first_row, 3 * 50)
+        for i in range(0, len(rows), size):
+            yield {"row": rows[i : i + size], "ok": torch.ones(len(rows[i : i + size]))}
+
+    def run(seed: int = 3, first_row: int = 0, first_epoch: int = 0, size: int = 7) -> list[torch.Tensor]:
+        return [b["row"] for b in shuffle_epochs(stream(first_row, size), rows_per_epoch=50, batch_size=8,
+                                                 window=24, seed=seed, first_epoch=first_epoch)]
+
+    batches = run()
+    epochs, rows = [], 0
+    for b in batches:
+        if rows % 50 == 0:
+            epochs.append([])
+        epochs[-1].append(b)
+        rows += len(b)
+    assert len(epochs) == 3
+    for e, epoch in enumerate(epochs):
+        # Every row of the epoch once, none of another; whole batches but the epoch's last (50 = 6 x 8 + 2).
+        assert sorted(torch.cat(epoch).tolist()) == list(range(e * 50, (e + 1) * 50))
+        assert [len(b) for b in epoch] == [8] * 6 + [2]
+        assert torch.cat(epoch).tolist() != list(range(e * 50, (e + 1) * 50))  # shuffled
+    # An epoch whose last batch would hold one row ends with one of batch size + 1 instead (49 = 5 x 8 + 9).
+    odd = list(shuffle_epochs(iter([{"row": torch.arange(49), "ok": torch.ones(49)}]), rows_per_epoch=49,
+                              batch_size=8, window=24, seed=0))
+    assert [len(b["ok"]) for b in odd] == [8] * 5 + [9]
+    assert all(torch.equal(a, b) for a, b in zip(run(), batches, strict=True))  # the same seed: the same batches
+    assert not all(torch.equal(a, b) for a, b in zip(run(seed=4), batches, strict=True))
+    # A run resumed at epoch 2 (its input starts at that epoch's first row, in batches that end elsewhere) gets the
+    # batches of one that never stopped, from epoch 2 on.
+    resumed = run(first_row=50, first_epoch=1, size=5)
+    assert len(resumed) == 14 and all(torch.equal(a, b) for a, b in zip(resumed, batches[7:], strict=True))
+    # The windows group other rows every epoch: the epochs' first batches are not the same permutation shifted.
+    firsts = [sorted((b - 50 * e).tolist()) for e, b in enumerate(epochs[i][0] for i in range(3))]
+    assert firsts[0] != firsts[1] or firsts[1] != firsts[2]
 
 
 @pytest.mark.parametrize("known_parts, weight", [(False, 1.0), (True, 0.0)])
@@ -467,6 +506,47 @@ def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
     assert best_state(again)["epoch"] == best_state(result)["epoch"]
 
 
+@pytest.mark.slow
+def test_seeded_runs_are_identical_epoch_by_epoch_and_across_a_resume(ray_cluster, mura_dataset, tmp_path):
+    """Same seed, data and worker count, on CPU: the same metrics at every epoch and the same exported model; and
+    so for a run killed after its first epoch and resumed by running it again."""
+    import pandas as pd
+
+    from mura_ray.train import best_state, build_trainer, export_best, prepare_run
+
+    columns = ["epoch", "train_loss", "train_images", "val_loss", "val_abnormal_loss", "val_auc", "val_kappa",
+               "val_study_auc", "val_study_kappa", "val_body_part_acc"]
+
+    def config(name: str, **options) -> TrainConfig:
+        return TrainConfig(data=mura_dataset, out=str(tmp_path / name), backbone="custom_cnn", image_size=32,
+                           epochs=3, batch_size=16, lr=3e-3, seed=5, dropout=0.3, select_metric="val_loss",
+                           **options)
+
+    def fit(cfg: TrainConfig, callbacks=None):
+        run = prepare_run(cfg)
+        result = build_trainer(run, callbacks=callbacks).fit()
+        model_id = json.loads(Path(export_best(run, best_state(result, "val_loss"))["model_dir"],
+                                   "model_card.json").read_text())["model_id"]
+        return result.metrics_dataframe[columns].reset_index(drop=True), model_id
+
+    first, first_model = fit(config("a"))
+    second, second_model = fit(config("b"))
+    assert list(first["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(first, second)
+    assert first_model == second_model
+
+    cfg = config("c", max_failures=0)
+    marker = tmp_path / "killed"
+    killer = _KillWorkerAfterFirstEpoch(ray_cluster.get_runtime_context().gcs_address, marker)
+    with pytest.raises(Exception):  # noqa: B017 - Ray Train's error for a worker group that may not restart
+        build_trainer(prepare_run(cfg), callbacks=[killer]).fit()
+    assert marker.exists(), "the worker was never killed"
+    resumed, resumed_model = fit(cfg)
+    assert list(resumed["epoch"]) == [2, 3]
+    pd.testing.assert_frame_equal(resumed, first.iloc[1:].reset_index(drop=True))
+    assert resumed_model == first_model
+
+
 _TWO_NODES = """
 import sys
 sys.path.insert(0, {jobs!r})
@@ -768,7 +848,8 @@ def test_validation_runs_while_the_paused_training_stream_holds_every_cpu(tmp_pa
 def test_validation_in_training_equals_scoring_the_split_with_the_exported_model(trained_run, mura_dataset, tmp_path):
     """The validation metrics that training computed for the exported checkpoint (in its Train worker, on inputs
     its decode tasks prepared) are those of jobs/score.py on the same split with the exported model: one
-    preprocessing function (`images.load_pixels`) and the same probabilities on both paths."""
+    preprocessing function (`images.load_pixels`), one test-time augmentation (`models.predict`) and the same
+    probabilities on both paths."""
     import score as score_job
     from sklearn.metrics import roc_auc_score
 
@@ -777,9 +858,11 @@ def test_validation_in_training_equals_scoring_the_split_with_the_exported_model
 
     card = json.loads((trained_run / "model" / "model_card.json").read_text())
     val = card["metrics"]["validation"]
+    assert card["selected_with_tta"] is True  # the run validated over the flips: scoring averages the same ones
     out = tmp_path / "val"
     assert score_job.main(["--model", str(trained_run / "model"), "--input", f"{mura_dataset}/val", "--out", str(out),
                            "--no-report"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["tta"] is True
     df = read_predictions(str(out))
     df = df[df["error"].isna() & df["label"].notna()]
     assert len(df) == card["training"]["counts"]["val"] - val["val_skipped_images"] > 0

@@ -429,6 +429,20 @@ def test_search_end_to_end_and_resume(search_cluster, mura_dataset, tmp_path, ca
     assert "custom_cnn" in comparison and "resnet18" in comparison
     other = ({"custom_cnn", "resnet18"} - {board.loc[0, "backbone"]}).pop()
     assert (out / "best_per_backbone" / other / "report" / "report.json").is_file()
+    # The top 3 trials across backbones (--ensemble-size's default) as one ensemble model, its threshold chosen on
+    # validation, its test report beside its members'.
+    ensemble = json.loads((out / "ensemble" / "model" / "ensemble.json").read_text())
+    assert ensemble["members"] == ["members/0", "members/1", "members/2"]
+    ens_card = json.loads((out / "ensemble" / "model" / "model_card.json").read_text())
+    assert [t["trial_id"] for t in ens_card["trials"]] == list(board["trial_id"][:3])
+    assert ens_card["threshold_policy"] == "kappa" and ens_card["threshold"] == ensemble["threshold"]
+    assert ens_card["metrics"]["test"]["study_roc_auc"] is not None
+    assert {"val_auc", "val_kappa", "val_study_auc", "val_study_kappa"} <= set(ens_card["metrics"]["validation"])
+    member_ids = {json.loads((out / "ensemble" / "model" / m / "model_card.json").read_text())["model_id"]
+                  for m in ensemble["members"]}
+    assert member_ids == {t["model_id"] for t in ens_card["trials"]}
+    ens_comparison = (out / "ensemble" / "comparison.md").read_text()
+    assert ens_comparison.count("\n| ") >= 5 and "ensemble(" in ens_comparison  # header, rule, ensemble, 3 members
 
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name(str(out))

@@ -141,14 +141,13 @@ def preprocess_slices(
     """`preprocess_batch` over a block `rows` rows at a time, each slice yielded as soon as it is decoded.
 
     Whatever the size of the block the reader hands over, at most one slice of decoded float32 images is held at
-    once (with `build_input`'s block-size target each then leaves the task right away). For training the block's
-    rows are first put in a new random order, so that slices (and the batches they end in) vary from epoch to epoch.
+    once (with `build_input`'s block-size target each then leaves the task right away). Rows keep the file's order
+    (ingest's seeded random one): the training loop shuffles them (`shuffle_epochs`), from a seed a task could not
+    derive (it is given no epoch).
     """
     n = len(batch["image"])
-    order = np.random.default_rng().permutation(n) if train else np.arange(n)
     for start in range(0, n, rows):
-        take = order[start : start + rows]
-        yield preprocess_batch({k: np.asarray(v)[take] for k, v in batch.items()},
+        yield preprocess_batch({k: np.asarray(v)[start : start + rows] for k, v in batch.items()},
                                image_size=image_size, mean=mean, std=std, train=train)
 
 
@@ -163,6 +162,12 @@ def split_rows(data: str, split: str) -> int:
         return sum(pool.map(lambda f: pq.ParquetFile(f, filesystem=fs).metadata.num_rows, split_files(data, split)))
 
 
+def derive_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (a run's --seed, an epoch, a rank), well mixed by NumPy's SeedSequence:
+    nearby tuples give unrelated streams."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
     """`passes` passes over `files`, each in its own order drawn from `seed` (the same orders for the same seed)."""
     rng = np.random.default_rng(seed)
@@ -170,7 +175,7 @@ def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
 
 
 def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
-                num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, passes: int = 1,
+                num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, passes: int = 1, first_pass: int = 0,
                 files: list[str] | None = None, max_tasks: int | None = None, scheduling_strategy: Any = None):
     """The streaming dataset a Train worker consumes for `split`, in blocks of at most `batch_size` rows.
 
@@ -185,13 +190,14 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     parallelism.
     A one-file split is cut into blocks decoded by parallel tasks, `batch_size` rows at a time.
 
-    For training (`train`), the dataset is `passes` passes over the split, each reading its files in its own order
-    drawn from `seed` (`pass_order`): training reads all its epochs in one Ray Data execution and cuts them from
-    the stream by rows (`mura_ray.train.EpochStream`), so read and decode never stop to start a new execution. The
-    split is shuffled without an all-to-all step: ingest writes its rows in a seeded random order across many
-    small files, each pass reads the files in a new order, and the consumer mixes rows in a local shuffle buffer.
-    (`randomize_block_order` waits for the whole split to be read into the object store before the
-    first image is decoded.) Evaluation reads the split once, in order.
+    For training (`train`), the dataset is `passes` passes over the split from `first_pass` on, each reading its
+    files in its own order drawn from `seed` (`pass_order`): training reads all its epochs in one Ray Data
+    execution and cuts them from the stream by rows (`shuffle_epochs`, `EpochStream`), so read and decode never
+    stop to start a new execution. The split is shuffled without an all-to-all step: ingest writes its rows in a
+    seeded random order across many small files, each pass reads the files in a new order, and the consumer mixes
+    the rows of each epoch in seeded windows (`shuffle_epochs`). (`randomize_block_order` waits for the whole split
+    to be read into the object store before the first image is decoded.) Evaluation reads the split once, in
+    order.
     `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead.
     `num_cpus` is each read-and-decode task's CPU reservation, `max_tasks` caps how many run at once (None: as many
     as Ray Data's budget allows; give it with `num_cpus=0`, see `mura_ray.train.build_trainer`): every stage of the
@@ -209,16 +215,20 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     compute = TaskPoolStrategy(size=max_tasks)
     if files is None:
         files = split_files(data, split)
-        if train:
-            files = pass_order(files, passes, seed)
+        if train:  # from `first_pass` on (a resumed run): the orders those passes have in a run from the start
+            files = pass_order(files, passes, seed)[first_pass * len(files):]
     if len(set(files)) <= 1:
         ds = read_split(data, split, columns, files=files or None, num_cpus=num_cpus, **limits)
+        ds.context.execution_options.preserve_order = True  # see below
         return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
                               compute=compute, fn_kwargs=kwargs, **placed)
     # The read's CPUs are the decode's: operators with different resources would not fuse.
     ds = read_split(data, split, columns, files=files, override_num_blocks=len(files), num_cpus=num_cpus,
                     **limits)
     ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
+    # Blocks in the files' order: evaluation's sums (and, through Ray Train's DataConfig, training's batches) come
+    # out the same for the same seed.
+    ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(
         preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=num_cpus, compute=compute,
         fn_kwargs={"rows": batch_size, **kwargs}, **placed,
@@ -230,8 +240,9 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     return ds.repartition(target_num_rows_per_block=batch_size)
 
 
-def iter_batches(shard, batch_size: int, shuffle: bool, device):
-    """A dataset shard's batches as torch tensors on `device` (a local shuffle buffer for training)."""
+def iter_batches(shard, batch_size: int, device):
+    """A dataset shard's batches as torch tensors on `device`, in the dataset's order (training shuffles them with
+    `shuffle_epochs`)."""
     import torch  # here: the decode tasks that import this module need no torch
 
     return shard.iter_torch_batches(
@@ -240,8 +251,71 @@ def iter_batches(shard, batch_size: int, shuffle: bool, device):
                 "study": torch.int64},
         device=device,
         prefetch_batches=4,
-        local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
     )
+
+
+def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, batch_size: int, window: int,
+                   seed: int, first_epoch: int = 0) -> Iterator[dict[str, Any]]:
+    """Training batches: `batches` (dicts of equal-length tensors) cut exactly into epochs of `rows_per_epoch` rows,
+    and within each epoch shuffled in windows of at least `window` rows by a generator seeded from (`seed`, epoch),
+    in batches of `batch_size` rows (an epoch's last may be smaller, or one row larger rather than leave one row
+    alone). Each epoch's first window is shorter by a
+    seeded random amount, so that the windows, which hold neighbouring rows of the stream, group other rows every
+    epoch.
+
+    An epoch's batches depend only on its own rows and seed: a run resumed at epoch k (`first_epoch`) sees the
+    batches a run that never stopped saw from epoch k on. Ray Data's local shuffle buffer spans the whole stream,
+    so its batches after an epoch boundary depend on the epochs before.
+    """
+    import torch
+
+    if window < 2 * batch_size:
+        raise ValueError(f"window ({window}) must hold at least two batches ({batch_size} rows each)")
+    pending: list[dict[str, Any]] = []
+
+    def start(epoch: int) -> tuple[torch.Generator, int]:
+        # The epoch's first window is cut short at random, so windows group other rows every epoch.
+        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
+        return generator, int(torch.randint(window // 2, window + 1, (1,), generator=generator))
+
+    epoch, taken = first_epoch, 0  # rows of the epoch taken so far
+    generator, cut = start(epoch)  # where the window being filled ends, in rows of the epoch
+
+    def flush(end_of_epoch: bool) -> Iterator[dict[str, Any]]:
+        merged = {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
+        n = len(merged["ok"])
+        order = torch.randperm(n, generator=generator)
+        merged = {k: v[order.to(v.device)] for k, v in merged.items()}
+        whole = n if end_of_epoch else n - n % batch_size  # a part batch waits for the next window of its epoch
+        ends = list(range(batch_size, whole, batch_size)) + [whole]
+        if len(ends) > 1 and ends[-1] - ends[-2] == 1:  # no batch of one row (BatchNorm cannot train on it)
+            del ends[-2]
+        for start, end in zip([0, *ends[:-1]], ends, strict=True):
+            yield {k: v[start:end] for k, v in merged.items()}
+        pending.clear()
+        if whole < n:
+            pending.append({k: v[whole:] for k, v in merged.items()})
+
+    for batch in batches:
+        while batch is not None:
+            # Windows and epochs end at fixed rows, wherever the input's batches happen to end (they end elsewhere
+            # in a resumed run): a batch across an end is split there.
+            room = min(cut, rows_per_epoch) - taken
+            if len(batch["ok"]) > room:
+                head, batch = {k: v[:room] for k, v in batch.items()}, {k: v[room:] for k, v in batch.items()}
+            else:
+                head, batch = batch, None
+            pending.append(head)
+            taken += len(head["ok"])
+            if taken == rows_per_epoch:
+                yield from flush(end_of_epoch=True)
+                epoch, taken = epoch + 1, 0
+                generator, cut = start(epoch)
+            elif taken == cut:
+                yield from flush(end_of_epoch=False)
+                cut += window
+    if pending:  # the input ended inside an epoch (EpochStream says so)
+        yield from flush(end_of_epoch=True)
 
 
 class _Failed:
