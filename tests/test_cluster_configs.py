@@ -739,6 +739,52 @@ def test_doc_ray_commands_use_real_options() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_doc_submissions_send_the_token() -> None:
+    """Every `ray job` command on the page runs with RAY_AUTH_MODE=token, set on it or exported before it."""
+    exported = False
+    submissions = 0
+    for command in _doc_commands():
+        for segment in _split_assignments(command):
+            assignments, argv = segment
+            if argv[:2] == ["export", "RAY_AUTH_MODE=token"]:
+                exported = True
+            if argv[:2] == ["ray", "job"]:
+                submissions += 1
+                assert exported or assignments.get("RAY_AUTH_MODE") == "token", f"no token for: {command}"
+    assert submissions, "docs/cluster.md shows no `ray job` command"
+
+
+def _split_assignments(command: str) -> list[tuple[dict[str, str], list[str]]]:
+    """Each segment of a shell line as (leading VAR=value assignments, the rest)."""
+    out = []
+    segment: list[str] = []
+    for token in [*_split(command), ";"]:
+        if token not in _SHELL_OPERATORS:
+            segment.append(token)
+            continue
+        assignments = {}
+        while segment and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", segment[0]):
+            key, _, value = segment.pop(0).partition("=")
+            assignments[key] = value
+        if segment:
+            out.append((assignments, segment))
+        segment = []
+    return out
+
+
+def test_doc_shows_where_each_cluster_token_comes_from() -> None:
+    """Local and `ray up`: the laptop's token file; KubeRay: the Secret the manifests name, created and read back."""
+    commands = _doc_commands()
+    assert "ray get-auth-token --generate" in commands
+    assert any(c.startswith(f"kubectl create secret generic -n mura {AUTH_SECRET} ") for c in commands)
+    assert any(
+        c.startswith("export RAY_AUTH_TOKEN=") and f"kubectl get secret -n mura {AUTH_SECRET} " in c for c in commands
+    ), "docs/cluster.md must show RAY_AUTH_TOKEN read from the Secret"
+    config = _load_one(CLUSTER / "aws-gpu.yaml")
+    token_path = _docker_env(config["docker"]["run_options"])["RAY_AUTH_TOKEN_PATH"]
+    assert f"`{config['file_mounts'][token_path]}`" in DOC.read_text(), "the doc must name the token file ray up copies"
+
+
 def test_doc_paths_exist() -> None:
     text = DOC.read_text()
     for path in sorted(set(re.findall(r"\bcluster/[\w./-]*\w", text))):
