@@ -152,6 +152,71 @@ def test_launcher_head_takes_no_work_and_workers_scale_from_zero(path: Path) -> 
     assert any(not is_gpu(spec) for spec in workers.values()), "no CPU worker type for Ray Data decoding"
 
 
+def _docker_env(options: list[str]) -> dict[str, str]:
+    """Environment variables that `docker run` options (`--env K=V`, `-e K=V`) set in the container."""
+    tokens = [token for option in options for token in shlex.split(option)]
+    env = {}
+    for flag, value in zip(tokens, tokens[1:], strict=False):
+        if flag in ("--env", "-e") and "=" in value:
+            key, _, val = value.partition("=")
+            env[key] = val
+    for token in tokens:
+        if token.startswith("--env="):
+            key, _, val = token.removeprefix("--env=").partition("=")
+            env[key] = val
+    return env
+
+
+def _launcher_auth_problems(config: dict[str, Any]) -> list[str]:
+    """Why a `ray up` cluster would take jobs without the token. GCS, Ray Client and the raylets listen on the
+    nodes' addresses in any multi-node cluster, so keeping the dashboard on localhost would not be enough."""
+    docker = config.get("docker", {})
+    problems = []
+    for name, node_type in config["available_node_types"].items():
+        role = "head" if name == config["head_node_type"] else "worker"
+        options = docker.get("run_options", []) + docker.get(f"{role}_run_options", [])
+        options += node_type.get("docker", {}).get(f"{role}_run_options", [])
+        env = _docker_env(options)
+        if env.get("RAY_AUTH_MODE") != "token":
+            problems.append(f"{name}: the container must run with RAY_AUTH_MODE=token (docker run_options --env)")
+        if "RAY_AUTH_TOKEN" in env:
+            problems.append(f"{name}: RAY_AUTH_TOKEN puts the token in the config; mount a file instead")
+        token_path = env.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")
+        source = config.get("file_mounts", {}).get(token_path)
+        if source is None:
+            problems.append(f"{name}: no file_mounts entry puts the token at {token_path}")
+        elif (REPO / Path(source).expanduser()).resolve().is_relative_to(REPO):  # `ray up` runs from REPO
+            problems.append(f"{name}: the token file {source} must come from outside the repository")
+    starts = " ; ".join(config.get("head_start_ray_commands", []) + config.get("worker_start_ray_commands", []))
+    if re.search(r"RAY_AUTH_MODE=(?!token\b)", starts):
+        problems.append("a start command overrides RAY_AUTH_MODE")
+    return problems
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=_rel)
+def test_launcher_cluster_requires_the_token(path: Path) -> None:
+    problems = _launcher_auth_problems(_load_one(path))
+    assert not problems, f"{_rel(path)}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda c: c["docker"].update(run_options=["--ulimit nofile=65536:65536"]),
+        lambda c: c["file_mounts"].pop(_docker_env(c["docker"]["run_options"])["RAY_AUTH_TOKEN_PATH"]),
+        lambda c: c["file_mounts"].update({_docker_env(c["docker"]["run_options"])["RAY_AUTH_TOKEN_PATH"]: "./token"}),
+        lambda c: c["docker"]["run_options"].append("-e RAY_AUTH_TOKEN=abc"),
+        lambda c: c["head_start_ray_commands"].append("RAY_AUTH_MODE=disabled ray start --head"),
+    ],
+    ids=["no-auth-mode", "no-token-file", "token-in-repo", "inline-token", "start-overrides"],
+)
+def test_launcher_token_check_catches_an_open_cluster(broken: Any) -> None:
+    config = copy.deepcopy(_load_one(CLUSTER / "aws-gpu.yaml"))
+    assert not _launcher_auth_problems(config)
+    broken(config)
+    assert _launcher_auth_problems(config)
+
+
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=_rel)
 def test_launcher_installs_the_project_and_uses_instance_profiles(path: Path) -> None:
     config = _load_one(path)
@@ -245,6 +310,13 @@ def _job_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+def _cluster_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray cluster specs a ray.io object defines: a RayCluster's own, or the cluster a RayJob starts for itself."""
+    if obj["kind"] == "RayCluster":
+        return [obj["spec"]]
+    return [spec["rayClusterSpec"] for spec in _job_specs(obj) if "rayClusterSpec" in spec]
+
+
 def test_crds_are_the_ray_io_v1_ones() -> None:
     kinds = {kind for (api, kind) in _crd_validators() if api == "ray.io/v1"}
     assert kinds == {"RayCluster", "RayJob", "RayCronJob"}
@@ -268,6 +340,8 @@ def test_kuberay_manifest_matches_crd_strictly(path: Path) -> None:
         (("spec", "enableInTreeAutoScaling"), True),  # misspelt top-level field
         (("spec", "headGroupSpec", "template", "spec", "serviceAcountName"), "x"),  # misspelt pod field
         (("spec", "workerGroupSpecs", 0, "minReplicas"), "0"),  # wrong type
+        (("spec", "authOptions", "mode"), "Token"),  # not one of disabled, token
+        (("spec", "authOptions", "token"), "x"),  # the token never goes in the manifest
     ],
 )
 def test_strict_crd_validation_catches_mistakes(where: tuple[Any, ...], bad_value: Any) -> None:
@@ -307,8 +381,10 @@ def test_raycluster_autoscales_gpu_workers_from_zero() -> None:
 def test_ray_pods_get_cloud_credentials_from_their_service_account() -> None:
     docs = _load_docs(KUBERAY / "raycluster.yaml")
     accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
-    spec = _raycluster()["spec"]
-    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    specs = [spec for path in MANIFESTS for obj in _ray_objects(path) for spec in _cluster_specs(obj)]
+    templates = [s["headGroupSpec"]["template"] for s in specs] + [
+        g["template"] for s in specs for g in s["workerGroupSpecs"]
+    ]
     for template in templates:
         name = template["spec"].get("serviceAccountName")
         assert name in accounts, f"pods must run as a ServiceAccount defined in raycluster.yaml, got {name!r}"
@@ -318,12 +394,102 @@ def test_ray_pods_get_cloud_credentials_from_their_service_account() -> None:
         )
 
 
-def test_rayjobs_submit_to_the_shipped_raycluster() -> None:
-    name = _raycluster()["metadata"]["name"]
+def test_rayjobs_run_on_the_shipped_raycluster_or_a_copy_of_it() -> None:
+    """A RayJob selects the shipped RayCluster or starts a cluster from an exact copy of its spec: one definition
+    of the cluster, whatever runs the job."""
+    cluster = _raycluster()
     specs = [spec for path in MANIFESTS for obj in _ray_objects(path) for spec in _job_specs(obj)]
     assert len(specs) >= 4, "expected RayJobs for train and tune and two nightly scoring schedules"
     for spec in specs:
-        assert spec.get("clusterSelector") == {"ray.io/cluster": name} or "rayClusterSpec" in spec
+        if "rayClusterSpec" in spec:
+            assert "clusterSelector" not in spec, "a RayJob takes clusterSelector or rayClusterSpec, not both"
+            assert spec["rayClusterSpec"] == cluster["spec"], "rayClusterSpec must be a copy of raycluster.yaml's spec"
+            assert spec.get("shutdownAfterJobFinishes") is True, "a RayJob's own cluster must go when the job ends"
+        else:
+            assert spec.get("clusterSelector") == {"ray.io/cluster": cluster["metadata"]["name"]}
+
+
+# --- Who may submit: token authentication ------------------------------------------------------------------------
+
+# The Secret (key auth_token) that every Ray cluster on Kubernetes takes its token from; created by the operator of
+# the cluster, never shipped (test_builtin_objects_are_known_kinds).
+AUTH_SECRET = "mura-ray-auth"
+
+
+def _auth_problems(obj: dict[str, Any], token_clusters: set[str]) -> list[str]:
+    """Why a ray.io object would accept jobs without the token; `token_clusters` names the shipped RayClusters that
+    require it (a RayJob that selects one of them gets the token from KubeRay)."""
+    problems = []
+    for spec in _cluster_specs(obj):
+        auth = spec.get("authOptions") or {}
+        if auth.get("mode") != "token":
+            problems.append(f"{obj['kind']}: a Ray cluster without authOptions.mode: token")
+        if auth.get("secretName") != AUTH_SECRET:
+            problems.append(f"{obj['kind']}: authOptions.secretName is {auth.get('secretName')!r}, not {AUTH_SECRET!r}")
+    for spec in _job_specs(obj):
+        selected = spec.get("clusterSelector", {}).get("ray.io/cluster")
+        if "rayClusterSpec" not in spec and selected not in token_clusters:
+            problems.append(f"{obj['kind']}: submits to {selected!r}, not a shipped cluster with token authentication")
+    return problems
+
+
+def _token_clusters() -> set[str]:
+    return {
+        obj["metadata"]["name"]
+        for path in MANIFESTS
+        for obj in _ray_objects(path)
+        if obj["kind"] == "RayCluster" and not _auth_problems(obj, set())
+    }
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
+def test_every_ray_cluster_requires_the_token(path: Path) -> None:
+    """Ray's job API runs arbitrary code: no cluster that can hold patient data may take a job without the token."""
+    problems = [p for obj in _ray_objects(path) for p in _auth_problems(obj, _token_clusters())]
+    assert not problems, f"{_rel(path)}:\n" + "\n".join(problems)
+
+
+def test_nightly_scoring_clusters_take_the_token_from_the_secret() -> None:
+    for path in (KUBERAY / "raycronjob-score.yaml", KUBERAY / "cronjob-score.yaml"):
+        specs = [spec for obj in _ray_objects(path) for spec in _cluster_specs(obj)]
+        assert specs, f"{_rel(path)}: the scoring RayJob must define its cluster (rayClusterSpec)"
+        for spec in specs:
+            assert spec["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}, _rel(path)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda obj: obj["spec"].pop("authOptions"),
+        lambda obj: obj["spec"]["authOptions"].update(mode="disabled"),
+        lambda obj: obj["spec"]["authOptions"].pop("secretName"),
+    ],
+    ids=["no-authOptions", "mode-disabled", "generated-secret"],
+)
+def test_token_check_catches_an_open_cluster(broken: Any) -> None:
+    cluster = copy.deepcopy(_raycluster())
+    assert not _auth_problems(cluster, set())
+    broken(cluster)
+    assert _auth_problems(cluster, set())
+    job = {"kind": "RayJob", "spec": {"clusterSelector": {"ray.io/cluster": "mura-ray"}}}
+    assert not _auth_problems(job, {"mura-ray"})
+    assert _auth_problems(job, set()), "a RayJob that selects a cluster without the token must fail"
+
+
+def test_strict_crd_validation_catches_misplaced_auth_options() -> None:
+    """authOptions belongs to a cluster spec; on a RayJob that selects a cluster it would be dropped by the API."""
+    (job,) = [obj for obj in _ray_objects(KUBERAY / "rayjob-train.yaml") if obj["kind"] == "RayJob"]
+    broken = copy.deepcopy(job)
+    broken["spec"]["authOptions"] = {"mode": "token"}
+    assert _errors(_crd_validators()[("ray.io/v1", "RayJob")], broken)
+
+
+def test_scoring_scheduler_cannot_read_secrets() -> None:
+    """The CronJob's pod only creates RayJobs: KubeRay, not the pod, hands the token to the submitter."""
+    for doc in _load_docs(KUBERAY / "cronjob-score.yaml"):
+        if doc["kind"] == "Role":
+            for rule in doc["rules"]:
+                assert "" not in rule["apiGroups"] and "secrets" not in rule["resources"], rule
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
@@ -571,6 +737,52 @@ def test_doc_ray_commands_use_real_options() -> None:
             except click.ClickException as e:
                 problems.append(f"{shlex.join(segment)}\n  {e.format_message()}")
     assert not problems, "\n".join(problems)
+
+
+def test_doc_submissions_send_the_token() -> None:
+    """Every `ray job` command on the page runs with RAY_AUTH_MODE=token, set on it or exported before it."""
+    exported = False
+    submissions = 0
+    for command in _doc_commands():
+        for segment in _split_assignments(command):
+            assignments, argv = segment
+            if argv[:2] == ["export", "RAY_AUTH_MODE=token"]:
+                exported = True
+            if argv[:2] == ["ray", "job"]:
+                submissions += 1
+                assert exported or assignments.get("RAY_AUTH_MODE") == "token", f"no token for: {command}"
+    assert submissions, "docs/cluster.md shows no `ray job` command"
+
+
+def _split_assignments(command: str) -> list[tuple[dict[str, str], list[str]]]:
+    """Each segment of a shell line as (leading VAR=value assignments, the rest)."""
+    out = []
+    segment: list[str] = []
+    for token in [*_split(command), ";"]:
+        if token not in _SHELL_OPERATORS:
+            segment.append(token)
+            continue
+        assignments = {}
+        while segment and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", segment[0]):
+            key, _, value = segment.pop(0).partition("=")
+            assignments[key] = value
+        if segment:
+            out.append((assignments, segment))
+        segment = []
+    return out
+
+
+def test_doc_shows_where_each_cluster_token_comes_from() -> None:
+    """Local and `ray up`: the laptop's token file; KubeRay: the Secret the manifests name, created and read back."""
+    commands = _doc_commands()
+    assert "ray get-auth-token --generate" in commands
+    assert any(c.startswith(f"kubectl create secret generic -n mura {AUTH_SECRET} ") for c in commands)
+    assert any(
+        c.startswith("export RAY_AUTH_TOKEN=") and f"kubectl get secret -n mura {AUTH_SECRET} " in c for c in commands
+    ), "docs/cluster.md must show RAY_AUTH_TOKEN read from the Secret"
+    config = _load_one(CLUSTER / "aws-gpu.yaml")
+    token_path = _docker_env(config["docker"]["run_options"])["RAY_AUTH_TOKEN_PATH"]
+    assert f"`{config['file_mounts'][token_path]}`" in DOC.read_text(), "the doc must name the token file ray up copies"
 
 
 def test_doc_paths_exist() -> None:

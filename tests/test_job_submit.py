@@ -1,12 +1,14 @@
 """The documented cluster path, against a local head: `ray start --head`, then `ray job submit ... jobs/score.py`.
 
 The head runs in its own process group with its own ports and temp dir; the test stops exactly the processes it
-started (never `ray stop`, which would take down every Ray on the machine).
+started (never `ray stop`, which would take down every Ray on the machine). It runs with token authentication and a
+token of its own (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH), as docs/cluster.md tells every cluster to.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -50,7 +52,11 @@ def local_head(tmp_path):
     # Worker ports below the kernel's ephemeral range, where the free ports above come from: the two never collide.
     worker_base = 10000 + (os.getpid() % max(1, (_ephemeral_low() - 10200) // 10)) * 10
     temp_dir = Path(f"/tmp/rj{os.getpid() % 100000}")
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    env.pop("RAY_AUTH_TOKEN", None)  # it would come before the file
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)  # that names the session's test cluster, not this head
     cmd = [
@@ -70,9 +76,10 @@ def local_head(tmp_path):
         while True:
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                raise AssertionError("the head answered a request without the token")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401, e  # the dashboard is up and wants the token
                 break
-            except urllib.error.HTTPError:
-                break  # the dashboard answers (401 without the auth token): the head is up
             except OSError:
                 if time.time() > deadline or head.poll() is not None:
                     tail = (tmp_path / "head.log").read_text()[-3000:]
@@ -104,9 +111,23 @@ def _stop(head: subprocess.Popen, temp_dir: Path) -> None:
 def _submit(address: str, env: dict[str, str], job: list[str]) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
            "--working-dir", ".", "--", "python", *job]
-    # Token authentication is on by default for a local head: the client must send the token.
-    return subprocess.run(cmd, cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_local_head_takes_jobs_only_with_its_token(local_head, tmp_path):
+    address, env = local_head
+    job = ["-c", "print('job-ran')"]
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    for name, client_env in [
+        ("no token", {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}),
+        ("another token", {**env, "RAY_AUTH_TOKEN_PATH": str(wrong)}),
+    ]:
+        proc = _submit(address, client_env, job)
+        assert proc.returncode != 0 and "job-ran" not in proc.stdout, f"{name}: the head took the job"
+    proc = _submit(address, env, job)
+    assert proc.returncode == 0 and "job-ran" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.slow
