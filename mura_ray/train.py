@@ -8,7 +8,6 @@ runs on rank 0 over every validation row (the val set is never split across work
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -53,8 +52,6 @@ from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-PROGRESS_FILE = "progress.json"
-"""Beside the state in each checkpoint: its epoch, which the driver reads without loading the weights."""
 SHUFFLE_BATCHES = 16
 """Training rows are shuffled in windows of this many batches of one epoch (`pipeline.shuffle_epochs`)."""
 
@@ -376,8 +373,6 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
             if rank == 0:
-                with open(os.path.join(tmp, PROGRESS_FILE), "w") as f:  # read by `resume_epoch`
-                    json.dump({"epoch": epoch}, f)
                 _save_state(tmp, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
@@ -446,18 +441,18 @@ shapes the position embeddings of fixed-size backbones such as ViT)."""
 
 
 def resume_epoch(out: str) -> int:
-    """The epoch a run in `out` resumes at (0 for a new run): after the latest of its checkpoints, which Ray Train
-    restores. Checkpoints written without PROGRESS_FILE count as none (their run's input restarts at pass 1)."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(out)
-    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    epochs = [-1]
-    for e in entries:
-        progress = storage.join(out, e.base_name, PROGRESS_FILE)
-        if e.base_name.startswith("checkpoint_") and storage.exists(progress):
-            epochs.append(int(storage.read_json(progress)["epoch"]))
-    return max(epochs) + 1
+    """The epoch a run in `out` resumes at (0 for a new run): the one after the checkpoint Ray Train restores, the
+    latest it recorded in the run's checkpoint_manager_snapshot.json (what Train V2 itself reads on a re-run)."""
+    uri = storage.join(out, "checkpoint_manager_snapshot.json")
+    try:
+        if not storage.exists(uri):
+            return 0
+        latest = storage.read_json(uri).get("latest_checkpoint_result") or {}
+        return int(latest.get("metrics", {}).get("epoch", 0))  # reported 1-based: the next epoch's 0-based index
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        logger.warning("Cannot tell the epoch %s resumes at (%s): its input starts at the first pass", out,
+                       first_line(e))
+        return 0
 
 
 def _has_checkpoints(out: str) -> bool:

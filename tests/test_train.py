@@ -183,6 +183,20 @@ def test_shuffle_epochs_cuts_exact_epochs_and_a_resumed_run_sees_the_same_batche
     assert firsts[0] != firsts[1] or firsts[1] != firsts[2]
 
 
+def test_resume_epoch_is_the_one_after_the_checkpoint_ray_train_restores(tmp_path, caplog):
+    from mura_ray.train import resume_epoch
+
+    assert resume_epoch(str(tmp_path / "new")) == 0
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"checkpoint_results": [{"metrics": {"epoch": 3}}, {"metrics": {"epoch": 5}}],
+                                    "latest_checkpoint_result": {"metrics": {"epoch": 4}}}))
+    assert resume_epoch(str(tmp_path)) == 4  # the latest (epoch 4, 1-based), not the best: the 0-based epoch 4 next
+    snapshot.write_text("{not json")
+    with caplog.at_level("WARNING", logger="mura_ray.train"):
+        assert resume_epoch(str(tmp_path)) == 0
+    assert "starts at the first pass" in caplog.text
+
+
 @pytest.mark.parametrize("known_parts, weight", [(False, 1.0), (True, 0.0)])
 def test_multitask_loss_gives_every_trained_parameter_a_gradient(known_parts, weight):
     """DDP fails the step after one where a trained parameter got no gradient: a set without body parts (or
