@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from mura_ray import storage
 from mura_ray.config import UserError
 from mura_ray.labels import BODY_PARTS
 
@@ -300,3 +302,34 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def inspect_dicom(batch: pd.DataFrame, max_pixels: int, key: bytes | None) -> pd.DataFrame:
+    """Ray Data task of `ingest --source dicom`: read and decode each listed file once; the columns of
+    `ingest.inspect_images` (the PNG's size as `nbytes`) plus the row's DICOM fields, or the reason it gives no
+    image (`skip`: nothing to decode there)."""
+    rows = []
+    for uri in batch["uri"]:
+        row: dict[str, Any] = dict(_INSPECTED)
+        try:
+            image = read_dicom(storage.read_bytes(uri), max_pixels, key)
+            height, width = image.pixels.shape
+            row.update(width=width, height=height, nbytes=len(encode_png(image.pixels)), dicom_id=image.image_id,
+                       study_id=image.study_id, body_part=image.body_part, patient_id=image.patient_id)
+        except DicomError as e:
+            row.update(error=str(e), skip=e.skip)
+        except FileNotFoundError:
+            row.update(error="listed but missing on disk")
+        except OSError as e:
+            row.update(error=f"cannot read file: {e}")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(_INSPECTED)).assign(image_id=batch["image_id"].values)
+
+
+_INSPECTED: dict[str, Any] = {"width": 0, "height": 0, "nbytes": 0, "error": None, "skip": False, "dicom_id": None,
+                              "study_id": None, "body_part": None, "patient_id": None}
+
+
+def png_of(uri: str, max_pixels: int) -> bytes:
+    """The decoded image of a DICOM file as PNG bytes: what an ingested dataset stores for it (`encode_png`)."""
+    return encode_png(decode_dicom(storage.read_bytes(uri), max_pixels))
