@@ -109,6 +109,12 @@ def test_rescale_and_bit_depth(tmp_path, wrist):
     assert np.array_equal(load_pixels(_written(tmp_path, rescaled, "rescaled"), 64), plain)
     ten_bit = load_pixels(_written(tmp_path, dicom_radiograph(wrist, bits=10), "ten"), 64)
     assert np.abs(ten_bit.astype(int) - plain).max() <= 1
+    # Signed storage (PixelRepresentation 1): the same image shifted into [-2048, 2047] gives the same input.
+    signed = dicom_radiograph(wrist, bits=12)
+    signed.set_pixel_data((signed.pixel_array.astype(np.int32) - 2048).astype(np.int16), "MONOCHROME2", 12,
+                          generate_instance_uid=False)
+    assert signed.PixelRepresentation == 1
+    assert np.array_equal(load_pixels(_written(tmp_path, signed, "signed"), 64), plain)
     # A window in rescaled units clips: everything above its top is white.
     windowed = dicom_radiograph(wrist, bits=12, slope=0.5, intercept=-1024.0, window=(-512.0, 512.0))
     pixels = decode_radiograph(_written(tmp_path, windowed, "windowed"))

@@ -162,26 +162,32 @@ def to_8bit(arr: np.ndarray, ds: Any) -> np.ndarray:
     """Stored values to display grey levels: modality LUT, VOI LUT or window (else the stored bit range) scaled to
     0-255, MONOCHROME1 inverted.
 
-    pydicom's functions run once over every storable value (at most 65,536) and the image is then looked up in
-    that table: a lookup is one pass over the image, where applying them to it is several float64 passes.
+    pydicom's functions run once over every value of the array's 8- or 16-bit type (at most 65,536; values beyond
+    the stored bits clipped to them) and the image is then looked up in that table by its raw bits: one pass over
+    the image, where applying them to it is several float64 passes (`benchmarks/dicom_decode.py`).
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     bits, signed = int(ds.BitsStored), int(ds.get("PixelRepresentation", 0) or 0) == 1
     low = -(1 << (bits - 1)) if signed else 0
     high = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-    stored = np.arange(low, high + 1, dtype=np.int32 if signed else np.uint32)[None, :]
+    if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 2:
+        arr = np.clip(arr, low, high).astype(np.int16 if signed else np.uint16)  # bits stored <= 16
+    raw = np.dtype(f"u{arr.dtype.itemsize}")
+    # every raw bit pattern, read as the array's type, clipped to the stored range
+    domain = np.arange(1 << (8 * arr.dtype.itemsize), dtype=np.int64).astype(raw).view(arr.dtype)
+    stored = np.clip(domain.astype(np.int64), low, high)[None, :]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         values = np.asarray(apply_voi_lut(apply_modality_lut(stored, ds), ds), dtype=np.float64)[0]
-    lo, hi = float(values.min()), float(values.max())
+    in_range = values[(domain >= low) & (domain <= high)]
+    lo, hi = float(in_range.min()), float(in_range.max())
     table = np.zeros(len(values), dtype=np.uint8)
     if hi > lo:
-        table = np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        table = np.round(np.clip(values - lo, 0.0, hi - lo) * (255.0 / (hi - lo))).astype(np.uint8)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         table = 255 - table
-    index = np.clip(arr.astype(np.int64), low, high) - low
-    return table[index]
+    return table[arr.view(raw)]
 
 
 def decode_pixels(ds: Any, max_pixels: int) -> np.ndarray:
