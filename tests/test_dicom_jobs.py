@@ -158,6 +158,13 @@ def test_ingest_and_score_a_dicom_export(ray_cluster, exported_model, tmp_path, 
     logs.append(capfd.readouterr())
     assert "scored 0 images" in logs[-1].out
     assert len(predictions.read_predictions(str(scored))) == len(df)
+    # A new copy of an instance scored last night, under a new path: read, and dropped as the same instance.
+    shutil.copytree(archive / "export/s1", archive / "export/s1_again")
+    assert score_job.main(["--model", model, "--input", str(archive), "--out", str(scored), "--gpu", "no"]) == 0
+    logs.append(capfd.readouterr())
+    # (the copy in z_copy, never committed under its own path, is read and dropped again each run)
+    assert "scored 0 images" in logs[-1].out and "and 3 repeated in the input" in logs[-1].out
+    assert len(predictions.read_predictions(str(scored))) == len(df)
 
     logs.append(capfd.readouterr())
     assert len(_written(out)) >= 3 and len(_ray_logs()) > 3

@@ -5,8 +5,8 @@ Listing is cheap driver work (MURA's CSVs are the source of truth; folders are w
 Every image is then read and decoded once by parallel Ray Data tasks, with the decoder training and scoring use;
 files it refuses go to `errors.jsonl`. Usable images are streamed again into `DEST/<split>/` Parquet files with
 their original bytes (DICOM files: their decoded 8-bit image as PNG, `dicom.encode_png`, which leaves the patient
-data of their header behind). `ingest_summary.json` is written last: a dataset without it is incomplete and every reader
-refuses it.
+data of their header behind). `ingest_summary.json` is written last: a dataset without it is incomplete and every
+reader refuses it.
 
 One run at a time writes a DEST: it holds `DEST/_lock.json` (`storage.OutputLock`) from before it looks at DEST until
 it ends. `--overwrite` replaces only what an ingest writes (a DEST holding anything else is refused), and only once
