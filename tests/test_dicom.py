@@ -215,3 +215,16 @@ def test_patient_key(tmp_path, monkeypatch):
     assert dicom.patient_key(required=True) == b"other"
     a, b = dicom.hash_patient("PID-1", b"other"), dicom.hash_patient("PID-1", b"s3cret")
     assert a != b and len(a) == 32 and "PID" not in a and dicom.hash_patient(None, b"k") is None
+
+
+def test_a_transfer_syntax_without_a_decoder_is_a_reason(tmp_path, wrist):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG2MPML
+
+    ds = dicom_radiograph(wrist, bits=8)
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.save_as(tmp_path / "video", enforce_file_format=True)
+    with pytest.raises(DecodeError, match=r"^unsupported transfer syntax MPEG2 .*\(1\.2\.840\.10008\.1\.2\.4\.100\)"):
+        load_pixels((tmp_path / "video").read_bytes(), 32)
