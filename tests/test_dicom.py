@@ -217,6 +217,14 @@ def test_patient_key(tmp_path, monkeypatch):
     assert a != b and len(a) == 32 and "PID" not in a and dicom.hash_patient(None, b"k") is None
 
 
+def test_an_image_cut_off_before_its_pixel_data_is_an_error_not_a_skip():
+    data = _shipped("MR_small_RLE.dcm")
+    cut = data[: data.rindex(b"\xe0\x7f\x10\x00") + 6]  # inside the Pixel Data element's header
+    with pytest.raises(dicom.DicomError, match=r"^DICOM image object without pixel data \(MR Image Storage\)") as e:
+        dicom.read_dicom(cut, 10**6, key=None)
+    assert not e.value.skip
+
+
 def test_a_transfer_syntax_without_a_decoder_is_a_reason(tmp_path, wrist):
     from pydicom.encaps import encapsulate
     from pydicom.uid import MPEG2MPML
@@ -228,3 +236,24 @@ def test_a_transfer_syntax_without_a_decoder_is_a_reason(tmp_path, wrist):
     ds.save_as(tmp_path / "video", enforce_file_format=True)
     with pytest.raises(DecodeError, match=r"^unsupported transfer syntax MPEG2 .*\(1\.2\.840\.10008\.1\.2\.4\.100\)"):
         load_pixels((tmp_path / "video").read_bytes(), 32)
+
+
+def test_corrupt_bytes_give_reasons_never_exceptions():
+    """Seeded corruptions of real files (bytes flipped, cut anywhere) and random bytes: a reason each time, whatever
+    pydicom or a decoder raises (struct errors, pyo3 panics of pylibjpeg-rle on corrupt RLE frames)."""
+    rng = np.random.default_rng(1)
+    sources = [_shipped(n) for n in (CR_FILES[0], "MR_small_RLE.dcm", "JPEG2000.dcm", "rtplan.dcm")]
+    for i in range(240):
+        if i % 5 == 0:
+            data = rng.integers(0, 256, int(rng.integers(0, 3000))).astype(np.uint8).tobytes()
+        else:
+            flipped = bytearray(sources[i % 4])
+            for _ in range(int(rng.integers(1, 20))):
+                flipped[int(rng.integers(132, len(flipped)))] = int(rng.integers(0, 256))
+            data = bytes(flipped[: int(rng.integers(132, len(flipped) + 1))])
+        for read in (lambda d: decode_radiograph(d), lambda d: dicom.read_dicom(d, 10**7, b"k")):
+            try:
+                read(data)
+            except (DecodeError, dicom.DicomError) as e:
+                assert str(e)
+        dicom.read_header(data)

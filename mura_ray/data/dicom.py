@@ -23,7 +23,10 @@ import io
 import logging
 import os
 import re
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +78,11 @@ def may_hold_dicom(name: str) -> bool:
     return name.lower().endswith(DICOM_SUFFIXES) or _SUFFIX.search(name) is None
 
 
+_PARSE_ERRORS: tuple[type[Exception], ...] = (EOFError, ValueError, KeyError, TypeError, IndexError, OSError,
+                                              OverflowError, NotImplementedError, AttributeError, struct.error)
+"""What pydicom raises on bytes that are not a well-formed dataset (message without element values)."""
+
+
 def is_dicom(data: bytes) -> bool:
     """DICOM by content: the `DICM` marker after the 128-byte preamble, or (files written without the preamble)
     a dataset that parses and carries SOP class and instance UIDs."""
@@ -83,28 +91,39 @@ def is_dicom(data: bytes) -> bool:
     if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff" or len(data) < 8:
         return False
     try:
-        ds = _read(data, header_only=True)
+        with _parsing():  # elements of a forced parse are converted when read
+            ds = _read(data, header_only=True)
+            return all(_UID.match(str(ds.get(k, "") or "")) for k in ("SOPClassUID", "SOPInstanceUID"))
     except DicomError:
         return False
-    return all(_UID.match(str(ds.get(k, ""))) for k in ("SOPClassUID", "SOPInstanceUID"))
 
 
-def _read(data: bytes, header_only: bool) -> Any:
-    """pydicom's dataset of `data`, parse failures as a DicomError. Validation warnings are silenced: pydicom
-    quotes the offending value, which may be a patient's name."""
-    import pydicom
-    from pydicom import config
-    from pydicom.errors import InvalidDicomError
+@contextmanager
+def _parsing() -> Iterator[None]:
+    """pydicom's failures on a malformed dataset (at parse time, or when a lazily converted element is first read)
+    as a DicomError that names the exception's type only: its message may quote an element's value. Warnings are
+    silenced for the same reason."""
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
-    config.settings.reading_validation_mode = config.IGNORE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM",
-                                   stop_before_pixels=header_only)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, IndexError, OSError, OverflowError,
-            NotImplementedError, AttributeError) as e:
+            yield
+    except DicomError:
+        raise
+    except (InvalidDicomError, BytesLengthException, *_PARSE_ERRORS) as e:
         raise DicomError(f"cannot parse the DICOM dataset ({type(e).__name__})") from None
+
+
+def _read(data: bytes, header_only: bool) -> Any:
+    """pydicom's dataset of `data`; validation is off (its warnings quote the offending value, which may be a
+    patient's name)."""
+    import pydicom
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    with _parsing():
+        return pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM", stop_before_pixels=header_only)
 
 
 def _one_line(e: BaseException) -> str:
@@ -131,6 +150,8 @@ def _check_image(ds: Any, max_pixels: int) -> None:
         other = next((k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
         if other:
             raise DicomError(f"DICOM object with {other} ({kind}): only integer pixel data is supported")
+        if "Image" in kind:  # an image SOP class (`CR Image Storage`) whose pixels are cut off or unreadable
+            raise DicomError(f"DICOM image object without pixel data ({kind}): truncated or corrupt")
         raise DicomError(f"DICOM object without pixel data ({kind}): not an image", skip=True)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -193,15 +214,21 @@ def to_8bit(arr: np.ndarray, ds: Any) -> np.ndarray:
 def decode_pixels(ds: Any, max_pixels: int) -> np.ndarray:
     """The 8-bit (rows, columns) image of a parsed dataset, or a DicomError with the reason."""
     _check_image(ds, max_pixels)
+    syntax = _syntax(ds)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, OSError, EOFError, TypeError, IndexError,
-            AttributeError) as e:
-        syntax = _syntax(ds)
+    except (RuntimeError, *_PARSE_ERRORS) as e:
         raise DicomError(f"cannot decode the pixel data ({getattr(syntax, 'name', '') or syntax}): "
                          f"{_one_line(e)}") from None
+    except BaseException as e:
+        # Decoders written in Rust (pylibjpeg-rle) panic on some corrupt frames, and pyo3 raises that as a
+        # PanicException, which derives from BaseException; anything else (Ctrl+C, SystemExit) goes on up.
+        if type(e).__name__ != "PanicException":
+            raise
+        raise DicomError(f"cannot decode the pixel data ({getattr(syntax, 'name', '') or syntax}): the decoder "
+                         f"failed on corrupt data ({_one_line(e)})") from None
     if arr.ndim != 2:
         raise DicomError(f"pixel data of shape {arr.shape}: expected one grey frame")
     return to_8bit(arr, ds)
@@ -209,7 +236,8 @@ def decode_pixels(ds: Any, max_pixels: int) -> np.ndarray:
 
 def decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     """DICOM bytes to a (height, width) uint8 image, or a DicomError with the reason."""
-    return decode_pixels(_read(data, header_only=False), max_pixels)
+    with _parsing():
+        return decode_pixels(_read(data, header_only=False), max_pixels)
 
 
 def image_id(sop_instance_uid: str, frame: int = 1) -> str:
@@ -282,10 +310,11 @@ def read_dicom(data: bytes, max_pixels: int, key: bytes | None) -> DicomImage:
     """Decode a DICOM file's image and the fields of its row; a DicomError with the reason otherwise."""
     if not is_dicom(data):
         raise DicomError("not a DICOM file", skip=True)
-    ds = _read(data, header_only=False)
-    _check_image(ds, max_pixels)  # an object without pixels is skipped before its ids are checked
-    fields = _header_fields(ds, key)
-    return DicomImage(decode_pixels(ds, max_pixels), *fields)
+    with _parsing():
+        ds = _read(data, header_only=False)
+        _check_image(ds, max_pixels)  # an object without pixels is skipped before its ids are checked
+        fields = _header_fields(ds, key)
+        return DicomImage(decode_pixels(ds, max_pixels), *fields)
 
 
 def read_header(data: bytes) -> tuple[str, str | None, str | None] | None:
@@ -294,7 +323,8 @@ def read_header(data: bytes) -> tuple[str, str | None, str | None] | None:
     if not is_dicom(data):
         return None
     try:
-        image, study, part, _ = _header_fields(_read(data, header_only=True), None)
+        with _parsing():
+            image, study, part, _ = _header_fields(_read(data, header_only=True), None)
     except DicomError:
         return None
     return image, study, part
