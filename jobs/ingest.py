@@ -1,4 +1,5 @@
-"""Ingest radiograph archives (MURA-v1.1, ImageFolder-style sets, raw trees) into Parquet, local or on S3."""
+"""Ingest radiograph archives (MURA-v1.1, ImageFolder-style sets, raw trees, DICOM exports) into Parquet, local or
+on S3."""
 
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ def pool_size(text: str) -> tuple[int, int | None]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jobs/score.py",
-        description="Batch-score an ingested split or a folder/prefix of raw PNG/JPEG images. Safe to re-run: "
-        "only images not yet in DEST are scored, and no row is ever duplicated.",
+        description="Batch-score an ingested split or a folder/prefix of raw PNG/JPEG images or DICOM files. Safe "
+        "to re-run: only images not yet in DEST are scored, and no row is ever duplicated.",
     )
     # --model is repeated for an ensemble; --concurrency MIN-MAX sets max_concurrency too.
     add_config_arguments(p, ScoreConfig, skip=("max_concurrency",),

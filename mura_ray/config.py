@@ -34,7 +34,7 @@ class UserError(Exception):
 GpuMode = Literal["auto", "yes", "no"]
 FreezePolicy = Literal["none", "all", "all-but-last"]
 LossName = Literal["bce", "weighted", "focal"]
-Source = Literal["mura", "folder", "images"]
+Source = Literal["mura", "folder", "images", "dicom"]
 SelectMetric = Literal["val_study_kappa", "val_study_auc", "val_auc", "val_kappa", "val_abnormal_loss", "val_loss"]
 METRIC_MODES: dict[str, Literal["min", "max"]] = {
     "val_study_kappa": "max", "val_study_auc": "max", "val_auc": "max", "val_kappa": "max",
@@ -270,8 +270,10 @@ def threshold_policy(policy: str) -> tuple[str, float]:
 @dataclass(frozen=True)
 class IngestConfig:
     source: Source
-    """Archive layout: `mura` (MURA-v1.1 and its CSVs), `folder` ({train,val,test}/{class}/ image folders) or
-    `images` (any tree of PNG/JPEG for bulk scoring: no labels, all in the test split)."""
+    """Archive layout: `mura` (MURA-v1.1 and its CSVs), `folder` ({train,val,test}/{class}/ image folders),
+    `images` (any tree of PNG/JPEG for bulk scoring: no labels, all in the test split) or `dicom` (a PACS export:
+    every file, recognised by content; no labels, all in the test split; patient_id keyed by
+    $MURA_RAY_PATIENT_KEY or $MURA_RAY_PATIENT_KEY_FILE)."""
     root: str
     """The archive: MURA-v1.1 or its parent, the folder set's root, or a tree of images; local or s3://."""
     out: str
@@ -295,10 +297,16 @@ class IngestConfig:
     file_mb: int = 64
     """Most image MiB per Parquet file. Files are written one 64-image row group at a time, so a writing CPU holds
     one row group, not a file."""
+    patient_key: bool = True
+    """--source dicom: patient_id is an HMAC of PatientID, keyed only by $MURA_RAY_PATIENT_KEY or the file
+    $MURA_RAY_PATIENT_KEY_FILE names, and the job refuses to run without a key; --no-patient-key leaves patient_id
+    empty instead."""
 
     def validate(self) -> IngestConfig:
         problems: list[str] = []
-        _check_choice(problems, self, "source", ("mura", "folder", "images"))
+        _check_choice(problems, self, "source", ("mura", "folder", "images", "dicom"))
+        if not self.patient_key and self.source != "dicom":
+            problems.append("--no-patient-key only applies to --source dicom")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -460,7 +468,8 @@ class ScoreConfig:
     """Exported model directory (RUN_DIR/model), local or s3://; several (--model repeated) form an ensemble (mean
     probability)."""
     input: str
-    """An ingested Parquet split (DEST/test), or a folder/prefix of raw PNG/JPEG images; local or s3://."""
+    """An ingested Parquet split (DEST/test), or a folder/prefix of raw PNG/JPEG images or DICOM files (recognised
+    by content; studies by StudyInstanceUID); local or s3://."""
     out: str
     """Destination, local or s3://: predictions/ (Parquet), manifest.json, and report/ when the input has labels."""
     batch_size: int = 64

@@ -152,12 +152,20 @@ def check_continuable(out: str, manifest: dict[str, Any]) -> None:
                         "another job's folder?")
 
 
-def load_done_keys(out: str, parts: list[str]) -> np.ndarray:
-    """Ray task: 64-bit keys of every image id in the committed parts."""
+def load_done_keys(out: str, parts: list[str], by_path: bool = False) -> np.ndarray:
+    """Ray task: 64-bit keys of every image id in the committed parts; `by_path` (raw-folder input) also of the
+    path-derived id of each row's file (`ingest.image_id_for`): a raw DICOM file's id is its SOPInstanceUID, known
+    only once it is read, while a re-run drops the files already scored before reading them, by path (for PNG and
+    JPEG files the two are the same id)."""
+    from mura_ray.data.ingest import image_id_for
+
     keys = []
     for part in parts:
         fs, path = storage.resolve(storage.join(out, PREDICTIONS, part))
-        keys.append(image_key(pq.read_table(path, filesystem=fs, columns=["image_id"])["image_id"].to_pylist()))
+        table = pq.read_table(path, filesystem=fs, columns=["image_id", "path"] if by_path else ["image_id"])
+        keys.append(image_key(table["image_id"].to_pylist()))
+        if by_path:
+            keys.append(image_key([image_id_for(p) for p in table["path"].to_pylist() if p is not None]))
     return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
 
 

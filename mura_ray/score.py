@@ -439,7 +439,6 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     _check_precision(cfg, manifest, amp, gpu)
     manifest["amp"] = amp
     parts_before = set(manifest["parts"])
-    done_ref = ray.remote(load_done_keys).options(num_cpus=0.25).remote(cfg.out, sorted(parts_before))
 
     predictor_args = {"use_gpu": gpu, "tta": cfg.tta, "threshold": threshold, "amp": cfg.amp}
     started = time.perf_counter()
@@ -450,7 +449,15 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     # One Ray Data execution per run of listed input (all the Parquet files, or up to RAW_IMAGES_PER_EXECUTION raw
     # image paths held on the driver): the scoring actors start (import torch, load the model, initialise CUDA) once
     # per execution, not once per committed chunk; commits are cut from the stream of predictions.
+    done_ref = None
     for run in executions(iter_chunks(cfg.input, cfg.chunk_images)):
+        if done_ref is None:  # what earlier runs committed; a raw folder's also by path (`load_done_keys`)
+            done_ref = ray.remote(load_done_keys).options(num_cpus=0.25).remote(
+                cfg.out, sorted(parts_before), bool(run.image_files))
+            if run.image_files:
+                # A raw DICOM file's id is its SOPInstanceUID: a copy of an instance scored by an earlier run,
+                # under another path, is read (its path is new) and then dropped as a repeat, not committed twice.
+                committer.seen.add(_get(done_ref))
         total += chunk_rows(run)
         dataset = chunk_dataset(run, done_ref, read_cpus=1.0)
         skipped_refs.append(ray.remote(count_done).options(num_cpus=0.25).remote(run, done_ref))

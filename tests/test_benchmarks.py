@@ -73,6 +73,13 @@ def test_report_benchmark():
     assert result["sizes"]["2000"]["n_images"] > 1900
 
 
+def test_dicom_decode_benchmark():
+    result = _run("dicom_decode.py", "--files", "1", "--side", "64", "--image-size", "32", "--rounds", "1")
+    assert result["name"] == "dicom_decode" and result["cores"] == 1
+    for syntax in ("uncompressed", "jpeg2000"):
+        assert result[syntax]["ours_img_per_cpu_s"] > 0 and result[syntax]["baseline_img_per_cpu_s"] > 0
+
+
 def test_gpu_check_smoke_on_cpu(tmp_path):
     """The GPU check (benchmarks/gpu_check.py, for a GPU machine) runs its every section on CPU:
     training steps in float32 and under (bfloat16) autocast from the same weights, scoring, decode, all-reduce."""

@@ -1,5 +1,6 @@
 """Radiograph decoding and preprocessing shared by ingest, training, scoring and Grad-CAM: Pillow, restricted
-formats, one channel, `load_pixels` for the model's input.
+formats, one channel, `load_pixels` for the model's input. DICOM bytes (recognised by content) are decoded by
+`dicom.decode_dicom` to the same 8-bit image.
 
 MURA mixes 8-bit grayscale, RGB and 16-bit PNGs. 16-bit images are scaled by their bit depth (declared, or the one
 their values need; Pillow's `convert("L")` would clip them), so every source ends as a `uint8` array of
@@ -13,6 +14,8 @@ import warnings
 
 import numpy as np
 from PIL import Image
+
+from mura_ray.data.dicom import DicomError, decode_dicom, is_dicom
 
 FORMATS: tuple[str, ...] = ("PNG", "JPEG")
 """Formats Pillow may open; anything else is rejected before decoding."""
@@ -116,10 +119,16 @@ def decode_radiograph(
 ) -> np.ndarray:
     """Decode image bytes to a (height, width) uint8 array, raising DecodeError with a reason.
 
+    DICOM content goes to `dicom.decode_dicom` (modality and VOI LUTs, MONOCHROME1 inverted, 8 bits).
     16-bit colour and grey+alpha PNGs are refused when their values sit in the low bits: Pillow keeps only the top
     8 bits of each such sample, so 12-bit data would come out as 16 grey levels, nearly black (16-bit grayscale,
     the usual radiograph export, is read whole and scaled by `to_grayscale`).
     """
+    if is_dicom(data):
+        try:
+            return decode_dicom(data, max_pixels)
+        except DicomError as e:
+            raise DecodeError(str(e)) from None
     out = to_grayscale(open_radiograph(data, max_pixels, draft_size), png_significant_bits(data))
     header = png_colour_depth(data)
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6) and out.size and int(out.max()) < 128:

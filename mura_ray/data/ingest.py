@@ -1,10 +1,12 @@
-"""Radiograph archives (MURA-v1.1, ImageFolder-style sets, raw trees) to a Parquet dataset, on Ray Data.
+"""Radiograph archives (MURA-v1.1, ImageFolder-style sets, raw trees, DICOM exports) to a Parquet dataset, on Ray
+Data.
 
 Listing is cheap driver work (MURA's CSVs are the source of truth; folders are walked only for the other sources).
 Every image is then read and decoded once by parallel Ray Data tasks, with the decoder training and scoring use;
 files it refuses go to `errors.jsonl`. Usable images are streamed again into `DEST/<split>/` Parquet files with
-their original bytes. `ingest_summary.json` is written last: a dataset without it is incomplete and every reader
-refuses it.
+their original bytes (DICOM files: their decoded 8-bit image as PNG, `dicom.encode_png`, which leaves the patient
+data of their header behind). `ingest_summary.json` is written last: a dataset without it is incomplete and every
+reader refuses it.
 
 One run at a time writes a DEST: it holds `DEST/_lock.json` (`storage.OutputLock`) from before it looks at DEST until
 it ends. `--overwrite` replaces only what an ingest writes (a DEST holding anything else is refused), and only once
@@ -30,6 +32,7 @@ import pyarrow.fs as pafs
 
 from mura_ray import storage
 from mura_ray.config import IngestConfig, UserError
+from mura_ray.data import dicom
 from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
 from mura_ray.labels import BODY_PARTS, parse_body_part, parse_class_folder, parse_split_folder
 from mura_ray.runtime import first_line
@@ -260,12 +263,16 @@ def list_folder(root: str, body_part: str | None) -> Listing:
     return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored, root)
 
 
-def list_images(root: str) -> Listing:
-    """Any tree of radiographs for bulk scoring: no labels, split `test`; body part from an `XR_<PART>` folder."""
+def list_images(root: str, source: str = "images") -> Listing:
+    """Any tree of radiographs for bulk scoring: no labels, split `test`; body part from an `XR_<PART>` folder.
+    `dicom`: every file that is not hidden, whatever its name (DICOM is recognised by content, and its body part,
+    study and patient come from its header, `dicom.inspect_dicom`)."""
     _, files = _walk(root)
     records, ignored = [], []
     for rel in files:
         reason = _skip_reason(rel)
+        if source == "dicom" and reason and reason != "hidden file":
+            reason = None
         if reason:
             ignored.append({"path": rel, "reason": reason})
             continue
@@ -275,10 +282,10 @@ def list_images(root: str) -> Listing:
         )
         records.append(
             {"path": rel, "patient_id": None, "study_id": None, "body_part": part, "label": None,
-             "split": "test", "source": "images"}
+             "split": "test", "source": source}
         )
     if not records:
-        raise UserError(f"--root {root}: no PNG or JPEG images found")
+        raise UserError(f"--root {root}: no {'files' if source == 'dicom' else 'PNG or JPEG images'} found")
     return Listing(_with_ids(pd.DataFrame.from_records(records), root), ignored, root)
 
 
@@ -294,7 +301,7 @@ def list_source(cfg: IngestConfig) -> Listing:
         return list_mura(cfg.root, cfg.val_fraction, cfg.seed)
     if cfg.source == "folder":
         return list_folder(cfg.root, cfg.body_part)
-    return list_images(cfg.root)
+    return list_images(cfg.root, cfg.source)
 
 
 def inspect_images(batch: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
@@ -317,10 +324,12 @@ def inspect_images(batch: pd.DataFrame, max_pixels: int) -> pd.DataFrame:
     )
 
 
-def attach_bytes(batch: pd.DataFrame) -> pa.Table:
-    """The rows with their original, unmodified file bytes, cast to the dataset schema."""
+def attach_bytes(batch: pd.DataFrame, max_pixels: int) -> pa.Table:
+    """The rows with their original, unmodified file bytes (DICOM: the decoded image as PNG), cast to the dataset
+    schema."""
     columns = {name: batch[name].tolist() for name in SCHEMA.names if name != "image"}
-    columns["image"] = [storage.read_bytes(uri) for uri in batch["uri"]]
+    columns["image"] = [dicom.png_of(uri, max_pixels) if source == "dicom" else storage.read_bytes(uri)
+                        for uri, source in zip(batch["uri"], batch["source"], strict=True)]
     columns["label"] = [None if pd.isna(v) else int(v) for v in batch["label"]]
     return pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
 
@@ -329,7 +338,7 @@ ROWS_PER_GROUP = 64
 """Images per Parquet row group: what a writing task holds in memory at once."""
 
 
-def write_file(block: pd.DataFrame, directory: str) -> pd.DataFrame:
+def write_file(block: pd.DataFrame, directory: str, max_pixels: int) -> pd.DataFrame:
     """Ray Data task: write one Parquet file (`block` is one file's rows, `file` its number), row group by row group.
 
     Ray's own Parquet writer holds a task's whole output before writing it; this one holds one row group, so a
@@ -341,7 +350,7 @@ def write_file(block: pd.DataFrame, directory: str) -> pd.DataFrame:
     fs, path = storage.resolve(storage.join(directory, name))
     with fs.open_output_stream(path) as stream, pq.ParquetWriter(stream, SCHEMA, compression="snappy") as writer:
         for start in range(0, len(block), ROWS_PER_GROUP):
-            writer.write_table(attach_bytes(block.iloc[start : start + ROWS_PER_GROUP]))
+            writer.write_table(attach_bytes(block.iloc[start : start + ROWS_PER_GROUP], max_pixels))
     return pd.DataFrame({"file": [name], "rows": [len(block)]})
 
 
@@ -556,15 +565,17 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         dup = records.loc[records["image_id"].duplicated(), "path"].iloc[0]
         raise UserError(f"--root {cfg.root}: {dup} is listed more than once")
     _check_apart(cfg.out, listing.archive, cfg.root)
+    key = dicom.patient_key(required=cfg.patient_key) if cfg.source == "dicom" else None
     lock = storage.OutputLock(cfg.out, "jobs/ingest.py")
     try:  # lock.release() is a no-op when acquire() failed
         work = _open_destination(cfg.out, cfg.overwrite, lock)
-        return _ingest_locked(cfg, listing, work, lock)
+        return _ingest_locked(cfg, listing, work, lock, key)
     finally:
         lock.release()
 
 
-def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage.OutputLock) -> dict[str, Any]:
+def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage.OutputLock,
+                   key: bytes | None) -> dict[str, Any]:
     """`ingest` once this run holds --out's lock: decode, check, write the splits to `work`, `_commit`. Ray is
     started (or attached) here, after --root and --out were checked: a wrong one costs no cluster start-up."""
     import ray
@@ -576,22 +587,29 @@ def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage
     logger.info("Found %d images (%d other files ignored); decoding each once", len(records), len(listing.ignored))
 
     n_blocks = max(1, min(len(records) // 64, 512))
+    inspect, kwargs = ((dicom.inspect_dicom, {"max_pixels": cfg.max_pixels, "key": key}) if cfg.source == "dicom"
+                       else (inspect_images, {"max_pixels": cfg.max_pixels}))
     meta = (
         ray.data.from_pandas(_chunks(records[["image_id", "uri"]], n_blocks))
-        .map_batches(inspect_images, batch_format="pandas", fn_kwargs={"max_pixels": cfg.max_pixels})
+        .map_batches(inspect, batch_format="pandas", fn_kwargs=kwargs)
         .to_pandas()
     )
-    records = records.merge(meta, on="image_id", how="left", validate="one_to_one")
+    ignored = list(listing.ignored)
+    if cfg.source == "dicom":
+        records, ignored = _with_dicom_fields(records, meta, ignored)
+    else:
+        records = records.merge(meta, on="image_id", how="left", validate="one_to_one")
     bad = records[records["error"].notna()]
     good = records[records["error"].isna()].copy()
     error_rows = [{"path": p, "reason": r} for p, r in zip(bad["path"], bad["error"], strict=True)]
-    error_rows += [{**row, "ignored": True} for row in listing.ignored]
+    error_rows += [{**row, "ignored": True} for row in ignored]
     errors_uri = storage.join(work, ERRORS_FILE)
     storage.write_bytes(errors_uri, _errors_jsonl(error_rows))
-    error_rate = len(bad) / len(records)
+    error_rate = len(bad) / max(len(records), 1)  # dicom: every file may have been ignored
     kept = f"; the dataset at {cfg.out} is unchanged" if work != cfg.out else ""
     if len(good) == 0:
-        raise IngestFailed(f"no usable images: all {len(records)} failed to decode (see {errors_uri}){kept}")
+        raise IngestFailed(f"no usable images: {len(records)} failed to decode, {len(ignored)} files ignored (see "
+                           f"{errors_uri}){kept}")
     if error_rate > cfg.max_error_rate:
         raise IngestFailed(
             f"{len(bad)} of {len(records)} images ({error_rate:.1%}) are unusable, more than --max-error-rate "
@@ -614,7 +632,8 @@ def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage
         fs.create_dir(storage.resolve(directory)[1], recursive=True)
         written = (
             ray.data.from_pandas(_file_chunks(rows[columns], cfg.rows_per_file, cfg.file_mb * 2**20))
-            .map_batches(write_file, batch_format="pandas", batch_size=None, fn_kwargs={"directory": directory})
+            .map_batches(write_file, batch_format="pandas", batch_size=None,
+                         fn_kwargs={"directory": directory, "max_pixels": cfg.max_pixels})
             .to_pandas()
         )
         if int(written["rows"].sum()) != len(rows):  # never a silent loss
@@ -627,7 +646,7 @@ def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage
         "layout_version": LAYOUT_VERSION,
         "n_images": int(len(good)),
         "n_errors": int(len(bad)),
-        "n_ignored": len(listing.ignored),
+        "n_ignored": len(ignored),
         "error_rate": round(error_rate, 6),
         "splits": summarize(good),
         "val_fraction": cfg.val_fraction if cfg.source == "mura" else None,
@@ -638,6 +657,27 @@ def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage
     }
     _commit(cfg.out, work, summary, lock)
     return summary
+
+
+def _with_dicom_fields(records: pd.DataFrame, meta: pd.DataFrame,
+                       ignored: list[dict[str, str]]) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The listing's records with what `dicom.inspect_dicom` read: ids, study, body part and patient hash from the
+    headers. Files with nothing to decode (not DICOM, no pixel data) and second copies of a SOP instance are
+    ignored with their reason, not counted as unusable images."""
+    fields = ["study_id", "body_part", "patient_id"]
+    meta = meta.astype(object).where(meta.notna(), None)  # Ray Data's string columns hold pd.NA
+    records = records.drop(columns=fields).merge(meta, on="image_id", how="left", validate="one_to_one")
+    records = records.sort_values("path", kind="stable")
+    skipped = records["skip"].astype(bool)
+    copies = records["dicom_id"].notna() & records["dicom_id"].duplicated()
+    first = records[records["dicom_id"].notna()].drop_duplicates("dicom_id").set_index("dicom_id")["path"]
+    ignored = ignored + [{"path": p, "reason": r} for p, r in zip(records.loc[skipped, "path"],
+                                                                 records.loc[skipped, "error"], strict=True)]
+    ignored += [{"path": p, "reason": f"the same SOPInstanceUID as {first[i]}"}
+                for p, i in zip(records.loc[copies, "path"], records.loc[copies, "dicom_id"], strict=True)]
+    records = records[~skipped & ~copies].copy()
+    records["image_id"] = records["dicom_id"].where(records["dicom_id"].notna(), records["image_id"])
+    return records.drop(columns=["skip", "dicom_id"]), ignored
 
 
 class IngestFailed(Exception):

@@ -1,5 +1,10 @@
-"""What a scoring run reads: an ingested Parquet split or a folder/prefix of raw PNG/JPEG images, listed lazily
-and turned into a Ray Dataset of input rows, without the images an earlier run already committed.
+"""What a scoring run reads: an ingested Parquet split or a folder/prefix of raw PNG/JPEG images or DICOM files,
+listed lazily and turned into a Ray Dataset of input rows, without the images an earlier run already committed.
+
+In a raw folder, PNG/JPEG files are listed by suffix and DICOM candidates by name (`dicom.may_hold_dicom`: a DICOM
+suffix, none, or a numeric one), then recognised by content; other files (`README.txt`) are not listed. A DICOM
+row's image_id, study_id and body part come from its header (SOPInstanceUID and frame, StudyInstanceUID,
+BodyPartExamined); an already-scored file is dropped by its path before it is read (`predictions.load_done_keys`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pyarrow.parquet as pq
 
 from mura_ray import storage
 from mura_ray.config import UserError
+from mura_ray.data.dicom import may_hold_dicom, read_header
 from mura_ray.data.images import IMAGE_SUFFIXES
 from mura_ray.data.ingest import image_id_for
 from mura_ray.data.pipeline import read_parquet
@@ -88,7 +94,8 @@ def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
         yield Chunk(parquet_files=tuple(storage.list_parquet(src) if storage.is_dir(src) else [src]))
         return
     if not storage.is_dir(src):
-        raise UserError(f"--input {src}: expected an ingested Parquet split or a folder of PNG/JPEG images")
+        raise UserError(f"--input {src}: expected an ingested Parquet split or a folder of PNG/JPEG images or "
+                        "DICOM files")
     fs, base = storage.resolve(src)
     pending: list[str] = []
     found = False
@@ -103,7 +110,7 @@ def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
                 continue
             if info.type == pafs.FileType.Directory:
                 stack.append(info.path)
-            elif name.lower().endswith(IMAGE_SUFFIXES):
+            elif name.lower().endswith(IMAGE_SUFFIXES) or may_hold_dicom(name):
                 pending.append(info.path[len(base):].lstrip("/"))
         if len(pending) >= chunk_images:
             found = True
@@ -111,7 +118,7 @@ def iter_chunks(src: str, chunk_images: int) -> Iterator[Chunk]:
             pending = []
     if pending or not found:
         if not pending:
-            raise UserError(f"--input {src}: no Parquet files and no PNG/JPEG images found")
+            raise UserError(f"--input {src}: no Parquet files and no PNG/JPEG images or DICOM files found")
         yield Chunk(image_files=tuple(sorted(pending)), root=src)
 
 
@@ -139,13 +146,19 @@ def _raw_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
             retry = storage.transient(e) or storage.access_denied(e)
             images.append(b""), errors.append(f"{RETRY_LATER}{uri} ({first_line(e)})" if retry else
                                               f"cannot read file: {e}")
+    ids = [image_id_for(p) for p in batch["path"]]
+    studies: list[str | None] = [None] * len(batch)
     parts = [
         next((p[3:] for p in rel.split("/")[:-1] if p.startswith("XR_") and p[3:] in BODY_PARTS), None)
         for rel in batch["path"]
     ]
+    for i, data in enumerate(images):
+        header = read_header(data) if data else None  # None: not DICOM (or no header to read; decoding says why)
+        if header is not None:
+            ids[i], studies[i], parts[i] = header[0], header[1], header[2] or parts[i]
     return pd.DataFrame({
-        "image_id": [image_id_for(p) for p in batch["path"]], "image": images, "path": batch["path"],
-        "study_id": [None] * len(batch), "body_part": parts, "label": [None] * len(batch), "error": errors,
+        "image_id": ids, "image": images, "path": batch["path"],
+        "study_id": studies, "body_part": parts, "label": [None] * len(batch), "error": errors,
     })
 
 

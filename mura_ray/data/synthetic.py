@@ -16,7 +16,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -239,3 +239,45 @@ def demo_dataset_root(n_images: int = 2000, image_size: int = 256, seed: int = 0
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return final
+
+
+def dicom_radiograph(image: np.ndarray, *, bits: int = 12, monochrome1: bool = False, slope: float = 1.0,
+                     intercept: float = 0.0, window: tuple[float, float] | None = None,
+                     header: dict[str, str] | None = None) -> Any:
+    """A synthetic radiograph (`film.render`'s floats in [0, 1]) as a single-frame DX pydicom Dataset, as a PACS
+    exports one: `bits` stored bits (MONOCHROME1 stores the inverted values), RescaleSlope/Intercept and an
+    optional window (centre, width in rescaled units); `header` sets other attributes (PatientName,
+    StudyInstanceUID, BodyPartExamined, ...). Save it with `save_dicom`."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    top = (1 << bits) - 1
+    stored = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bits <= 8 else np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_pixel_data(top - stored if monochrome1 else stored, "MONOCHROME1" if monochrome1 else "MONOCHROME2",
+                      bits)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "DX"
+    if (slope, intercept) != (1.0, 0.0):
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:g}", f"{intercept:g}", "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
+    for name, value in (header or {}).items():
+        setattr(ds, name, value)
+    return ds
+
+
+def save_dicom(ds: Any, path: str | os.PathLike, transfer_syntax: str | None = None) -> None:
+    """Write a Dataset as a DICOM file (preamble and file meta), compressed to `transfer_syntax` when given:
+    pydicom encodes RLE, JPEG-LS (pyjpegls) and JPEG 2000 (pylibjpeg-openjpeg); deflate is the whole dataset's."""
+    from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+    if transfer_syntax is not None and UID(transfer_syntax).is_compressed:
+        ds.compress(transfer_syntax, generate_instance_uid=False)
+    elif transfer_syntax == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
