@@ -295,6 +295,12 @@ class IngestConfig:
     file_mb: int = 64
     """Most image MiB per Parquet file. Files are written one 64-image row group at a time, so a writing CPU holds
     one row group, not a file."""
+    cache_size: int | None = None
+    """Also build the training-ready cache of the train and val splits at this input side in pixels (what
+    training at --image-size N reads; it builds it itself on first use otherwise)."""
+    cache_dir: str | None = None
+    """Where --cache-size writes the cache, local or s3:// (default DEST/cache); training reads it with the same
+    --cache-dir."""
 
     def validate(self) -> IngestConfig:
         problems: list[str] = []
@@ -308,7 +314,9 @@ class IngestConfig:
                 problems.append("--body-part only applies to --source folder")
             elif self.body_part.upper().removeprefix("XR_") not in BODY_PARTS:
                 problems.append(f"--body-part {self.body_part!r} is not one of {', '.join(BODY_PARTS)}")
-        _check_positive(problems, self, "max_pixels", "rows_per_file", "file_mb")
+        _check_positive(problems, self, "max_pixels", "rows_per_file", "file_mb", "cache_size")
+        if self.cache_size is not None and self.cache_size < 16:
+            problems.append(f"--cache-size must be at least 16, got {self.cache_size}")
         _raise_if(problems)
         return self
 
@@ -343,6 +351,11 @@ class TrainConfig:
     """Decay of the weights' moving average per step (warmed up over the first steps)."""
     image_size: int = 224
     """Square input side in pixels; images keep their aspect ratio, padded."""
+    cache: bool = True
+    """Read the train and val splits from the dataset's training-ready cache at --image-size (each image decoded
+    once; built on first use, rebuilt when the dataset changed); --no-cache decodes the images every epoch."""
+    cache_dir: str | None = None
+    """The cache's folder, local or s3://, for a dataset the trainer may not write to (default DEST/cache)."""
     workers: int = 1
     """Data-parallel Ray Train workers, one GPU each when GPUs are used."""
     gpu: GpuMode = "auto"
@@ -383,9 +396,8 @@ class TrainConfig:
     max_failures: int = 2
     """Worker-group restarts allowed; training resumes from the last checkpoint."""
     seed: int = 0
-    """Seed of the weight initialisation (plus the worker's rank) and of the per-epoch file order. Augmentation and
-    the row order within a file are drawn by each decode task from fresh entropy, as Ray Data gives a task no epoch
-    number to derive a per-epoch seed from: two runs match in distribution, not bit for bit."""
+    """Seed of the weight initialisation (plus the worker's rank), of the per-epoch file order, of the local shuffle
+    buffer (with the rank) and of the augmentation (with the epoch and the rank)."""
     threshold_policy: str = "kappa"
     """How the exported model's operating threshold is chosen, on the validation split at study level (MURA's
     unit): `kappa` maximises Cohen's kappa, `youden` sensitivity + specificity, `sensitivity:X` takes the most

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from mura_ray import __version__, runtime, storage
 from mura_ray.config import METRIC_MODES, TrainConfig, UserError
-from mura_ray.data.pipeline import EpochStream, build_input, iter_batches, split_rows
+from mura_ray.data.augment import augment_generator, derived_seed, prepare_batch
+from mura_ray.data.cache import ensure_cache
+from mura_ray.data.pipeline import EpochStream, build_input, iter_batches, ordered_ingest_options, split_rows
 from mura_ray.labels import BODY_PARTS
 from mura_ray.losses import multitask_loss
 from mura_ray.metrics import aggregate_studies, compute_binary_metrics
@@ -225,8 +227,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = _validation(loop_config["val_input"]) if rank == 0 else None
     start = state["epoch"] + 1 if state is not None else 0  # as setup_training resumes
-    stream = EpochStream(lambda: iter_batches(train_shard, cfg.batch_size, True, device), epochs=cfg.epochs - start,
-                         rows_per_epoch=loop_config["epoch_rows"])
+    stream = EpochStream(lambda: iter_batches(train_shard, cfg.batch_size, True, device, derived_seed(cfg.seed, rank)),
+                         epochs=cfg.epochs - start, rows_per_epoch=loop_config["epoch_rows"])
     try:
         _train(cfg, loop_config, state, stream, val_shard, device, rank, world, start)
     finally:
@@ -263,7 +265,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
                         body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, image_size=cfg.image_size)
     if loop_config.get("weights") is not None:
         model.load_state_dict(ray.get(loop_config["weights"]))
-    pos_weight = loop_config.get("pos_weight")
+    pos_weight, mean, std = loop_config.get("pos_weight"), loop_config["mean"], loop_config["std"]
     steps_per_epoch = max(1, math.ceil(loop_config["epoch_rows"] / cfg.batch_size))
     run = setup_training(model, cfg, state, ray.train.torch.prepare_model, device, steps_per_epoch)
     model, raw_model, optimizer, scheduler, scaler, amp = (
@@ -287,6 +289,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
         wait = 0.0
         seen, skipped, left_out, loss_sum = 0, 0, 0, 0.0
         it = iter(stream.epoch())
+        generator = augment_generator(cfg.seed, epoch, rank)  # this epoch's augmentation, on this worker
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -298,6 +301,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
                 # out. The shards are equal, so every worker leaves it out together.
                 left_out += 1
                 continue
+            batch = prepare_batch(batch, mean, std, generator)
             n, failed, loss = train_step(model, batch, optimizer, scaler, device, amp, loss_kwargs, cfg.clip_grad)
             updates += 1
             scheduler.step_update(updates)
@@ -325,9 +329,9 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             "lr": lr,
         }
         if rank == 0:
-            val = evaluate(raw_model if ema is None else ema.module,
-                           iter_batches(val_shard, cfg.batch_size * 2, False, device), device, amp, loss_kwargs,
-                           cfg.threshold)
+            batches = iter_batches(val_shard, cfg.batch_size * 2, False, device)
+            val = evaluate(raw_model if ema is None else ema.module, (prepare_batch(b, mean, std) for b in batches),
+                           device, amp, loss_kwargs, cfg.threshold)
         else:
             val = None
         if world > 1:
@@ -498,7 +502,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     storage.check_in_bucket(out, "--out", "runs/NAME")
     # Absolute, so that the path logged is where the run is (under `ray job submit --working-dir` a relative path
     # is inside Ray's copy of the working directory).
-    cfg = replace(cfg, out=out if storage.is_remote(out) else os.path.abspath(os.path.expanduser(out)))
+    cfg = replace(cfg, out=storage.absolute(out), cache_dir=cfg.cache_dir and storage.absolute(cfg.cache_dir))
     # Fail fast, before any cluster work, on a misspelt backbone and on weights that cannot be had or do not fit
     # (in the workers, each retried `max_failures` times, such an error would end as a Ray traceback).
     torch.manual_seed(cfg.seed)  # the probe's head is what the workers start from when it carries pretrained weights
@@ -585,12 +589,15 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     # keep their CPUs; with every spare CPU held so, validation tasks that reserve one would never be scheduled and
     # the run would hang (seen with a small object store: the decoded-ahead budget fills during validation).
     spare = int(ray.cluster_resources().get("CPU", 0) - cfg.workers * cfg.cpus_per_worker)
+    # The train and val splits' training-ready caches at --image-size, built on first use or when stale.
+    caches = ({split: c["folder"] for split, c in
+               ensure_cache(run.data, run.summary, cfg.image_size, cfg.cache_dir).items()} if cfg.cache else {})
     datasets = {
-        "train": build_input(run.data, "train", image_size=cfg.image_size, mean=run.mean, std=run.std, train=True,
+        "train": build_input(run.data, "train", image_size=cfg.image_size, train=True, cache=caches.get("train"),
                              batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs),
     }
     # Validation is built by rank 0 (`_validation`), to keep its tasks on rank 0's node; not split, every row.
-    val_input = {"data": run.data, "split": "val", "image_size": cfg.image_size, "mean": run.mean, "std": run.std,
+    val_input = {"data": run.data, "split": "val", "image_size": cfg.image_size, "cache": caches.get("val"),
                  "batch_size": cfg.batch_size, "num_cpus": 0, "max_tasks": spare}
     storage_fs, storage_path = storage.resolve(cfg.out)
     run_config = ray.train.RunConfig(
@@ -608,6 +615,7 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary), "weights": run.weights,
+                           "mean": run.mean, "std": run.std,
                            "epoch_rows": train_rows // cfg.workers,  # Ray Train's shards are equal
                            "val_input": val_input},
         scaling_config=ray.train.ScalingConfig(
@@ -615,7 +623,8 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         ),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options={"train": ordered_ingest_options()}),
     )
 
 

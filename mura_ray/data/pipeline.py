@@ -1,7 +1,8 @@
-"""Ray Data input pipeline: ingested Parquet → decoded, resized, normalised (and, for training, augmented) tensors.
+"""Ray Data input pipeline: a training-ready cache (or ingested Parquet, decoded) → batches of uint8 pixels.
 
-Decoding runs in Ray Data's read tasks (fused with the read, see `build_input`), streamed into the Train workers;
-nothing is materialised.
+By default the input reads the split's cache (`mura_ray.data.cache`: pixels decoded once, at the input size), a read
+and a copy; without one, decoding runs in Ray Data's read tasks (fused with the read, see `build_input`). Either way
+it streams into the Train workers, which augment and normalise on their device (`mura_ray.data.augment`).
 A row that cannot be decoded keeps its place with `ok = 0` so the consumer can skip and count it.
 """
 
@@ -14,10 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from mura_ray import storage
-from mura_ray.data.images import DecodeError, decode_radiograph, load_pixels, normalize, resize_pad
+from mura_ray.data.images import DecodeError, load_pixels
 from mura_ray.labels import BODY_PART_INDEX
 
 TRAIN_COLUMNS: tuple[str, ...] = ("image", "label", "body_part")
@@ -70,34 +70,17 @@ def split_files(data: str, split: str) -> list[str]:
     return [storage.resolve(f)[1] for f in storage.list_parquet(storage.join(data, split))]
 
 
-def augment(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Training augmentation: horizontal flip, rotation, scale and contrast/brightness jitter (float in [0, 1])."""
-    canvas = resize_pad(img, size, scale=float(rng.uniform(0.9, 1.1)))
-    if rng.random() < 0.5:
-        canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
-    out = np.asarray(canvas, dtype=np.float32) / 255.0
-    contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-0.08, 0.08)
-    mid = out.mean()
-    return np.clip((out - mid) * contrast + mid + brightness, 0.0, 1.0)
-
-
-def preprocess_images(
-    images: list[bytes | None], *, image_size: int, mean: float, std: float, train: bool,
-    rng: np.random.Generator | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and prepare image bytes: (float32 array N x 1 x S x S, ok flags N); failures are zeros, ok = 0."""
-    out = np.zeros((len(images), 1, image_size, image_size), dtype=np.float32)
+def preprocess_images(images: list[bytes | None], *, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image bytes to the model's input pixels (`load_pixels`): (uint8 array N x 1 x S x S, ok flags N);
+    failures are zeros with ok = 0. Augmentation and normalisation run on the Train worker's device
+    (`mura_ray.data.augment`)."""
+    out = np.zeros((len(images), 1, image_size, image_size), dtype=np.uint8)
     ok = np.zeros(len(images), dtype=np.float32)
-    rng = rng or np.random.default_rng()
     for i, data in enumerate(images):
         if data is None:
             continue
         try:
-            if train:
-                out[i, 0] = (augment(decode_radiograph(data, draft_size=image_size), image_size, rng) - mean) / std
-            else:
-                out[i, 0] = normalize(load_pixels(data, image_size), mean, std)
+            out[i, 0] = load_pixels(data, image_size)
         except DecodeError:
             continue
         ok[i] = 1.0
@@ -121,11 +104,9 @@ def study_codes(study_ids: Any) -> np.ndarray:
                      if isinstance(s, str) and s else -1 for s in study_ids], dtype=np.int64)
 
 
-def preprocess_batch(
-    batch: dict[str, np.ndarray], *, image_size: int, mean: float, std: float, train: bool
-) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` function producing the tensor columns of TENSOR_COLUMNS."""
-    image, ok = preprocess_images(list(batch["image"]), image_size=image_size, mean=mean, std=std, train=train)
+def preprocess_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` function producing the tensor columns of TENSOR_COLUMNS from image bytes."""
+    image, ok = preprocess_images(list(batch["image"]), image_size=image_size)
     return {
         "image": image,
         "label": label_values(batch["label"]),
@@ -136,20 +117,34 @@ def preprocess_batch(
 
 
 def preprocess_slices(
-    batch: dict[str, np.ndarray], *, rows: int, image_size: int, mean: float, std: float, train: bool
+    batch: dict[str, np.ndarray], *, rows: int, image_size: int, train: bool, seed: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
     """`preprocess_batch` over a block `rows` rows at a time, each slice yielded as soon as it is decoded.
 
-    Whatever the size of the block the reader hands over, at most one slice of decoded float32 images is held at
-    once (with `build_input`'s block-size target each then leaves the task right away). For training the block's
-    rows are first put in a new random order, so that slices (and the batches they end in) vary from epoch to epoch.
+    Whatever the size of the block the reader hands over, at most one slice of decoded images is held at once
+    (with `build_input`'s block-size target each then leaves the task right away). For training the block's rows
+    are first put in an order drawn from `seed` (the same for the same seed: a task knows no epoch), so that slices
+    do not follow the file's order.
     """
     n = len(batch["image"])
-    order = np.random.default_rng().permutation(n) if train else np.arange(n)
+    order = np.random.default_rng(seed).permutation(n) if train else np.arange(n)
     for start in range(0, n, rows):
         take = order[start : start + rows]
-        yield preprocess_batch({k: np.asarray(v)[take] for k, v in batch.items()},
-                               image_size=image_size, mean=mean, std=std, train=train)
+        yield preprocess_batch({k: np.asarray(v)[take] for k, v in batch.items()}, image_size=image_size)
+
+
+def cache_batch(table: Any, *, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` function (pyarrow batches) producing TENSOR_COLUMNS from a training-ready cache's
+    rows (`mura_ray.data.cache`): its pixels as they are, no decode."""
+    from mura_ray.data.cache import cached_pixels
+
+    return {
+        "image": cached_pixels(table, image_size),
+        "label": label_values(table.column("label").to_pylist()),
+        "body_part": body_part_indices(table.column("body_part").to_pylist()),
+        "ok": np.asarray(table.column("ok").to_numpy(zero_copy_only=False), dtype=np.float32),
+        "study": study_codes(table.column("study_id").to_pylist()),
+    }
 
 
 def split_rows(data: str, split: str) -> int:
@@ -169,10 +164,15 @@ def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
     return [files[i] for _ in range(passes) for i in rng.permutation(len(files))]
 
 
-def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
+def build_input(data: str, split: str, *, image_size: int, train: bool, cache: str | None = None,
                 num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, passes: int = 1,
                 files: list[str] | None = None, max_tasks: int | None = None, scheduling_strategy: Any = None):
-    """The streaming dataset a Train worker consumes for `split`, in blocks of at most `batch_size` rows.
+    """The streaming dataset a Train worker consumes for `split`: TENSOR_COLUMNS, `image` as uint8 pixels.
+
+    With `cache` (a complete cache folder of this split at `image_size`, `mura_ray.data.cache`) it reads the
+    cache's files (one read task and block per file, each pass in its seeded order for training) and only turns its
+    rows into arrays: the default. Otherwise it decodes the split's image bytes, as follows, in blocks of at most
+    `batch_size` rows.
 
     A split of several files (ingest writes at most `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is
     decoded inside its read tasks: one read task per file, the decode a `map_batches` without a batch size that
@@ -200,28 +200,33 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     """
     from ray.data import TaskPoolStrategy
 
-    kwargs = {"image_size": image_size, "mean": mean, "std": std, "train": train}
     columns = TRAIN_COLUMNS if train else EVAL_COLUMNS
     limits = {} if max_tasks is None else {"concurrency": max_tasks}
     placed = {} if scheduling_strategy is None else {"scheduling_strategy": scheduling_strategy}
     if placed:
         limits["ray_remote_args"] = placed
     compute = TaskPoolStrategy(size=max_tasks)
+    if cache is not None:
+        return _read_cache(cache, split, image_size=image_size, train=train, num_cpus=num_cpus, seed=seed,
+                           passes=passes, compute=compute, limits=limits, placed=placed)
+    kwargs = {"image_size": image_size}
     if files is None:
         files = split_files(data, split)
         if train:
             files = pass_order(files, passes, seed)
     if len(set(files)) <= 1:
         ds = read_split(data, split, columns, files=files or None, num_cpus=num_cpus, **limits)
+        ds.context.execution_options.preserve_order = True
         return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus,
                               compute=compute, fn_kwargs=kwargs, **placed)
     # The read's CPUs are the decode's: operators with different resources would not fuse.
     ds = read_split(data, split, columns, files=files, override_num_blocks=len(files), num_cpus=num_cpus,
                     **limits)
-    ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
+    ds.context.target_max_block_size = batch_size * image_size * image_size  # one slice of uint8 images
+    ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(
         preprocess_slices, batch_format="numpy", batch_size=None, num_cpus=num_cpus, compute=compute,
-        fn_kwargs={"rows": batch_size, **kwargs}, **placed,
+        fn_kwargs={"rows": batch_size, "train": train, "seed": seed, **kwargs}, **placed,
     )
     if max_tasks is not None:
         # The re-blocking would not fuse with tasks of a capped pool or of another CPU reservation: it would run as
@@ -230,18 +235,50 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     return ds.repartition(target_num_rows_per_block=batch_size)
 
 
-def iter_batches(shard, batch_size: int, shuffle: bool, device):
-    """A dataset shard's batches as torch tensors on `device` (a local shuffle buffer for training)."""
+def _read_cache(cache: str, split: str, *, image_size: int, train: bool, num_cpus: float, seed: int, passes: int,
+                compute: Any, limits: dict[str, Any], placed: dict[str, Any]):
+    """`build_input` over a complete cache folder: a read task and a block per cache file, rows in file order
+    (`preserve_order`: the blocks reach the consumer in the seeded pass order, not in the order tasks finish)."""
+    from mura_ray.data.cache import cache_files, read_marker
+
+    marker = read_marker(cache)
+    if marker is None:
+        raise RuntimeError(f"the cache at {cache} is not complete (no marker): it cannot be read")
+    files = cache_files(cache, marker)
+    if train:
+        files = pass_order(files, passes, seed)
+    fs, _ = storage.resolve(cache)
+    ds = read_parquet(files, fs, columns=["pixels", "ok", "label", "body_part", "study_id"],
+                      override_num_blocks=len(files), num_cpus=num_cpus, **limits)
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(cache_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          num_cpus=num_cpus, compute=compute, fn_kwargs={"image_size": image_size}, **placed)
+
+
+def iter_batches(shard, batch_size: int, shuffle: bool, device, seed: int = 0):
+    """A dataset shard's batches as torch tensors on `device`, images as uint8 pixels (a local shuffle buffer for
+    training, its draws seeded by `seed`)."""
     import torch  # here: the decode tasks that import this module need no torch
 
     return shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32,
+        dtypes={"image": torch.uint8, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32,
                 "study": torch.int64},
         device=device,
         prefetch_batches=4,
         local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
+        local_shuffle_seed=seed if shuffle else None,
     )
+
+
+def ordered_ingest_options():
+    """Ray Train's ingest options with `preserve_order`: the training blocks reach the workers in the seeded pass
+    order, not in the order their tasks finish (Ray Train replaces a dataset's own execution options with these)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 class _Failed:
