@@ -292,6 +292,46 @@ def build_cache(data: str, image_size: int, where: str) -> dict[str, Any]:
             "bytes_per_image": size / max(rows, 1), "n_errors": built["marker"]["n_errors"]}
 
 
+def measure_per_core(data: str, cache_folder: str, image_size: int, n: int = 256) -> dict[str, float]:
+    """Images/s of one core (one torch thread, no Ray): decode + resize + augment of the ingested PNGs (a decoding
+    input's per-image work), the augmentation alone (batches of 32), and reading the cache's files into tensors
+    (the cached input's CPU work): what docs/scaling.md works out decode cores per GPU from."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from mura_ray.data.augment import augment_generator, model_input
+    from mura_ray.data.cache import cache_files, cached_pixels, read_marker
+    from mura_ray.data.images import load_pixels
+    from mura_ray.data.pipeline import split_files
+
+    torch.set_num_threads(1)
+    images = []
+    for f in split_files(data, "train"):
+        images += pq.read_table(f, columns=["image"]).column("image").to_pylist()
+        if len(images) >= n:
+            break
+    images = images[:n]
+    generator = augment_generator(0, 0, 0)
+    started = time.perf_counter()
+    pixels = [torch.from_numpy(load_pixels(b, image_size))[None, None] for b in images]
+    decode_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for i in range(0, len(pixels), 32):
+        model_input(torch.cat(pixels[i : i + 32]), *NORMALIZATION, generator)
+    augment_s = time.perf_counter() - started
+    marker = read_marker(cache_folder)
+    assert marker is not None
+    started, rows = time.perf_counter(), 0
+    for f in cache_files(cache_folder, marker):
+        table = pq.read_table(f, columns=["pixels", "ok", "label", "body_part", "study_id"])
+        rows += len(torch.from_numpy(cached_pixels(table, image_size).copy()))
+    read_s = time.perf_counter() - started
+    return {"decode_resize_images_per_s": round(len(images) / decode_s, 1),
+            "augment_images_per_s": round(len(images) / augment_s, 1),
+            "decode_resize_augment_images_per_s": round(len(images) / (decode_s + augment_s), 1),
+            "cache_read_images_per_s": round(rows / read_s, 1)}
+
+
 # ---------------------------------------------------------------------------------------------------- ours
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: the phases on this worker's shard, as `mura_ray.train` reads it; rank 0 reports all."""
@@ -427,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         same = ({} if args.skip_baseline else
                 run_loader(CachedImages(build["folder"], args.image_size), args,
                            prepare=augment_in_loop()))
+        per_core = measure_per_core(data, build["folder"], args.image_size)
+        logger.info("one core: %s", per_core)
 
     def pick(side: dict[str, Any], phase: str, key: str) -> float | None:
         return round(side[phase][key], 4) if phase in side else None
@@ -459,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache_build_s": build["seconds"],
         "cache_bytes_per_image": round(build["bytes_per_image"]),
         "cache_errors": build["n_errors"],
+        "per_core": per_core,
         "statistic": "over the measured epochs together (input: warm-up epoch excluded)",
         "repeats": {"input": args.input_epochs, "train": args.train_epochs},
         "images_per_epoch": ours["input"]["images_per_epoch"] if "input" in ours else None,

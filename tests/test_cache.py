@@ -152,6 +152,36 @@ def test_cache_on_s3(ray_cluster, mura_dataset, s3_bucket):
     np.testing.assert_array_equal(cache.cached_pixels(table, 32)[0, 0], load_pixels(originals[first], 32))
 
 
+def test_ingest_builds_the_cache_with_cache_size(ray_cluster, mura_root, tmp_path, capsys):
+    import ingest as ingest_job
+
+    out, elsewhere = tmp_path / "d", tmp_path / "c"
+    assert ingest_job.main(["--source", "mura", "--root", str(mura_root), "--out", str(out), "--rows-per-file", "64",
+                            "--cache-size", "24", "--cache-dir", str(elsewhere)]) == 0
+    printed = capsys.readouterr().out
+    assert "cache: train at 24 px" in printed and "0 failed to decode" in printed
+    summary = _summary(str(out))
+    for split in ("train", "val"):
+        marker = json.loads((elsewhere / "24" / split / cache.MARKER).read_text())
+        assert marker["fingerprint"] == summary["fingerprint"] and marker["rows"] == summary["splits"][split]["images"]
+    assert not (out / "cache").exists() and not (elsewhere / "24" / "test").exists()  # test is scored from PNGs
+    # The default place, DEST/cache, is part of the dataset: --overwrite replaces it with the dataset.
+    assert ingest_job.main(["--source", "mura", "--root", str(mura_root), "--out", str(out), "--rows-per-file", "64",
+                            "--cache-size", "24", "--overwrite"]) == 0
+    assert (out / "cache" / "24" / "val" / cache.MARKER).is_file()
+    assert ingest_job.main(["--source", "mura", "--root", str(mura_root), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "cache").exists()
+
+
+def test_training_reads_the_cache_by_default(trained_run, mura_dataset):
+    """The shared training run (`trained_run`, --image-size 32, no cache flag) built and read the cache."""
+    summary = _summary(mura_dataset)
+    for split in ("train", "val"):
+        marker = cache.read_marker(cache.split_cache(mura_dataset, split, 32))
+        assert cache.is_current(marker, summary["fingerprint"], 32)
+    assert json.loads((trained_run / "train_config.json").read_text())["cache"] is True
+
+
 def test_augmentation_is_seeded_by_seed_epoch_and_rank():
     images = torch.rand(6, 1, 24, 24)
     same = [augment_batch(images, augment_generator(7, 2, 0)) for _ in range(2)]
