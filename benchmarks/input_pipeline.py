@@ -173,7 +173,7 @@ class ParquetImages:
             pixels, ok = load_pixels(self.images[i].as_py(), self.image_size), 1.0
         except DecodeError:
             pixels, ok = torch.zeros(self.image_size, self.image_size, dtype=torch.uint8).numpy(), 0.0
-        return {"image": torch.from_numpy(pixels)[None], "label": float(self.labels[i]),
+        return {"image": torch.tensor(pixels)[None], "label": float(self.labels[i]),
                 "body_part": int(self.body_parts[i]), "ok": ok}
 
 
