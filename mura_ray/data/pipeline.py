@@ -192,7 +192,7 @@ def build_input(data: str, split: str, *, image_size: int, train: bool, cache: s
     small files, each pass reads the files in a new order, and the consumer mixes rows in a local shuffle buffer.
     (`randomize_block_order` waits for the whole split to be read into the object store before the
     first image is decoded.) Evaluation reads the split once, in order.
-    `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead.
+    `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead (decoding only).
     `num_cpus` is each read-and-decode task's CPU reservation, `max_tasks` caps how many run at once (None: as many
     as Ray Data's budget allows; give it with `num_cpus=0`, see `mura_ray.train.build_trainer`): every stage of the
     dataset then runs in those tasks.
@@ -207,7 +207,7 @@ def build_input(data: str, split: str, *, image_size: int, train: bool, cache: s
         limits["ray_remote_args"] = placed
     compute = TaskPoolStrategy(size=max_tasks)
     if cache is not None:
-        return _read_cache(cache, split, image_size=image_size, train=train, num_cpus=num_cpus, seed=seed,
+        return _read_cache(cache, image_size=image_size, train=train, num_cpus=num_cpus, seed=seed,
                            passes=passes, compute=compute, limits=limits, placed=placed)
     kwargs = {"image_size": image_size}
     if files is None:
@@ -235,7 +235,7 @@ def build_input(data: str, split: str, *, image_size: int, train: bool, cache: s
     return ds.repartition(target_num_rows_per_block=batch_size)
 
 
-def _read_cache(cache: str, split: str, *, image_size: int, train: bool, num_cpus: float, seed: int, passes: int,
+def _read_cache(cache: str, *, image_size: int, train: bool, num_cpus: float, seed: int, passes: int,
                 compute: Any, limits: dict[str, Any], placed: dict[str, Any]):
     """`build_input` over a complete cache folder: a read task and a block per cache file, rows in file order
     (`preserve_order`: the blocks reach the consumer in the seeded pass order, not in the order tasks finish)."""
