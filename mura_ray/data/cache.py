@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from mura_ray import storage
 from mura_ray.config import UserError
@@ -112,16 +111,19 @@ def build_split_cache(data: str, split: str, size: int, fingerprint: str | None,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Build one split's cache with a Ray Data job (one task per file of the split) and write its marker last.
 
-    A stale marker is deleted first, so an interrupted rebuild is never read as complete; files are written whole
-    under their source's name, so builds racing on one folder (Tune trials starting together) write the same
-    bytes. Returns the marker.
+    A stale marker is deleted first, so an interrupted rebuild is never read as complete; a current one (another
+    run finished the build meanwhile) is returned as it is. Files are written whole under their source's name, so
+    builds racing on one folder (Tune trials starting together) write the same bytes. Returns the marker.
     """
     import ray
 
     folder = split_cache(data, split, size, cache_dir)
     storage.probe_writable(folder)  # here, not in a task: a folder that cannot be written is one line, not a traceback
-    fs, marker_path = storage.resolve(storage.join(folder, MARKER))
-    if fs.get_file_info(marker_path).type == pafs.FileType.File:
+    marker = read_marker(folder)
+    if is_current(marker, fingerprint, size):  # built meanwhile by another run (a Tune trial started beside this)
+        return marker
+    if marker is not None:
+        fs, marker_path = storage.resolve(storage.join(folder, MARKER))
         fs.delete_file(marker_path)
     items = [{"name": s.rsplit("/", 1)[-1], "source": s, "dest": storage.join(folder, s.rsplit("/", 1)[-1])}
              for s in storage.list_parquet(storage.join(data, split))]
