@@ -314,7 +314,7 @@ class IngestConfig:
                 problems.append("--body-part only applies to --source folder")
             elif self.body_part.upper().removeprefix("XR_") not in BODY_PARTS:
                 problems.append(f"--body-part {self.body_part!r} is not one of {', '.join(BODY_PARTS)}")
-        _check_positive(problems, self, "max_pixels", "rows_per_file", "file_mb", "cache_size")
+        _check_positive(problems, self, "max_pixels", "rows_per_file", "file_mb")
         if self.cache_size is not None and self.cache_size < 16:
             problems.append(f"--cache-size must be at least 16, got {self.cache_size}")
         _raise_if(problems)
