@@ -50,10 +50,11 @@ def cache_dir(explicit: str | None) -> pathlib.Path:
     return pathlib.Path(base) / "benchmarks"
 
 
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
+def add_dataset_args(p: argparse.ArgumentParser, default_source_size: int = 256) -> None:
     """The synthetic dataset options shared by the benchmarks that read an ingested split (one cached set)."""
     p.add_argument("--images", type=int, default=1200, help="synthetic images generated (train split ~68%%)")
-    p.add_argument("--source-size", type=int, default=256, help="side of the generated PNGs in pixels")
+    p.add_argument("--source-size", type=int, default=default_source_size,
+                   help="side of the generated PNGs in pixels")
     p.add_argument("--cache", default=None, help="dataset cache (default ~/.cache/mura_ray/benchmarks)")
 
 

@@ -301,6 +301,12 @@ class IngestConfig:
     """--source dicom: patient_id is an HMAC of PatientID, keyed only by $MURA_RAY_PATIENT_KEY or the file
     $MURA_RAY_PATIENT_KEY_FILE names, and the job refuses to run without a key; --no-patient-key leaves patient_id
     empty instead."""
+    cache_size: int | None = None
+    """Also build the training-ready cache of the train and val splits at this input side in pixels (what
+    training at --image-size N reads; it builds it itself on first use otherwise)."""
+    cache_dir: str | None = None
+    """Where --cache-size writes the cache, local or s3:// (default DEST/cache); training reads it with the same
+    --cache-dir."""
 
     def validate(self) -> IngestConfig:
         problems: list[str] = []
@@ -317,6 +323,8 @@ class IngestConfig:
             elif self.body_part.upper().removeprefix("XR_") not in BODY_PARTS:
                 problems.append(f"--body-part {self.body_part!r} is not one of {', '.join(BODY_PARTS)}")
         _check_positive(problems, self, "max_pixels", "rows_per_file", "file_mb")
+        if self.cache_size is not None and self.cache_size < 16:
+            problems.append(f"--cache-size must be at least 16, got {self.cache_size}")
         _raise_if(problems)
         return self
 
@@ -351,6 +359,11 @@ class TrainConfig:
     """Decay of the weights' moving average per step (warmed up over the first steps)."""
     image_size: int = 224
     """Square input side in pixels; images keep their aspect ratio, padded."""
+    cache: bool = True
+    """Read the train and val splits from the dataset's training-ready cache at --image-size (each image decoded
+    once; built on first use, rebuilt when the dataset changed); --no-cache decodes the images every epoch."""
+    cache_dir: str | None = None
+    """The cache's folder, local or s3://, for a dataset the trainer may not write to (default DEST/cache)."""
     workers: int = 1
     """Data-parallel Ray Train workers, one GPU each when GPUs are used."""
     gpu: GpuMode = "auto"

@@ -26,11 +26,14 @@ from torch import Tensor, nn
 
 from mura_ray import __version__, runtime, storage
 from mura_ray.config import METRIC_MODES, TrainConfig, UserError
+from mura_ray.data.augment import augment_generator, prepare_batch
+from mura_ray.data.cache import ensure_cache
 from mura_ray.data.pipeline import (
     EpochStream,
     build_input,
-    derive_seed,
+    derived_seed,
     iter_batches,
+    ordered_ingest_options,
     shuffle_epochs,
     split_rows,
 )
@@ -249,7 +252,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def batches():
         return shuffle_epochs(iter_batches(train_shard, cfg.batch_size, device), rows_per_epoch=rows,
                               batch_size=cfg.batch_size, window=SHUFFLE_BATCHES * cfg.batch_size,
-                              seed=derive_seed(cfg.seed, rank), first_epoch=start)
+                              seed=derived_seed(cfg.seed, rank), first_epoch=start)
 
     stream = EpochStream(batches, epochs=cfg.epochs - start, rows_per_epoch=rows)
     try:
@@ -288,7 +291,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
                         body_part_embedding=cfg.body_part_embedding, dropout=cfg.dropout, image_size=cfg.image_size)
     if loop_config.get("weights") is not None:
         model.load_state_dict(ray.get(loop_config["weights"]))
-    pos_weight = loop_config.get("pos_weight")
+    pos_weight, mean, std = loop_config.get("pos_weight"), loop_config["mean"], loop_config["std"]
     steps_per_epoch = max(1, math.ceil(loop_config["epoch_rows"] / cfg.batch_size))
     run = setup_training(model, cfg, state, ray.train.torch.prepare_model, device, steps_per_epoch)
     model, raw_model, optimizer, scheduler, scaler, amp = (
@@ -306,13 +309,14 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             break
-        torch.manual_seed(derive_seed(cfg.seed, rank, epoch))  # dropout: the same masks in a resumed epoch
+        torch.manual_seed(derived_seed(cfg.seed, epoch, rank, 1))  # dropout (1: apart from augmentation draws)
         model.train()
         lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
         t_start = time.perf_counter()
         wait = 0.0
         seen, skipped, left_out, loss_sum = 0, 0, 0, 0.0
         it = iter(stream.epoch())
+        generator = augment_generator(cfg.seed, epoch, rank)  # this epoch's augmentation, on this worker
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -324,6 +328,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
                 # out. The shards are equal, so every worker leaves it out together.
                 left_out += 1
                 continue
+            batch = prepare_batch(batch, mean, std, generator)
             n, failed, loss = train_step(model, batch, optimizer, scaler, device, amp, loss_kwargs, cfg.clip_grad)
             updates += 1
             scheduler.step_update(updates)
@@ -351,9 +356,9 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
             "lr": lr,
         }
         if rank == 0:
-            val = evaluate(raw_model if ema is None else ema.module,
-                           iter_batches(val_shard, cfg.batch_size * 2, device), device, amp, loss_kwargs,
-                           cfg.threshold, cfg.tta)
+            batches = iter_batches(val_shard, cfg.batch_size * 2, device)
+            val = evaluate(raw_model if ema is None else ema.module, (prepare_batch(b, mean, std) for b in batches),
+                           device, amp, loss_kwargs, cfg.threshold, cfg.tta)
         else:
             val = None
         if world > 1:
@@ -539,7 +544,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     storage.check_in_bucket(out, "--out", "runs/NAME")
     # Absolute, so that the path logged is where the run is (under `ray job submit --working-dir` a relative path
     # is inside Ray's copy of the working directory).
-    cfg = replace(cfg, out=out if storage.is_remote(out) else os.path.abspath(os.path.expanduser(out)))
+    cfg = replace(cfg, out=storage.absolute(out), cache_dir=cfg.cache_dir and storage.absolute(cfg.cache_dir))
     # Fail fast, before any cluster work, on a misspelt backbone and on weights that cannot be had or do not fit
     # (in the workers, each retried `max_failures` times, such an error would end as a Ray traceback).
     torch.manual_seed(cfg.seed)  # the probe's head is what the workers start from when it carries pretrained weights
@@ -627,17 +632,15 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     # the run would hang (seen with a small object store: the decoded-ahead budget fills during validation).
     spare = int(ray.cluster_resources().get("CPU", 0) - cfg.workers * cfg.cpus_per_worker)
     first_pass = min(resume_epoch(cfg.out), cfg.epochs - 1)  # a finished run reads nothing (one pass, unread)
+    # The train and val splits' training-ready caches at --image-size, built on first use or when stale.
+    caches = ({split: c["folder"] for split, c in
+               ensure_cache(run.data, run.summary, cfg.image_size, cfg.cache_dir).items()} if cfg.cache else {})
     datasets = {
-        "train": build_input(run.data, "train", image_size=cfg.image_size, mean=run.mean, std=run.std, train=True,
+        "train": build_input(run.data, "train", image_size=cfg.image_size, train=True, cache=caches.get("train"),
                              batch_size=cfg.batch_size, seed=cfg.seed, passes=cfg.epochs, first_pass=first_pass),
     }
-    # Blocks in the order of the files, and so to the workers in the same split (Ray Data hands each block to the
-    # worker with the fewest rows; on one node, locality does not reorder): the same rows in the same order to
-    # each rank for the same seed. Decoded blocks are then held until the ones before them are done.
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True
     # Validation is built by rank 0 (`_validation`), to keep its tasks on rank 0's node; not split, every row.
-    val_input = {"data": run.data, "split": "val", "image_size": cfg.image_size, "mean": run.mean, "std": run.std,
+    val_input = {"data": run.data, "split": "val", "image_size": cfg.image_size, "cache": caches.get("val"),
                  "batch_size": cfg.batch_size, "num_cpus": 0, "max_tasks": spare}
     storage_fs, storage_path = storage.resolve(cfg.out)
     run_config = ray.train.RunConfig(
@@ -655,6 +658,7 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "pos_weight": _pos_weight(run.summary), "weights": run.weights,
+                           "mean": run.mean, "std": run.std,
                            "epoch_rows": train_rows // cfg.workers,  # Ray Train's shards are equal
                            "val_input": val_input, "first_pass": first_pass},
         scaling_config=ray.train.ScalingConfig(
@@ -662,7 +666,8 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         ),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options={"train": ordered_ingest_options()}),
     )
 
 

@@ -36,22 +36,23 @@ def test_input_pipeline_benchmark(cache):
     result = _run("input_pipeline.py", "--images", "60", "--source-size", "48", "--image-size", "32",
                   "--batch-size", "8", "--input-epochs", "1", "--train-epochs", "1", "--cache", cache)
     assert result["name"] == "input_pipeline"
-    for key in ("ours_images_per_s", "baseline_images_per_s", "ratio", "stall_share", "baseline_stall_share"):
+    for key in ("ours_images_per_s", "baseline_images_per_s", "ratio", "same_input_images_per_s",
+                "ratio_same_input", "stall_share", "baseline_stall_share", "cache_build_images_per_s",
+                "plain_build_images_per_s"):
         assert isinstance(result[key], float) and result[key] >= 0, key
     assert result["ratio"] == pytest.approx(result["ours_images_per_s"] / result["baseline_images_per_s"], rel=1e-2)
+    assert result["ratio_same_input"] == pytest.approx(
+        result["ours_images_per_s"] / result["same_input_images_per_s"], rel=1e-2)
+    assert (result["source_px"], result["image_size"], result["consumer_images_per_s"]) == (48, 32, 1000)
     assert 0 <= result["stall_share"] <= 1
-    assert result["images_per_epoch"] > 0
-    for side in ("ours", "baseline"):  # input: a warm-up epoch + 1 measured; train: warm-up steps, 1 measured epoch
+    assert result["images_per_epoch"] > 0 and result["cache_errors"] == 0
+    for side in ("ours", "baseline", "same_input"):  # input: a warm-up epoch + 1 measured; train: 1 measured epoch
         assert len(result[side]["input"]["epochs"]) == 2, side
         assert len(result[side]["train"]["epochs"]) == 1, side
-    # Ours cuts each phase's epochs from one stream as training does: each epoch ends with the batch that brings
-    # the rows delivered to n passes' worth.
+    # Ours cuts each phase's epochs from one stream as training does: at exact rows, a pass's worth each.
     rows = result["ours"]["rows_per_worker"]
     for phase in ("input", "train"):
-        delivered = 0
-        for n, e in enumerate(result["ours"][phase]["epochs"], 1):
-            delivered += e["images"]
-            assert n * rows <= delivered < n * rows + 8, (phase, rows, result["ours"][phase]["epochs"])
+        assert [e["images"] for e in result["ours"][phase]["epochs"]] == [rows] * len(result["ours"][phase]["epochs"])
 
 
 @pytest.mark.slow

@@ -154,8 +154,9 @@ def load_pixels(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """Image bytes to the model's input pixels: decoded to one 8-bit channel, the longer side fitted to `size`
     (aspect preserved), centred on a black square: a (size, size) uint8 array.
 
-    The one preprocessing of every model input: validation, scoring and Grad-CAM use it as it is, and training
-    augments the same decoded image (`pipeline.augment`). Raises DecodeError with a reason.
+    The one preprocessing of every model input: the training-ready cache stores it (`mura_ray.data.cache`), which
+    training and validation read; scoring and Grad-CAM compute it from the originals; training augments these
+    pixels on its device (`mura_ray.data.augment`). Raises DecodeError with a reason.
     """
     return np.asarray(resize_pad(decode_radiograph(data, max_pixels, draft_size=size), size), dtype=np.uint8)
 

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 from mura_ray import storage
 from mura_ray.config import IngestConfig, UserError
 from mura_ray.data import dicom
+from mura_ray.data.cache import CACHE_DIR
 from mura_ray.data.images import IMAGE_SUFFIXES, DecodeError, decode_radiograph
 from mura_ray.labels import BODY_PARTS, parse_body_part, parse_class_folder, parse_split_folder
 from mura_ray.runtime import first_line
@@ -393,6 +394,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{_fmt(s['patients']):>9} {_fmt(s['positive_rate']):>9}"
         )
     lines.append(f"skipped: {summary['n_errors']} unusable, {summary['n_ignored']} ignored (see {ERRORS_FILE})")
+    for split, c in summary.get("cache", {}).items():
+        lines.append(f"cache: {split} at {c['image_size']} px, {c['rows']} images, {c['n_errors']} failed to decode "
+                     f"({c['folder']})")
     return "\n".join(lines)
 
 
@@ -413,7 +417,7 @@ def _ours(info: pafs.FileInfo) -> bool:
     """Whether a top-level entry of --out is one an ingest writes (or a run of it left behind while writing)."""
     name = info.base_name
     if info.type == pafs.FileType.Directory:
-        return name in SPLITS or name == STAGING_DIR
+        return name in SPLITS or name in (STAGING_DIR, CACHE_DIR)
     return name in (SUMMARY_FILE, ERRORS_FILE) or name.startswith(
         (f"{SUMMARY_FILE}.tmp-", f"{ERRORS_FILE}.tmp-", storage.OutputLock.NAME, storage.PROBE_PREFIX))
 
@@ -555,7 +559,8 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     ingest into the same --out is refused, and `--overwrite` never deletes another run's work or lock.
     """
     cfg = cfg.validate()
-    cfg = replace(cfg, root=storage.absolute(cfg.root), out=storage.absolute(cfg.out))
+    cfg = replace(cfg, root=storage.absolute(cfg.root), out=storage.absolute(cfg.out),
+                  cache_dir=storage.absolute(cfg.cache_dir) if cfg.cache_dir else None)
     try:
         listing = list_source(cfg)
     except OSError as e:  # an unreachable endpoint, a missing bucket, bad credentials, no permission
@@ -569,9 +574,16 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     lock = storage.OutputLock(cfg.out, "jobs/ingest.py")
     try:  # lock.release() is a no-op when acquire() failed
         work = _open_destination(cfg.out, cfg.overwrite, lock)
-        return _ingest_locked(cfg, listing, work, lock, key)
+        summary = _ingest_locked(cfg, listing, work, lock, key)
     finally:
         lock.release()
+    if cfg.cache_size:  # after the commit: the cache is keyed to the dataset's fingerprint, now final
+        from mura_ray.data.cache import ensure_cache
+
+        built = ensure_cache(cfg.out, summary, cfg.cache_size, cfg.cache_dir, flag="--cache-dir")
+        summary["cache"] = {split: {"folder": c["folder"], "image_size": cfg.cache_size, "rows": c["marker"]["rows"],
+                                    "n_errors": c["marker"]["n_errors"]} for split, c in built.items()}
+    return summary
 
 
 def _ingest_locked(cfg: IngestConfig, listing: Listing, work: str, lock: storage.OutputLock,

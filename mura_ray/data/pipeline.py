@@ -1,7 +1,8 @@
-"""Ray Data input pipeline: ingested Parquet → decoded, resized, normalised (and, for training, augmented) tensors.
+"""Ray Data input pipeline: a training-ready cache (or ingested Parquet, decoded) → batches of uint8 pixels.
 
-Decoding runs in Ray Data's read tasks (fused with the read, see `build_input`), streamed into the Train workers;
-nothing is materialised.
+By default the input reads the split's cache (`mura_ray.data.cache`: pixels decoded once, at the input size), a read
+and a copy; without one, decoding runs in Ray Data's read tasks (fused with the read, see `build_input`). Either way
+it streams into the Train workers, which augment and normalise on their device (`mura_ray.data.augment`).
 A row that cannot be decoded keeps its place with `ok = 0` so the consumer can skip and count it.
 """
 
@@ -14,10 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from mura_ray import storage
-from mura_ray.data.images import DecodeError, decode_radiograph, load_pixels, normalize, resize_pad
+from mura_ray.data.images import DecodeError, load_pixels
 from mura_ray.labels import BODY_PART_INDEX
 
 TRAIN_COLUMNS: tuple[str, ...] = ("image", "label", "body_part")
@@ -70,34 +70,17 @@ def split_files(data: str, split: str) -> list[str]:
     return [storage.resolve(f)[1] for f in storage.list_parquet(storage.join(data, split))]
 
 
-def augment(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Training augmentation: horizontal flip, rotation, scale and contrast/brightness jitter (float in [0, 1])."""
-    canvas = resize_pad(img, size, scale=float(rng.uniform(0.9, 1.1)))
-    if rng.random() < 0.5:
-        canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
-    out = np.asarray(canvas, dtype=np.float32) / 255.0
-    contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-0.08, 0.08)
-    mid = out.mean()
-    return np.clip((out - mid) * contrast + mid + brightness, 0.0, 1.0)
-
-
-def preprocess_images(
-    images: list[bytes | None], *, image_size: int, mean: float, std: float, train: bool,
-    rng: np.random.Generator | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and prepare image bytes: (float32 array N x 1 x S x S, ok flags N); failures are zeros, ok = 0."""
-    out = np.zeros((len(images), 1, image_size, image_size), dtype=np.float32)
+def preprocess_images(images: list[bytes | None], *, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image bytes to the model's input pixels (`load_pixels`): (uint8 array N x 1 x S x S, ok flags N);
+    failures are zeros with ok = 0. Augmentation and normalisation run on the Train worker's device
+    (`mura_ray.data.augment`)."""
+    out = np.zeros((len(images), 1, image_size, image_size), dtype=np.uint8)
     ok = np.zeros(len(images), dtype=np.float32)
-    rng = rng or np.random.default_rng()
     for i, data in enumerate(images):
         if data is None:
             continue
         try:
-            if train:
-                out[i, 0] = (augment(decode_radiograph(data, draft_size=image_size), image_size, rng) - mean) / std
-            else:
-                out[i, 0] = normalize(load_pixels(data, image_size), mean, std)
+            out[i, 0] = load_pixels(data, image_size)
         except DecodeError:
             continue
         ok[i] = 1.0
@@ -121,11 +104,9 @@ def study_codes(study_ids: Any) -> np.ndarray:
                      if isinstance(s, str) and s else -1 for s in study_ids], dtype=np.int64)
 
 
-def preprocess_batch(
-    batch: dict[str, np.ndarray], *, image_size: int, mean: float, std: float, train: bool
-) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` function producing the tensor columns of TENSOR_COLUMNS."""
-    image, ok = preprocess_images(list(batch["image"]), image_size=image_size, mean=mean, std=std, train=train)
+def preprocess_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` function producing the tensor columns of TENSOR_COLUMNS from image bytes."""
+    image, ok = preprocess_images(list(batch["image"]), image_size=image_size)
     return {
         "image": image,
         "label": label_values(batch["label"]),
@@ -136,19 +117,33 @@ def preprocess_batch(
 
 
 def preprocess_slices(
-    batch: dict[str, np.ndarray], *, rows: int, image_size: int, mean: float, std: float, train: bool
+    batch: dict[str, np.ndarray], *, rows: int, image_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """`preprocess_batch` over a block `rows` rows at a time, each slice yielded as soon as it is decoded.
 
-    Whatever the size of the block the reader hands over, at most one slice of decoded float32 images is held at
-    once (with `build_input`'s block-size target each then leaves the task right away). Rows keep the file's order
+    Whatever the size of the block the reader hands over, at most one slice of decoded images is held at once
+    (with `build_input`'s block-size target each then leaves the task right away). Rows keep the file's order
     (ingest's seeded random one): the training loop shuffles them (`shuffle_epochs`), from a seed a task could not
     derive (it is given no epoch).
     """
     n = len(batch["image"])
     for start in range(0, n, rows):
         yield preprocess_batch({k: np.asarray(v)[start : start + rows] for k, v in batch.items()},
-                               image_size=image_size, mean=mean, std=std, train=train)
+                               image_size=image_size)
+
+
+def cache_batch(table: Any, *, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` function (pyarrow batches) producing TENSOR_COLUMNS from a training-ready cache's
+    rows (`mura_ray.data.cache`): its pixels as they are, no decode."""
+    from mura_ray.data.cache import cached_pixels
+
+    return {
+        "image": cached_pixels(table, image_size),
+        "label": label_values(table.column("label").to_pylist()),
+        "body_part": body_part_indices(table.column("body_part").to_pylist()),
+        "ok": np.asarray(table.column("ok").to_numpy(zero_copy_only=False), dtype=np.float32),
+        "study": study_codes(table.column("study_id").to_pylist()),
+    }
 
 
 def split_rows(data: str, split: str) -> int:
@@ -162,10 +157,10 @@ def split_rows(data: str, split: str) -> int:
         return sum(pool.map(lambda f: pq.ParquetFile(f, filesystem=fs).metadata.num_rows, split_files(data, split)))
 
 
-def derive_seed(*parts: int) -> int:
-    """One 63-bit seed from several integers (a run's --seed, an epoch, a rank), well mixed by NumPy's SeedSequence:
-    nearby tuples give unrelated streams."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 32-bit seed drawn from `seed` and `keys` (a rank, an epoch) by NumPy's SeedSequence: nearby inputs give
+    unrelated seeds."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
 
 def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
@@ -174,10 +169,15 @@ def pass_order(files: list[str], passes: int, seed: int) -> list[str]:
     return [files[i] for _ in range(passes) for i in rng.permutation(len(files))]
 
 
-def build_input(data: str, split: str, *, image_size: int, mean: float, std: float, train: bool,
+def build_input(data: str, split: str, *, image_size: int, train: bool, cache: str | None = None,
                 num_cpus: float = 1.0, batch_size: int = 32, seed: int = 0, passes: int = 1, first_pass: int = 0,
                 files: list[str] | None = None, max_tasks: int | None = None, scheduling_strategy: Any = None):
-    """The streaming dataset a Train worker consumes for `split`, in blocks of at most `batch_size` rows.
+    """The streaming dataset a Train worker consumes for `split`: TENSOR_COLUMNS, `image` as uint8 pixels.
+
+    With `cache` (a complete cache folder of this split at `image_size`, `mura_ray.data.cache`) it reads the
+    cache's files (one read task and block per file, each pass in its seeded order for training) and only turns its
+    rows into arrays: the default. Otherwise it decodes the split's image bytes, as follows, in blocks of at most
+    `batch_size` rows.
 
     A split of several files (ingest writes at most `IngestConfig.rows_per_file` rows and `file_mb` MB a file) is
     decoded inside its read tasks: one read task per file, the decode a `map_batches` without a batch size that
@@ -198,7 +198,7 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     the rows of each epoch in seeded windows (`shuffle_epochs`). (`randomize_block_order` waits for the whole split
     to be read into the object store before the first image is decoded.) Evaluation reads the split once, in
     order.
-    `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead.
+    `files` (paths from `split_files`, repeats allowed) reads those, in that order, instead (decoding only).
     `num_cpus` is each read-and-decode task's CPU reservation, `max_tasks` caps how many run at once (None: as many
     as Ray Data's budget allows; give it with `num_cpus=0`, see `mura_ray.train.build_trainer`): every stage of the
     dataset then runs in those tasks.
@@ -206,13 +206,16 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     """
     from ray.data import TaskPoolStrategy
 
-    kwargs = {"image_size": image_size, "mean": mean, "std": std, "train": train}
     columns = TRAIN_COLUMNS if train else EVAL_COLUMNS
     limits = {} if max_tasks is None else {"concurrency": max_tasks}
     placed = {} if scheduling_strategy is None else {"scheduling_strategy": scheduling_strategy}
     if placed:
         limits["ray_remote_args"] = placed
     compute = TaskPoolStrategy(size=max_tasks)
+    if cache is not None:
+        return _read_cache(cache, image_size=image_size, train=train, num_cpus=num_cpus, seed=seed,
+                           passes=passes, first_pass=first_pass, compute=compute, limits=limits, placed=placed)
+    kwargs = {"image_size": image_size}
     if files is None:
         files = split_files(data, split)
         if train:  # from `first_pass` on (a resumed run): the orders those passes have in a run from the start
@@ -225,7 +228,7 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     # The read's CPUs are the decode's: operators with different resources would not fuse.
     ds = read_split(data, split, columns, files=files, override_num_blocks=len(files), num_cpus=num_cpus,
                     **limits)
-    ds.context.target_max_block_size = batch_size * image_size * image_size * 4  # one slice of float32 images
+    ds.context.target_max_block_size = batch_size * image_size * image_size  # one slice of uint8 images
     # Blocks in the files' order: evaluation's sums (and, through Ray Train's DataConfig, training's batches) come
     # out the same for the same seed.
     ds.context.execution_options.preserve_order = True
@@ -240,14 +243,34 @@ def build_input(data: str, split: str, *, image_size: int, mean: float, std: flo
     return ds.repartition(target_num_rows_per_block=batch_size)
 
 
+def _read_cache(cache: str, *, image_size: int, train: bool, num_cpus: float, seed: int, passes: int,
+                first_pass: int, compute: Any, limits: dict[str, Any], placed: dict[str, Any]):
+    """`build_input` over a complete cache folder: a read task and a block per cache file, rows in file order
+    (`preserve_order`: the blocks reach the consumer in the seeded pass order, not in the order tasks finish)."""
+    from mura_ray.data.cache import cache_files, read_marker
+
+    marker = read_marker(cache)
+    if marker is None:
+        raise RuntimeError(f"the cache at {cache} is not complete (no marker): it cannot be read")
+    files = cache_files(cache, marker)
+    if train:  # as `build_input` orders the split's files
+        files = pass_order(files, passes, seed)[first_pass * len(files):]
+    fs, _ = storage.resolve(cache)
+    ds = read_parquet(files, fs, columns=["pixels", "ok", "label", "body_part", "study_id"],
+                      override_num_blocks=len(files), num_cpus=num_cpus, **limits)
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(cache_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          num_cpus=num_cpus, compute=compute, fn_kwargs={"image_size": image_size}, **placed)
+
+
 def iter_batches(shard, batch_size: int, device):
-    """A dataset shard's batches as torch tensors on `device`, in the dataset's order (training shuffles them with
-    `shuffle_epochs`)."""
+    """A dataset shard's batches as torch tensors on `device`, images as uint8 pixels, in the dataset's order
+    (training shuffles them with `shuffle_epochs`)."""
     import torch  # here: the decode tasks that import this module need no torch
 
     return shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={"image": torch.float32, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32,
+        dtypes={"image": torch.uint8, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32,
                 "study": torch.int64},
         device=device,
         prefetch_batches=4,
@@ -275,7 +298,7 @@ def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, ba
 
     def start(epoch: int) -> tuple[torch.Generator, int]:
         # The epoch's first window is cut short at random, so windows group other rows every epoch.
-        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
+        generator = torch.Generator().manual_seed(derived_seed(seed, epoch))
         return generator, int(torch.randint(window // 2, window + 1, (1,), generator=generator))
 
     epoch, taken = first_epoch, 0  # rows of the epoch taken so far
@@ -316,6 +339,16 @@ def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, ba
                 cut += window
     if pending:  # the input ended inside an epoch (EpochStream says so)
         yield from flush(end_of_epoch=True)
+
+
+def ordered_ingest_options():
+    """Ray Train's ingest options with `preserve_order`: the training blocks reach the workers in the seeded pass
+    order, not in the order their tasks finish (Ray Train replaces a dataset's own execution options with these)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 class _Failed:
