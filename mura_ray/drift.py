@@ -38,7 +38,7 @@ PSI_ALARM = 0.2
 """The usual PSI alarm: above it a population has shifted by conventional standards."""
 ALPHA = 0.001
 """Significance level of `psi_threshold` per quantity (seven quantities: at most ~0.7% false alarms a run)."""
-MIN_IMAGES = 100
+MIN_IMAGES = 50
 """Fewer images than this (in the run, or in the reference) are too few to judge: reported, never flagged."""
 SAMPLE_SIZE = 1000
 """Reference values kept per continuous quantity for the KS statistic (a random sample, seed 0)."""

@@ -157,7 +157,8 @@ class ImageStats:
     """What the scoring job records of each decoded image, for drift (`mura_ray.drift`)."""
 
     mean: float
-    """Mean intensity of the decoded 8-bit image, in [0, 1]."""
+    """Mean intensity of the decoded 8-bit image, in [0, 1] (a JPEG's decoded at the reduced scale the model input
+    needs, whose averaging of neighbouring pixels leaves a smooth radiograph's statistics nearly unchanged)."""
     contrast: float
     """Standard deviation of its intensities, in [0, 1]."""
     height: int
