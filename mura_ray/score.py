@@ -474,9 +474,15 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     if cfg.report and manifest.get("n_rows"):
         report_dir = report_dir or storage.join(cfg.out, "report")
         explain = {"n": cfg.explain, "input": cfg.input, "models": list(cfg.models)} if cfg.explain else None
-        this_run = sorted(set(manifest["parts"]) - parts_before)
+        # Drift and the history line cover what was committed since the last report: this run's parts, and those
+        # of a run that was stopped before its report.
+        profiled = manifest.get("profiled_through", -1)
+        new_parts = sorted(name for name, part in manifest["parts"].items() if part["chunk"] > profiled)
         made = _get(ray.remote(_report_task).options(num_cpus=1).remote(
-            cfg.out, report_dir, threshold, threshold_source, cfg.bootstrap, explain, list(cfg.models), this_run))
+            cfg.out, report_dir, threshold, threshold_source, cfg.bootstrap, explain, list(cfg.models), new_parts))
+        manifest["profiled_through"] = max(part["chunk"] for part in manifest["parts"].values())
+        lock.check()
+        storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
         summary["report"] = report_dir
         summary["report_summary"] = made
         summary["drift"] = made["drift"]
@@ -484,10 +490,10 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
 
 
 def _report_task(out: str, report_dir: str, threshold: float, threshold_source: str, bootstrap: int,
-                 explain: dict[str, Any] | None, models: list[str], this_run: list[str]) -> dict[str, Any]:
+                 explain: dict[str, Any] | None, models: list[str], new_parts: list[str]) -> dict[str, Any]:
     """Ray task (keeps the driver small): write the report of everything `out` holds (metrics when labelled, the
-    counts otherwise) with the drift of the parts this run committed (`this_run`) from the model's reference
-    profile, and append this run's line to OUT/history.jsonl. Returns the report.
+    counts otherwise) with the drift of the parts committed since the last report (`new_parts`) from the model's
+    reference profile, and append their line to OUT/history.jsonl. Returns the report.
 
     With `explain`, Grad-CAM heatmaps of the most confident true positives, false negatives and false positives
     are added to the HTML report of labelled predictions.
@@ -505,7 +511,7 @@ def _report_task(out: str, report_dir: str, threshold: float, threshold_source: 
         report = build_report(df, threshold=threshold, threshold_source=threshold_source, bootstrap=bootstrap)
     else:  # an unlabelled archive (or every labelled image failed): counts and drift, no metrics
         report = build_counts(df, threshold=threshold, threshold_source=threshold_source)
-    run_rows = read_predictions(out, columns=list(drift.COLUMNS), parts=this_run)
+    run_rows = read_predictions(out, columns=list(drift.COLUMNS), parts=new_parts)
     report["drift"] = _drift(models, run_rows)
     explanations = None
     if explain and labelled:
