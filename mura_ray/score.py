@@ -529,6 +529,7 @@ def _drift(models: list[str], rows: pd.DataFrame) -> dict[str, Any]:
     """`drift.compare` with the reference profile of the first model whose card holds one (of an ensemble: the
     first member's, whose probabilities are close to, not the same as, the ensemble's)."""
     from mura_ray import drift
+
     for uri in models:
         card_uri = storage.join(uri, "model_card.json")
         card = storage.read_json(card_uri) if storage.exists(card_uri) else {}
@@ -536,9 +537,10 @@ def _drift(models: list[str], rows: pd.DataFrame) -> dict[str, Any]:
             result = drift.compare(card["drift_reference"], rows)
             result["reference_model"] = card.get("model_id")
             return result
-    return {"status": "no_reference", "flagged": False, "reasons": [], "n_images": int(rows["prob_abnormal"].notna()
-            .sum()), "note": "the model card holds no reference profile (exported before profiles were stored): "
-            "export the model again to judge drift"}
+    scored = int(rows["prob_abnormal"].notna().sum())
+    return {"status": "no_reference", "flagged": False, "reasons": [], "n_images": scored,
+            "note": "the model card holds no reference profile (exported before profiles were stored): export the "
+                    "model again to judge drift"}
 
 
 def choose_model_threshold(model_dir: str, data: str, run_dir: str, policy: str, fixed: float) -> dict[str, Any]:
