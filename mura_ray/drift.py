@@ -10,6 +10,7 @@ functions: prediction rows in, JSON-ready dicts out (docs/operations.md, "Drift"
 
 from __future__ import annotations
 
+import posixpath
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +26,7 @@ QUANTITIES: dict[str, str] = {
     "image_contrast": "contrast: standard deviation of intensities (0-1)",
     "image_size": "size: longer side (pixels)",
     "image_aspect": "aspect ratio (width / height)",
-    "body_part": "body-part mix (the known part, else the body-part head's)",
+    "body_part": "body-part mix of the studies (the known part, else the body-part head's)",
     "body_part_disagreement": "body-part head disagreeing with the known part",
 }
 """Every quantity profiled, with what it means."""
@@ -40,10 +41,12 @@ ALPHA = 0.001
 """Significance level of `psi_threshold` per quantity (seven quantities: at most ~0.7% false alarms a run)."""
 MIN_IMAGES = 50
 """Fewer images than this (in the run, or in the reference) are too few to judge: reported, never flagged."""
+MIN_VALUES = 20
+"""A quantity with fewer values than this (studies, for the body-part mix) is not judged."""
 SAMPLE_SIZE = 1000
 """Reference values kept per continuous quantity for the KS statistic (a random sample, seed 0)."""
-COLUMNS = ("body_part", "body_part_pred", "prob_abnormal", "pred_abnormal", "image_mean", "image_contrast",
-           "image_height", "image_width", "error")
+COLUMNS = ("study_id", "path", "body_part", "body_part_pred", "prob_abnormal", "pred_abnormal", "image_mean",
+           "image_contrast", "image_height", "image_width", "error")
 """Prediction columns (`predictions.PREDICTION_SCHEMA`) that the profile reads."""
 
 
@@ -63,10 +66,20 @@ def profile_values(df: pd.DataFrame) -> dict[str, np.ndarray]:
     known = rows["body_part"]
     predicted = rows.reindex(columns=["body_part_pred"])["body_part_pred"]
     part = known.where(known.notna(), predicted)
-    values["body_part"] = part[part.notna()].astype(str).to_numpy()
+    # Once per study (its id, else its folder): a study's views share their body part, and counting each view would
+    # make the mix of a small run vary more than `psi_threshold` allows for independent draws.
+    ids = rows.reindex(columns=["study_id", "path"])
+    study = ids["study_id"].where(ids["study_id"].notna(), ids["path"].map(_folder, na_action="ignore"))
+    first = ~study.duplicated() | study.isna()
+    values["body_part"] = part[first & part.notna()].astype(str).to_numpy()
     both = known.notna() & predicted.notna()
     values["body_part_disagreement"] = np.where(known[both] == predicted[both], "agrees", "disagrees")
     return values
+
+
+def _folder(path: str) -> str | None:
+    folder = posixpath.dirname(str(path))
+    return folder or None
 
 
 def build_reference(df: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
@@ -136,9 +149,9 @@ def compare(reference: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
         if name not in QUANTITIES:
             continue  # a quantity of a newer profile
         v = values[name]
-        if len(v) < MIN_IMAGES:
-            result["quantities"][name] = {"n": len(v), "note": f"too few images with this quantity to judge "
-                                                               f"({len(v)}, at least {MIN_IMAGES})"}
+        if len(v) < MIN_VALUES or int(ref["n"]) < MIN_VALUES:
+            result["quantities"][name] = {"n": len(v), "note": f"too few values to judge ({len(v)} here, "
+                                                               f"{ref['n']} in the reference; at least {MIN_VALUES})"}
             continue
         ref_counts = np.asarray(ref["counts"])
         if "edges" in ref:

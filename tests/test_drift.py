@@ -70,15 +70,23 @@ def test_reference_profile_is_json_with_bins_and_a_capped_sample():
     assert len(q["prob_abnormal"]["sample"]) == drift.SAMPLE_SIZE
     assert q["image_size"]["edges"] == [48.0] and q["image_size"]["counts"] == [3000, 0]  # all alike: two bins
     assert q["body_part"]["categories"] == list(BODY_PARTS)
-    assert q["body_part_disagreement"]["counts"] == [3000, 0]
+    assert q["body_part_disagreement"]["counts"] == [3000, 0] and q["body_part"]["n"] == 3000  # one study each
 
 
-def test_disagreement_and_body_part_fall_back_to_the_head():
-    df = pd.DataFrame({"prob_abnormal": [0.1, 0.2, 0.3, None], "body_part": ["HAND", None, "WRIST", "HAND"],
-                       "body_part_pred": ["HAND", "ELBOW", "HAND", None], "error": [None, None, None, "bad"]})
+def test_body_part_is_counted_per_study_and_falls_back_to_the_head():
+    df = pd.DataFrame({"prob_abnormal": [0.1, 0.2, 0.3, None, 0.5, 0.6],
+                       "study_id": [None, None, None, None, "s1", "s1"],
+                       "path": ["a/1.png", "b/1.png", "c/1.png", "d/1.png", "e/1.png", "e/2.png"],
+                       "body_part": ["HAND", None, "WRIST", "HAND", "ELBOW", "ELBOW"],
+                       "body_part_pred": ["HAND", "ELBOW", "HAND", None, "ELBOW", "HAND"],
+                       "error": [None, None, None, "bad", None, None]})
     values = drift.profile_values(df)
-    assert list(values["body_part"]) == ["HAND", "ELBOW", "WRIST"]
-    assert list(values["body_part_disagreement"]) == ["agrees", "disagrees"]
+    assert list(values["body_part"]) == ["HAND", "ELBOW", "WRIST", "ELBOW"]  # study s1 once
+    assert list(values["body_part_disagreement"]) == ["agrees", "disagrees", "agrees", "disagrees"]
+    # Without study ids, a folder is a study.
+    folders = drift.profile_values(df.assign(study_id=None, path=["a/1.png", "a/2.png", "c/1.png", "d/1.png",
+                                                                 "e/1.png", "e/2.png"]))
+    assert list(folders["body_part"]) == ["HAND", "WRIST", "ELBOW"]
     assert len(values["image_mean"]) == 0  # predictions without image statistics: those quantities are left out
 
 
