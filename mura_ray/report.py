@@ -47,7 +47,8 @@ class ReportConfig:
     """What `jobs/report.py` asks for: one report from predictions, or a comparison of finished reports."""
 
     out: str
-    """Output directory, local or s3://: report.json/.md/.html and figures/, or comparison.md/.json."""
+    """Output directory, local or s3://: report.json/.md/.html and figures/, comparison.md/.json, or
+    history.md/.html."""
     predictions: str | None = None
     """Predictions Parquet dataset from the scoring job (local dir/file or s3://); it must have a `label` column."""
     compare: tuple[str, ...] = ()
