@@ -203,7 +203,8 @@ class Predictor:
             "prob_abnormal": [float(p) if o else None for p, o in zip(prob, ok, strict=True)],
             "pred_abnormal": [int(p >= self.threshold) if o else None for p, o in zip(prob, ok, strict=True)],
             "label": labels,
-            **{c: [None if not o or not _present(v) else v for v, o in zip(batch[c], ok, strict=True)]
+            # Null where a batch of pixels decoded elsewhere carries no statistics.
+            **{c: [v if o and _present(v) else None for v, o in zip(batch.get(c, [None] * n), ok, strict=True)]
                for c in _STAT_COLUMNS},
             "model_id": [self.model_id] * n,
             "scored_at": [now] * n,
