@@ -1,7 +1,9 @@
-"""Report on scored predictions (metrics, tables, figures), or compare the reports of several runs.
+"""Report on scored predictions (metrics, tables, figures), compare the reports of several runs, or draw the runs of
+a nightly scoring output.
 
     python jobs/report.py --predictions PRED --out DIR [--threshold T | --calibrate-on VAL_PRED ...]
     python jobs/report.py --compare RUN_OR_REPORT_DIR [...] --out DIR
+    python jobs/report.py --history SCORED --out DIR      (the trend over a scoring output's runs)
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jobs/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, ReportConfig, predictions={"metavar": "PRED"}, compare={"metavar": "DIR"},
-                         out={"metavar": "DIR"}, threshold={"metavar": "T"}, calibrate_on={"metavar": "VAL_PRED"},
+                         history={"metavar": "SCORED"}, out={"metavar": "DIR"}, threshold={"metavar": "T"},
+                         calibrate_on={"metavar": "VAL_PRED"},
                          target_sensitivity={"metavar": "S"}, bootstrap={"metavar": "N"}, explain={"metavar": "N"})
     return p
 

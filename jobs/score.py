@@ -1,4 +1,5 @@
-"""Score radiographs with exported model(s) on Ray Data: predictions Parquet, and a report when labelled."""
+"""Score radiographs with exported model(s) on Ray Data: predictions Parquet, a report (metrics when labelled) with
+drift from the model's validation split, and a line in OUT/history.jsonl."""
 
 from __future__ import annotations
 
@@ -47,14 +48,25 @@ def build_config(args: argparse.Namespace) -> ScoreConfig:
 def _run(args: argparse.Namespace) -> int:
     from mura_ray.score import score
 
-    summary = score(build_config(args))
+    cfg = build_config(args)
+    summary = score(cfg)
     repeated = summary["skipped_duplicates"]
     print(f"scored {summary['scored']} images, skipped {summary['skipped_already_done']} already done"
           + (f" and {repeated} repeated in the input" if repeated else "")
           + f", failed {summary['failed']}; predictions: {summary['predictions']}")
     if "report" in summary:
         print(f"report: {summary['report']}")
+    drift = summary.get("drift")
+    if drift:
+        status = {"flagged": "FLAGGED (" + "; ".join(drift["reasons"]) + ")", "ok": "not flagged"}
+        print(f"drift: {status.get(drift['status'], drift.get('note', drift['status']))}")
+        if drift["flagged"] and cfg.fail_on_drift:
+            return DRIFT_EXIT_CODE
     return 0
+
+
+DRIFT_EXIT_CODE = 3
+"""The exit code of a run with --fail-on-drift whose drift is flagged (2: an error, 0: done)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -484,7 +484,8 @@ class ScoreConfig:
     """An ingested Parquet split (DEST/test), or a folder/prefix of raw PNG/JPEG images or DICOM files (recognised
     by content; studies by StudyInstanceUID); local or s3://."""
     out: str
-    """Destination, local or s3://: predictions/ (Parquet), manifest.json, and report/ when the input has labels."""
+    """Destination, local or s3://: predictions/ (Parquet), manifest.json, report/ (metrics when the input has
+    labels; drift either way) and history.jsonl (a line per run)."""
     batch_size: int = 64
     """Images per model call."""
     concurrency: int = 1
@@ -506,7 +507,8 @@ class ScoreConfig:
     rows_per_file: int = 5000
     """Target rows per predictions Parquet file."""
     report: bool = True
-    """Write the metric report when the input has labels."""
+    """Write OUT/report (metrics when the input has labels, counts otherwise; drift from the model's validation
+    split either way) and append the run to OUT/history.jsonl."""
     bootstrap: int = 200
     """Bootstrap resamples for the report's 95% confidence intervals; 0 disables."""
     explain: int = 0
@@ -519,6 +521,9 @@ class ScoreConfig:
     float32."""
     chunk_images: int = 20000
     """Images per committed chunk: an interruption loses at most one chunk of work."""
+    fail_on_drift: bool = False
+    """Exit with code 3, after committing the predictions and writing the report, when drift from the model's
+    validation split is flagged (report.json's `drift`), so a scheduler can alert; without it a flagged run exits 0."""
 
     def validate(self) -> ScoreConfig:
         problems: list[str] = []
@@ -530,6 +535,8 @@ class ScoreConfig:
         _check_positive(problems, self, "bootstrap", "explain", allow_zero=True)
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             problems.append(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.fail_on_drift and not self.report:
+            problems.append("--fail-on-drift needs the report, where drift is judged: drop --no-report")
         if self.max_concurrency is not None and self.max_concurrency < self.concurrency:
             problems.append(f"--concurrency MIN-MAX needs MIN <= MAX, got {self.concurrency}-{self.max_concurrency}")
         _raise_if(problems)

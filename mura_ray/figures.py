@@ -1,4 +1,5 @@
-"""The report's PNG figures: ROC and precision-recall curves, confusion matrices, calibration, per body part."""
+"""The report's PNG figures: ROC and precision-recall curves, confusion matrices, calibration, per body part,
+drift distributions, and the trend over scoring runs."""
 
 from __future__ import annotations
 
@@ -11,31 +12,82 @@ from matplotlib.figure import Figure
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from mura_ray.drift import PSI_ALARM
 from mura_ray.labels import ABNORMAL_NAMES
 
 _MAX_CURVE_POINTS = 2000  # plotted points per curve; a million-point ROC line adds nothing visible
 
 
-def build_figures(report: dict[str, Any], images: pd.DataFrame, studies: pd.DataFrame) -> dict[str, bytes]:
-    """PNG bytes keyed by file name: ROC, precision-recall, confusion matrices, calibration, per body part.
+def build_figures(report: dict[str, Any], images: pd.DataFrame | None = None,
+                  studies: pd.DataFrame | None = None) -> dict[str, bytes]:
+    """PNG bytes keyed by file name: ROC, precision-recall, confusion matrices, calibration, per body part (a
+    report with metrics), and the drift distributions (a report with `drift` to show).
 
-    `images` and `studies` are the rows the report was computed on (`label`, `prob_abnormal` columns).
+    `images` and `studies` are the rows the metrics were computed on (`label`, `prob_abnormal` columns).
     """
-    levels = {
-        "Image": (images["label"].to_numpy(), images["prob_abnormal"].to_numpy(), report["image_level"]),
-        "Study": (studies["label"].to_numpy(), studies["prob_abnormal"].to_numpy(), report["study_level"]),
-    }
-    figures = {
-        "roc.png": _roc_figure(levels),
-        "precision_recall.png": _pr_figure(levels),
-        "confusion_matrix.png": _confusion_figure(levels),
-        "calibration.png": _calibration_figure(levels),
-    }
+    figures = {}
+    if "image_level" in report:
+        assert images is not None and studies is not None
+        levels = {
+            "Image": (images["label"].to_numpy(), images["prob_abnormal"].to_numpy(), report["image_level"]),
+            "Study": (studies["label"].to_numpy(), studies["prob_abnormal"].to_numpy(), report["study_level"]),
+        }
+        figures = {
+            "roc.png": _roc_figure(levels),
+            "precision_recall.png": _pr_figure(levels),
+            "confusion_matrix.png": _confusion_figure(levels),
+            "calibration.png": _calibration_figure(levels),
+        }
     if report.get("per_body_part"):
         figures["per_body_part.png"] = _per_body_part_figure(report["per_body_part"])
     if report.get("body_part"):
         figures["body_part_confusion.png"] = _body_part_confusion_figure(report["body_part"])
+    shown = {name: q for name, q in report.get("drift", {}).get("quantities", {}).items() if "share" in q}
+    if shown:
+        figures["drift.png"] = _drift_figure(shown)
     return figures
+
+
+def _drift_figure(quantities: dict[str, Any]) -> bytes:
+    """Per quantity, the reference's and this run's shares per bin (the reference's deciles, or categories)."""
+    cols = min(len(quantities), 4)
+    rows = -(-len(quantities) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, (name, q) in zip(axes, quantities.items(), strict=False):
+        x = np.arange(len(q["bins"]))
+        ax.bar(x - 0.2, q["reference_share"], width=0.4, label="reference (validation)", color="grey")
+        ax.bar(x + 0.2, q["share"], width=0.4, label="this run", color="tab:red" if q["flagged"] else "tab:blue")
+        ax.set_xticks(x, [b.title() if name == "body_part" else b for b in q["bins"]], rotation=45, ha="right",
+                      fontsize=7)
+        ax.set(title=f"{name}: PSI {q['psi']:.3f}" + (" (flagged)" if q["flagged"] else ""), ylabel="Share")
+        ax.legend(fontsize=7)
+    for ax in axes[len(quantities):]:
+        ax.set_visible(False)
+    return _png(fig)
+
+
+def history_figure(runs: list[dict[str, Any]]) -> bytes:
+    """The trend over scoring runs (OUT/history.jsonl): images, positive rate and mean probability, and the
+    largest PSI of each run against the alarm, flagged runs marked."""
+    when = pd.to_datetime([r["run_at"] for r in runs], utc=True)
+    fig = Figure(figsize=(10, 8), layout="constrained")
+    count, rate, psi = fig.subplots(3, 1, sharex=True)
+    count.plot(when, [r["images"] for r in runs], "o-")
+    count.set(ylabel="Images scored", title="Scoring runs")
+    for key, label in (("positive_rate", "Positive rate"), ("mean_prob_abnormal", "Mean probability")):
+        rate.plot(when, [np.nan if r[key] is None else r[key] for r in runs], "o-", label=label)
+    rate.set(ylabel="Share / probability", ylim=(0, 1))
+    rate.legend(loc="upper left")
+    top = [max(r["psi"].values(), default=np.nan) for r in runs]
+    psi.plot(when, top, "o-", label="largest PSI of the run")
+    flagged = [r["drift_flagged"] for r in runs]
+    psi.plot(when[flagged], np.asarray(top)[flagged], "o", color="tab:red", label="drift flagged")
+    psi.axhline(PSI_ALARM, linestyle="--", color="grey", linewidth=1, label=f"PSI {PSI_ALARM}")
+    psi.set(ylabel="PSI", xlabel="Run (UTC)")
+    psi.legend(loc="upper left")
+    fig.autofmt_xdate()
+    return _png(fig)
 
 
 _Levels = dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]

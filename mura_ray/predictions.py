@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -27,6 +28,8 @@ from mura_ray.config import UserError
 
 MANIFEST = "manifest.json"
 PREDICTIONS = "predictions"
+HISTORY = "history.jsonl"
+"""One JSON line per scoring run under DEST (`drift.history_line`), drawn by `jobs/report.py --history`."""
 PART_NAME = re.compile(r"part-\d+-\d+\.parquet")
 
 PREDICTION_SCHEMA = pa.schema(
@@ -40,12 +43,17 @@ PREDICTION_SCHEMA = pa.schema(
         ("prob_abnormal", pa.float32()),
         ("pred_abnormal", pa.int8()),
         ("label", pa.int8()),
+        ("image_mean", pa.float32()),
+        ("image_contrast", pa.float32()),
+        ("image_height", pa.int32()),
+        ("image_width", pa.int32()),
         ("model_id", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("error", pa.string()),
     ]
 )
-"""One row per input image; rows with an `error` carry no prediction."""
+"""One row per input image; rows with an `error` carry no prediction. `image_*` describe the decoded image
+(`images.ImageStats`: mean intensity and contrast in [0, 1], stored height and width in pixels), for drift."""
 
 REPORT_COLUMNS = ("image_id", "study_id", "body_part", "body_part_pred", "prob_abnormal", "label", "model_id",
                   "error")
@@ -95,16 +103,20 @@ def committed_parts(dest: str, manifest: dict[str, Any]) -> list[str]:
     return [storage.join(dest, PREDICTIONS, name) for name in sorted(manifest["parts"])]
 
 
-def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """The committed predictions of scoring output `out` (only the parts its manifest lists)."""
+def read_predictions(out: str, columns: list[str] | None = None, parts: list[str] | None = None) -> pd.DataFrame:
+    """The committed predictions of scoring output `out` (only the parts its manifest lists; of those, only
+    `parts` when given). Columns that parts of an older version lack are read as nulls."""
     manifest = read_manifest(out)
     if manifest is None:
         raise UserError(f"{out}: no {MANIFEST}; not a (complete) scoring output")
-    parts = committed_parts(out, manifest)
-    if not parts:
-        return PREDICTION_SCHEMA.empty_table().to_pandas()
+    files = [p for p in committed_parts(out, manifest) if parts is None or posixpath.basename(p) in parts]
+    schema = PREDICTION_SCHEMA if columns is None else pa.schema([PREDICTION_SCHEMA.field(c) for c in columns])
+    if not files:
+        return schema.empty_table().to_pandas()
     fs, _ = storage.resolve(out)
-    return pq.ParquetDataset([storage.resolve(p)[1] for p in parts], filesystem=fs).read(columns=columns).to_pandas()
+    dataset = pads.dataset([storage.resolve(p)[1] for p in files], schema=PREDICTION_SCHEMA, filesystem=fs,
+                           format="parquet")
+    return dataset.to_table(columns=columns).to_pandas()
 
 
 def load_predictions(uri: str) -> pd.DataFrame:

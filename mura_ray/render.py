@@ -101,6 +101,8 @@ def _blocks(report: dict[str, Any]) -> list[_Block]:
         return _Table(headers, rows, f"Table {n}: {caption}")
 
     for level, name, unit in [("image_level", "Image", "images"), ("study_level", "Study", "studies")]:
+        if level not in report:  # an unlabelled run's report: counts and drift
+            break
         m = report[level]
         blocks.append(("h2", f"Abnormality classification: {name.lower()} level"))
         blocks.append(table(*_classification_rows(m), f"{name}-level abnormality classification report "
@@ -111,8 +113,9 @@ def _blocks(report: dict[str, Any]) -> list[_Block]:
         blocks.append(table(["", "Predicted 0", "Predicted 1"], [["True 0", str(tn), str(fp)],
                                                                   ["True 1", str(fn), str(tp)]],
                             f"{name}-level confusion matrix at threshold {m['threshold']:.4f}"))
-    blocks += [("figure:roc.png", "ROC curves"), ("figure:precision_recall.png", "Precision-recall curves"),
-               ("figure:confusion_matrix.png", "Confusion matrices"), ("figure:calibration.png", "Calibration")]
+    if "image_level" in report:
+        blocks += [("figure:roc.png", "ROC curves"), ("figure:precision_recall.png", "Precision-recall curves"),
+                   ("figure:confusion_matrix.png", "Confusion matrices"), ("figure:calibration.png", "Calibration")]
 
     if report.get("per_body_part"):
         blocks.append(("h2", "Abnormality classification per body part"))
@@ -124,11 +127,66 @@ def _blocks(report: dict[str, Any]) -> list[_Block]:
         blocks.append(table(*_classification_rows(report["body_part"], title=True), "Body part classification report"))
         blocks.append(("figure:body_part_confusion.png", "Body part confusion matrix"))
 
+    if report.get("drift"):
+        blocks += _drift_blocks(report["drift"], table)
     notes = _collect_notes(report)
     if notes:
         blocks.append(("h2", "Notes: undefined metrics, bootstrap, study labels"))
         blocks.append([f"{where}: {reason}" for where, reason in notes])
     return blocks
+
+
+def _drift_blocks(drift: dict[str, Any], table: Any) -> list[_Block]:
+    """The drift section: verdict, reasons, a table per quantity, the distributions overlaid."""
+    blocks: list[_Block] = [("h2", "Drift from the model's validation split")]
+    verdict = {"flagged": "FLAGGED", "ok": "not flagged"}.get(drift["status"], "not judged")
+    line = (f"Drift: {verdict}. {drift['n_images']} images scored in this run"
+            + (f" against {drift['n_reference']} reference images" if drift.get("n_reference") else "") + ".")
+    if drift.get("note"):
+        line += f" {drift['note'][0].upper()}{drift['note'][1:]}."
+    blocks.append(("p", line))
+    thresholds = drift.get("thresholds")
+    if thresholds:
+        blocks.append(("p", f"A quantity is flagged when its PSI exceeds {thresholds['psi_alarm']} and the value "
+                            f"that sampling alone exceeds with probability {thresholds['alpha']} at these sample "
+                            f"sizes; under {thresholds['min_images']} images nothing is judged."))
+    if drift.get("reasons"):
+        blocks.append(list(drift["reasons"]))
+    quantities = drift.get("quantities", {})
+    if quantities:
+        rows = [[name, str(q["n"]), fmt(q.get("psi")), fmt(q.get("psi_threshold")), fmt(q.get("ks")),
+                 fmt(q.get("ks_pvalue")), "yes" if q.get("flagged") else q.get("note", "no")]
+                for name, q in quantities.items()]
+        blocks.append(table(["Quantity", "Images", "PSI", "PSI threshold", "KS", "KS p-value", "Flagged"], rows,
+                            "Drift per quantity (PSI over the reference's bins; KS against its sample)"))
+        blocks.append(("figure:drift.png", "Reference (validation) and this run's distributions"))
+    return blocks
+
+
+def render_history_markdown(runs: list[dict[str, Any]]) -> str:
+    """The scoring runs of OUT/history.jsonl as one Markdown table."""
+    lines = ["# Scoring runs", "", *markdown_table(*_history_rows(runs)), ""]
+    return "\n".join(lines)
+
+
+def render_history_html(runs: list[dict[str, Any]], figure: bytes) -> str:
+    """One self-contained page: the trend figure and the table of runs."""
+    headers, rows = _history_rows(runs)
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Scoring runs</title>\n"
+            f"<style>{_CSS}</style>\n</head>\n<body>\n<h1>Scoring runs</h1>\n"
+            + _html_figure(figure, "Images, positive rate, mean probability and largest PSI per run")
+            + _html_table(_Table(headers, rows, f"{len(runs)} runs")) + "\n</body>\n</html>\n")
+
+
+def _history_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers = ["Run (UTC)", "Images", "Failed", "Positive rate", "Mean probability", "Drift", "Largest PSI"]
+    rows = []
+    for r in runs:
+        top = max(r["psi"].items(), key=lambda kv: kv[1], default=None)
+        rows.append([r["run_at"][:19].replace("T", " "), str(r["images"]), str(r["failed"]), pct(r["positive_rate"]),
+                     fmt(r["mean_prob_abnormal"]), "FLAGGED" if r["drift_flagged"] else r["drift_status"],
+                     "-" if top is None else f"{top[1]:.3f} ({top[0]})"])
+    return headers, rows
 
 
 def _title(report: dict[str, Any]) -> str:
@@ -141,6 +199,12 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     if report.get("predictions"):
         lines.append(f"Predictions: {report['predictions']}")
+    if "image_level" not in report:  # an unlabelled run's report
+        lines.append(f"Images: {report['n_images']} scored · {report['n_errors']} with scoring errors · no labels: "
+                     "no metrics")
+        lines.append(f"Threshold: {report['threshold']:.4f} ({report['threshold_source']}) · called abnormal: "
+                     f"{pct(report.get('positive_rate'))} · mean probability: {fmt(report.get('mean_prob_abnormal'))}")
+        return lines
     lines.append(
         f"Images: {report['n_images']} · Studies: {report['n_studies']} · "
         f"Excluded: {report['n_errors']} with scoring errors, {report.get('n_unlabelled', 0)} unlabelled"
@@ -207,7 +271,7 @@ def _per_body_part_rows(per_part: dict[str, Any]) -> tuple[list[str], list[list[
 def _collect_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
     notes = list(report.get("notes", {}).items())
     for level in ("image_level", "study_level"):
-        notes += [(f"{level}.{k}", v) for k, v in report[level].get("notes", {}).items()]
+        notes += [(f"{level}.{k}", v) for k, v in report.get(level, {}).get("notes", {}).items()]
     for part, levels in report.get("per_body_part", {}).items():
         for level, m in levels.items():
             notes += [(f"per_body_part.{part}.{level}.{k}", v) for k, v in m.get("notes", {}).items()]

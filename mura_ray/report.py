@@ -8,6 +8,7 @@ I/O goes through `mura_ray.storage`, so every input and output may be a local pa
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pandas as pd
 from mura_ray import storage
 from mura_ray.compare import write_comparison
 from mura_ray.config import UserError
-from mura_ray.figures import build_figures
+from mura_ray.figures import build_figures, history_figure
 from mura_ray.labels import BODY_PARTS
 from mura_ray.metrics import (
     CalibrationLevel,
@@ -29,8 +30,8 @@ from mura_ray.metrics import (
     compute_binary_metrics,
     compute_body_part_metrics,
 )
-from mura_ray.predictions import find_scoring_output, load_predictions, read_predictions
-from mura_ray.render import render_html, render_markdown
+from mura_ray.predictions import HISTORY, find_scoring_output, load_predictions, read_predictions
+from mura_ray.render import render_history_html, render_history_markdown, render_html, render_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,16 @@ class ReportConfig:
     """What `jobs/report.py` asks for: one report from predictions, or a comparison of finished reports."""
 
     out: str
-    """Output directory, local or s3://: report.json/.md/.html and figures/, or comparison.md/.json."""
+    """Output directory, local or s3://: report.json/.md/.html and figures/, comparison.md/.json, or
+    history.md/.html."""
     predictions: str | None = None
     """Predictions Parquet dataset from the scoring job (local dir/file or s3://); it must have a `label` column."""
     compare: tuple[str, ...] = ()
     """Instead of --predictions: run directories (report/report.json + model/model_card.json) or report directories
     (report.json) to compare in one table."""
+    history: str | None = None
+    """Instead of --predictions: a scoring output (jobs/score.py's --out) whose history.jsonl to draw over runs:
+    history.md (a table) and history.html (a figure and the table) under --out."""
     threshold: float | None = None
     """Call an image or study abnormal when its probability >= T; not with --calibrate-on. Without either: the
     threshold the predictions were scored at, from the scoring output's manifest.json, else 0.5."""
@@ -79,10 +84,10 @@ class ReportConfig:
         problems = []
         if not self.out:
             problems.append("--out is required")
-        if bool(self.predictions) == bool(self.compare):
-            problems.append("pass exactly one of --predictions PRED or --compare DIR [DIR ...]")
-        if self.compare and (self.threshold is not None or self.calibrate_on):
-            problems.append("--threshold and --calibrate-on do not apply to --compare")
+        if [bool(self.predictions), bool(self.compare), bool(self.history)].count(True) != 1:
+            problems.append("pass exactly one of --predictions PRED, --compare DIR [DIR ...] or --history OUT")
+        if (self.compare or self.history) and (self.threshold is not None or self.calibrate_on):
+            problems.append("--threshold and --calibrate-on do not apply to --compare or --history")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             problems.append(f"--threshold must be a probability in [0, 1]; got {self.threshold}")
         if self.threshold is not None and self.calibrate_on:
@@ -107,8 +112,8 @@ class ReportConfig:
             problems.append(f"--bootstrap must be >= 0 (0 disables); got {self.bootstrap}")
         if self.explain < 0:
             problems.append(f"--explain must be >= 0 (0 disables); got {self.explain}")
-        if self.explain and self.compare:
-            problems.append("--explain does not apply to --compare")
+        if self.explain and (self.compare or self.history):
+            problems.append("--explain does not apply to --compare or --history")
         if problems:
             raise UserError("; ".join(problems))
         return self
@@ -121,6 +126,8 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         _, comparison = write_comparison(cfg.compare, cfg.out)
         storage.write_json(storage.join(cfg.out, "report_config.json"), dataclasses.asdict(cfg))
         return comparison
+    if cfg.history:
+        return write_history(cfg.history, cfg.out)
     assert cfg.predictions is not None  # guaranteed by ReportConfig.validate
     df = _load_labelled(cfg.predictions, "--predictions")
     scored_at = _scoring_threshold(cfg.predictions)
@@ -150,6 +157,35 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     write_report(report, df, cfg.out, explanations=explanations)
     storage.write_json(storage.join(cfg.out, "report_config.json"), dataclasses.asdict(cfg))
     return report
+
+
+def write_history(scoring_out: str, out_uri: str) -> dict[str, Any]:
+    """Draw a scoring output's runs (its history.jsonl): history.md and history.html under `out_uri`."""
+    uri = storage.join(scoring_out, HISTORY)
+    if not storage.exists(uri):
+        raise UserError(f"--history {scoring_out}: no {HISTORY} there; pass the --out of a scoring job that has "
+                        "run at least once")
+    runs = []
+    for number, line in enumerate(storage.read_bytes(uri).decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            run = json.loads(line)
+            missing = [k for k in ("run_at", "images", "failed", "positive_rate", "mean_prob_abnormal",
+                                   "drift_status", "drift_flagged", "psi") if k not in run]
+        except (ValueError, TypeError):
+            missing = ["(not a JSON object)"]
+        if missing:
+            raise UserError(f"{uri} line {number} is not a scoring run's line (lacks {', '.join(missing)})")
+        runs.append(run)
+    if not runs:
+        raise UserError(f"{uri} holds no runs")
+    runs.sort(key=lambda r: r["run_at"])
+    storage.write_bytes(storage.join(out_uri, "history.md"), render_history_markdown(runs).encode("utf-8"))
+    storage.write_bytes(storage.join(out_uri, "history.html"),
+                        render_history_html(runs, history_figure(runs)).encode("utf-8"))
+    logger.info("Wrote the trend of %d scoring runs to %s", len(runs), out_uri)
+    return {"runs": runs}
 
 
 def _explanations(predictions: str, n: int, threshold: float) -> list[tuple[str, bytes]]:
@@ -305,6 +341,24 @@ def build_report(
     return report
 
 
+def build_counts(df: pd.DataFrame, *, threshold: float, threshold_source: str) -> dict[str, Any]:
+    """What the report of predictions without labels holds instead of metrics: counts, the share called abnormal
+    at `threshold` and the mean probability."""
+    failed = df["prob_abnormal"].isna()
+    if "error" in df:
+        failed |= df["error"].notna()
+    prob = df.loc[~failed, "prob_abnormal"].astype(np.float64)
+    model_ids = _model_ids(df)
+    return {
+        "n_rows": len(df), "n_images": len(prob), "n_errors": int(failed.sum()),
+        "n_unlabelled": int((~failed & df["label"].isna()).sum()) if "label" in df else len(prob),
+        "threshold": float(threshold), "threshold_source": threshold_source,
+        "model_id": None if not model_ids else model_ids[0] if len(model_ids) == 1 else model_ids,
+        "positive_rate": float((prob >= threshold).mean()) if len(prob) else None,
+        "mean_prob_abnormal": float(prob.mean()) if len(prob) else None,
+    }
+
+
 def write_report(
     report: dict[str, Any],
     df: pd.DataFrame,
@@ -314,18 +368,22 @@ def write_report(
 ) -> None:
     """Write report.json, report.md, report.html and figures/*.png under `out_uri`.
 
-    `df` is the predictions table the report was built from (the curves need the probabilities).
+    `df` is the predictions table the report was built from (the curves need the probabilities); a report of
+    `build_counts` has no metric figures, one with `drift` a figure of its distributions.
     `explanations` are (caption, PNG bytes) pairs, e.g. Grad-CAM heatmaps, shown under their own heading.
     """
-    prep = _prepare(df)
-    figures = build_figures(report, prep.images, prep.studies)
+    if "image_level" in report:
+        prep = _prepare(df)
+        figures = build_figures(report, prep.images, prep.studies)
+    else:
+        figures = build_figures(report)
     for name, png in figures.items():
         storage.write_bytes(storage.join(out_uri, "figures", name), png)
     storage.write_json(storage.join(out_uri, "report.json"), report)
     storage.write_bytes(storage.join(out_uri, "report.md"), render_markdown(report).encode("utf-8"))
     page = render_html(report, figures, explanations=explanations)
     storage.write_bytes(storage.join(out_uri, "report.html"), page.encode("utf-8"))
-    logger.info("Wrote report (%d images, %d studies) to %s", report["n_images"], report["n_studies"], out_uri)
+    logger.info("Wrote report (%d images) to %s", report["n_images"], out_uri)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Batch scoring on Ray Data (`jobs/score.py`): a Predictor actor per model copy, resumable chunked commits, a report
-when labelled.
+(metrics when labelled) with the drift of what the run scored from the model's validation split (`mura_ray.drift`),
+and a line per run in OUT/history.jsonl.
 
 The input is listed by `mura_ray.data.score_input`, without the images already committed; one Ray Data execution
 scores it (raw folders: runs of 200,000 paths), so the model actors start once; the driver cuts the stream of
@@ -23,6 +24,7 @@ scored on GPU (autocast) or on CPU (float32): any run continues it, and records 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -37,7 +39,7 @@ import pyarrow.compute as pc
 
 from mura_ray import runtime, storage
 from mura_ray.config import ScoreConfig, UserError, threshold_policy
-from mura_ray.data.images import DecodeError, load_pixels
+from mura_ray.data.images import DecodeError, ImageStats, load_pixels_and_stats
 from mura_ray.data.pipeline import body_part_indices
 from mura_ray.data.score_input import (
     RETRY_LATER,
@@ -50,6 +52,7 @@ from mura_ray.data.score_input import (
 )
 from mura_ray.labels import BODY_PARTS
 from mura_ray.predictions import (
+    HISTORY,
     MANIFEST,
     PREDICTION_SCHEMA,
     PREDICTIONS,
@@ -79,8 +82,8 @@ def _present(value: Any) -> bool:
 def decode_for_scoring(batch: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
     """Ray Data task: each row's image bytes as the model input pixels of every input size in `sizes`
     (`images.load_pixels`, as training's validation prepares them: uint8 `pixels_{size}` columns; the bytes are
-    dropped). A row that cannot be decoded, or that arrives with a read error, keeps its `error` and gets zero
-    pixels.
+    dropped), and the decoded image's statistics (`images.ImageStats`, as `image_*` columns, for drift). A row
+    that cannot be decoded, or that arrives with a read error, keeps its `error` and gets zero pixels.
 
     The scoring job runs this as its own `map_batches` stage before the `Predictor` actors: with CPU actors Ray
     fuses the two (same resources), with GPU actors it stays a pool of CPU tasks, so that the node's CPUs decode
@@ -88,6 +91,7 @@ def decode_for_scoring(batch: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
     """
     n = len(batch)
     pixels = {size: np.zeros((n, size, size), dtype=np.uint8) for size in sizes}
+    stats: list[ImageStats | None] = [None] * n
     errors: list[str | None] = []
     pre_errors = batch["error"] if "error" in batch else [None] * n
     for i, (data, pre_error) in enumerate(zip(batch["image"], pre_errors, strict=True)):
@@ -96,7 +100,7 @@ def decode_for_scoring(batch: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
             continue
         try:
             for size in sizes:  # an ensemble of several input sizes decodes once for each (JPEG draft: per size)
-                pixels[size][i] = load_pixels(data, size)
+                pixels[size][i], stats[i] = load_pixels_and_stats(data, size)
         except DecodeError as e:
             errors.append(str(e))
             continue
@@ -104,7 +108,13 @@ def decode_for_scoring(batch: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
     out = batch.drop(columns=["image"]).assign(error=errors)
     for size in sizes:
         out[f"pixels_{size}"] = list(pixels[size])
+    for column, field in _STAT_COLUMNS.items():
+        out[column] = [None if s is None else getattr(s, field) for s in stats]
     return out
+
+
+_STAT_COLUMNS = {"image_mean": "mean", "image_contrast": "contrast", "image_height": "height", "image_width": "width"}
+"""Prediction columns (`PREDICTION_SCHEMA`) of the decoded image's `images.ImageStats` fields."""
 
 
 class Predictor:
@@ -191,6 +201,9 @@ class Predictor:
             "prob_abnormal": [float(p) if o else None for p, o in zip(prob, ok, strict=True)],
             "pred_abnormal": [int(p >= self.threshold) if o else None for p, o in zip(prob, ok, strict=True)],
             "label": labels,
+            # Null where a batch of pixels decoded elsewhere carries no statistics.
+            **{c: [v if o and _present(v) else None for v, o in zip(batch.get(c, [None] * n), ok, strict=True)]
+               for c in _STAT_COLUMNS},
             "model_id": [self.model_id] * n,
             "scored_at": [now] * n,
             "error": errors,
@@ -405,6 +418,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     cfg = replace(cfg, input=storage.absolute(cfg.input), out=storage.absolute(cfg.out),
                   models=tuple(storage.absolute(m) for m in cfg.models))
     members, model_ids, model_threshold, sizes, model_tta = _check_models(cfg.models)
+    cards = list(cfg.models)  # whose reference profiles drift is judged against (an ensemble directory's own)
     cfg = replace(cfg, models=members, tta=model_tta if cfg.tta is None else cfg.tta)
     if cfg.explain:
         import importlib.util
@@ -422,13 +436,14 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     manifest = _open_output(cfg, model_ids, threshold, threshold_source, model_threshold, overwrite=overwrite,
                             lock=lock)
     try:
-        return _score_locked(cfg, manifest, lock, sizes, threshold, threshold_source, report_dir)
+        return _score_locked(cfg, manifest, lock, sizes, threshold, threshold_source, report_dir, cards)
     finally:
         lock.release()
 
 
 def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.OutputLock, sizes: list[int],
-                  threshold: float, threshold_source: str, report_dir: str | None) -> dict[str, Any]:
+                  threshold: float, threshold_source: str, report_dir: str | None,
+                  cards: list[str]) -> dict[str, Any]:
     """`score` once this run holds --out's lock."""
     import ray
 
@@ -488,36 +503,74 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     if cfg.report and manifest.get("n_rows"):
         report_dir = report_dir or storage.join(cfg.out, "report")
         explain = {"n": cfg.explain, "input": cfg.input, "models": list(cfg.models)} if cfg.explain else None
+        # Drift and the history line cover what was committed since the last report: this run's parts, and those
+        # of a run that was stopped before its report.
+        profiled = manifest.get("profiled_through", -1)
+        new_parts = sorted(name for name, part in manifest["parts"].items() if part["chunk"] > profiled)
         made = _get(ray.remote(_report_task).options(num_cpus=1).remote(
-            cfg.out, report_dir, threshold, threshold_source, cfg.bootstrap, explain))
-        if made is not None:
-            summary["report"] = report_dir
-            summary["report_summary"] = made
+            cfg.out, report_dir, threshold, threshold_source, cfg.bootstrap, explain, cards, new_parts))
+        manifest["profiled_through"] = max(part["chunk"] for part in manifest["parts"].values())
+        lock.check()
+        storage.write_json(storage.join(cfg.out, MANIFEST), manifest)
+        summary["report"] = report_dir
+        summary["report_summary"] = made
+        summary["drift"] = made["drift"]
     return summary
 
 
 def _report_task(out: str, report_dir: str, threshold: float, threshold_source: str, bootstrap: int,
-                 explain: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Ray task: build and write the metric report when the predictions carry labels (keeps the driver small).
+                 explain: dict[str, Any] | None, models: list[str], new_parts: list[str]) -> dict[str, Any]:
+    """Ray task (keeps the driver small): write the report of everything `out` holds (metrics when labelled, the
+    counts otherwise) with the drift of the parts committed since the last report (`new_parts`) from the model's
+    reference profile, and append their line to OUT/history.jsonl. Returns the report.
 
     With `explain`, Grad-CAM heatmaps of the most confident true positives, false negatives and false positives
-    are added to the HTML report.
+    are added to the HTML report of labelled predictions.
     """
     # Imported here, as torch and timm are in the Predictor: Ray Data's decode tasks import this module, and need
     # neither matplotlib nor torch.
+    from mura_ray import drift
     from mura_ray.explain import explain_report_examples
-    from mura_ray.report import build_report, write_report
+    from mura_ray.report import build_counts, build_report, write_report
 
+    run_at = datetime.now(timezone.utc)
     df = load_predictions(out)
-    if "label" not in df or not (df["label"].notna() & df["prob_abnormal"].notna()).any():
-        return None  # no image both labelled and scored (an unlabelled input, or every labelled image failed)
-    report = build_report(df, threshold=threshold, threshold_source=threshold_source, bootstrap=bootstrap)
+    labelled = "label" in df and bool((df["label"].notna() & df["prob_abnormal"].notna()).any())
+    if labelled:
+        report = build_report(df, threshold=threshold, threshold_source=threshold_source, bootstrap=bootstrap)
+    else:  # an unlabelled archive (or every labelled image failed): counts and drift, no metrics
+        report = build_counts(df, threshold=threshold, threshold_source=threshold_source)
+    run_rows = read_predictions(out, columns=list(drift.COLUMNS), parts=new_parts)
+    report["drift"] = _drift(models, run_rows)
     explanations = None
-    if explain:
+    if explain and labelled:
         explanations = explain_report_examples(read_predictions(out), explain["input"], explain["models"],
                                                explain["n"], threshold)
     write_report(report, df, report_dir, explanations=explanations)
+    history = storage.join(out, HISTORY)
+    held = storage.read_bytes(history) if storage.exists(history) else b""
+    line = json.dumps(drift.history_line(run_rows, report["drift"], run_at)) + "\n"
+    storage.write_bytes(history, held + line.encode())  # object stores cannot append: the file is rewritten
     return report
+
+
+def _drift(models: list[str], rows: pd.DataFrame) -> dict[str, Any]:
+    """`drift.compare` with the reference profile of the first --model whose card holds one (an ensemble
+    directory's is its own; of several --model, the first's, whose probabilities are close to, not the same as,
+    the ensemble's)."""
+    from mura_ray import drift
+
+    for uri in models:
+        card_uri = storage.join(uri, "model_card.json")
+        card = storage.read_json(card_uri) if storage.exists(card_uri) else {}
+        if card.get("drift_reference"):
+            result = drift.compare(card["drift_reference"], rows)
+            result["reference_model"] = card.get("model_id")
+            return result
+    scored = int(rows["prob_abnormal"].notna().sum())
+    return {"status": "no_reference", "flagged": False, "reasons": [], "n_images": scored,
+            "note": "the model card holds no reference profile (exported before profiles were stored): export the "
+                    "model again to judge drift"}
 
 
 def choose_model_threshold(model_dir: str, data: str, run_dir: str, policy: str, fixed: float) -> dict[str, Any]:
@@ -527,33 +580,36 @@ def choose_model_threshold(model_dir: str, data: str, run_dir: str, policy: str,
     `operating_point` (the validation metrics at that threshold, image and study level). The split is scored into
     RUN_DIR/val (replaced) with the exported model: the probabilities training's validation computed. A split of
     one class cannot choose: `fixed` is kept. A card without validation metrics (an ensemble's: no training run
-    computed them) gets them from those predictions, at `fixed` as training computes them."""
+    computed them) gets them from those predictions, at `fixed` as training computes them.
+
+    The model card also gets the split's `drift_reference` (`drift.build_reference`), which every scoring run with
+    the model compares its images with."""
+    from mura_ray import drift  # as in `_report_task`: the decode tasks need neither scipy nor matplotlib
     from mura_ray.metrics import validation_metrics
     from mura_ray.models import ENSEMBLE_FILE
-    from mura_ray.report import calibrate_threshold  # as in `_report_task`: the decode tasks need no matplotlib
+    from mura_ray.report import calibrate_threshold
 
     method, target = threshold_policy(policy)
     point: dict[str, Any] = {"method": "fixed", "threshold": fixed}
     card_uri = storage.join(model_dir, "model_card.json")
     card = storage.read_json(card_uri)
-    validated = "validation" in card.get("metrics", {})
-    if method != "fixed" or not validated:
-        val = ScoreConfig(models=(model_dir,), input=storage.join(data, "val"), out=storage.join(run_dir, "val"),
-                          threshold=fixed, report=False)
-        score(val, overwrite=True)
-        predictions = load_predictions(val.out)
-        if not validated:
-            rows = predictions[predictions["error"].isna() & predictions["label"].notna()]
-            card.setdefault("metrics", {})["validation"] = validation_metrics(
-                rows["label"].to_numpy(int), rows["prob_abnormal"].to_numpy(float),
-                rows["study_id"].fillna(rows["image_id"]), fixed)
-        if method != "fixed":
-            try:
-                point = calibrate_threshold(predictions, method, target, level="study")
-                point["calibrated_on"] = val.out
-            except ValueError as e:
-                logger.warning("--threshold-policy %s: %s; keeping --threshold %g", policy, e, fixed)
-                policy = "fixed"
+    val = ScoreConfig(models=(model_dir,), input=storage.join(data, "val"), out=storage.join(run_dir, "val"),
+                      threshold=fixed, report=False)
+    score(val, overwrite=True)
+    card["drift_reference"] = drift.build_reference(read_predictions(val.out, columns=list(drift.COLUMNS)))
+    predictions = load_predictions(val.out)
+    if "validation" not in card.get("metrics", {}):
+        rows = predictions[predictions["error"].isna() & predictions["label"].notna()]
+        card.setdefault("metrics", {})["validation"] = validation_metrics(
+            rows["label"].to_numpy(int), rows["prob_abnormal"].to_numpy(float),
+            rows["study_id"].fillna(rows["image_id"]), fixed)
+    if method != "fixed":
+        try:
+            point = calibrate_threshold(predictions, method, target, level="study")
+            point["calibrated_on"] = val.out
+        except ValueError as e:
+            logger.warning("--threshold-policy %s: %s; keeping --threshold %g", policy, e, fixed)
+            policy = "fixed"
     threshold = float(point["threshold"])
     config_uri = storage.join(model_dir, ENSEMBLE_FILE)
     if not storage.exists(config_uri):

@@ -152,7 +152,12 @@ def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_pa
     assert ok["prob_abnormal"].notna().all() and ok["label"].isna().all()
     assert set(ok.loc[ok["path"].str.contains("XR_HAND"), "body_part"]) == {"HAND"}
     assert ok.loc[~ok["path"].str.contains("XR_HAND"), "body_part"].isna().all()
-    assert not (out / "report").exists()
+    report = json.loads((out / "report" / "report.json").read_text())  # unlabelled: counts and drift, no metrics
+    assert "image_level" not in report and report["n_images"] == 13 and report["n_errors"] == 1
+    assert report["drift"]["status"] == "too_few_images" and not report["drift"]["flagged"]
+    # The interrupted run wrote no report: the line of the run that finished covers its chunks too.
+    (line,) = (json.loads(line) for line in (out / "history.jsonl").read_text().splitlines())
+    assert (line["images"], line["failed"], line["drift_status"]) == (13, 1, "too_few_images")
     assert len(json.loads((out / "manifest.json").read_text())["parts"]) > len(committed["parts"])
 
     # A third run finds nothing to do and writes nothing new.
@@ -370,20 +375,27 @@ def test_manifests_that_cannot_be_continued_are_one_line_errors(exported_model, 
         assert not (out / "_lock.json").exists()  # released
 
 
-def test_no_report_when_no_labelled_image_was_scored(tmp_path):
-    """Labelled rows that all failed to decode, unlabelled rows scored: nothing to report on, and no crash."""
+def test_a_run_without_labelled_images_reports_counts_and_drift(tmp_path):
+    """Labelled rows that all failed to decode, unlabelled rows scored: counts and drift, no metrics, no crash."""
     import pyarrow as pa
 
     rows = {"image_id": ["a", "b"], "path": ["a", "b"], "study_id": [None, None], "body_part": [None, None],
             "body_part_pred": [None, None], "body_part_probs": [None, None], "prob_abnormal": [None, 0.7],
-            "pred_abnormal": [None, 1], "label": [1, None], "model_id": ["m", "m"],
+            "pred_abnormal": [None, 1], "label": [1, None], "image_mean": [None, 0.4], "image_contrast": [None, 0.2],
+            "image_height": [None, 48], "image_width": [None, 40], "model_id": ["m", "m"],
             "scored_at": [pd.Timestamp.now(tz="UTC")] * 2, "error": ["cannot decode image", None]}
     (tmp_path / "predictions").mkdir()
     pq.write_table(pa.table(rows, schema=predictions.PREDICTION_SCHEMA),
                    tmp_path / "predictions" / "part-000000-0000.parquet")
     (tmp_path / "manifest.json").write_text(json.dumps({"parts": {"part-000000-0000.parquet": {"chunk": 0}}}))
-    assert score_lib._report_task(str(tmp_path), str(tmp_path / "report"), 0.5, "model", 0, None) is None
-    assert not (tmp_path / "report").exists()
+    report = score_lib._report_task(str(tmp_path), str(tmp_path / "report"), 0.5, "model", 0, None, [],
+                                    ["part-000000-0000.parquet"])
+    assert "image_level" not in report and (report["n_images"], report["n_errors"]) == (1, 1)
+    assert report["positive_rate"] == 1.0 and report["mean_prob_abnormal"] == pytest.approx(0.7)
+    assert report["drift"]["status"] == "no_reference" and not report["drift"]["flagged"]
+    assert json.loads((tmp_path / "report" / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert "no metrics" in (tmp_path / "report" / "report.md").read_text()
+    assert json.loads((tmp_path / "history.jsonl").read_text())["images"] == 1
 
 
 def test_overwrite_never_deletes_what_another_run_holds(exported_model, tmp_path, capsys):

@@ -36,6 +36,10 @@ def test_cli_run_exports_model_and_report(trained_run: Path):
     assert {"val_auc", "val_kappa", "val_study_auc", "val_study_kappa", "val_abnormal_loss"} <= set(
         card["metrics"]["validation"])
     assert card["tasks"]["body_part"][0] == "ELBOW" and card["training"]["fingerprint"]
+    # The validation split's reference profile, which scoring runs compare their images with (mura_ray.drift).
+    reference = card["drift_reference"]
+    assert reference["n_images"] == card["operating_point"]["n_images"] > 0
+    assert {"prob_abnormal", "image_mean", "image_contrast", "image_size", "body_part"} <= set(reference["quantities"])
     assert set(card["metrics"]["test"]) >= {"image_roc_auc", "image_cohen_kappa", "body_part_accuracy"}
     report = json.loads((trained_run / "report" / "report.json").read_text())
     assert report["threshold"] == pytest.approx(card["threshold"]) and report["threshold_source"] == "model"
