@@ -27,9 +27,10 @@ METRICS = ("val_study_kappa", "val_auc")
 
 
 def run_seed(seed: int, out: str, epochs: int | None, demo_images: int | None) -> dict[str, dict[str, float]]:
+    from mura_ray.checkpoints import best_state
     from mura_ray.config import DEMO_TRAIN_DEFAULTS, TrainConfig
     from mura_ray.score import choose_model_threshold, score_test_split
-    from mura_ray.train import best_state, build_trainer, export_best, prepare_run
+    from mura_ray.train import build_trainer, export_best, prepare_run
 
     cfg = replace(TrainConfig(), **DEMO_TRAIN_DEFAULTS, seed=seed, out=f"{out}/seed{seed}")
     if epochs:

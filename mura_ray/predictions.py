@@ -166,10 +166,10 @@ def check_continuable(out: str, manifest: dict[str, Any]) -> None:
 
 def load_done_keys(out: str, parts: list[str], by_path: bool = False) -> np.ndarray:
     """Ray task: 64-bit keys of every image id in the committed parts; `by_path` (raw-folder input) also of the
-    path-derived id of each row's file (`ingest.image_id_for`): a raw DICOM file's id is its SOPInstanceUID, known
+    path-derived id of each row's file (`listing.image_id_for`): a raw DICOM file's id is its SOPInstanceUID, known
     only once it is read, while a re-run drops the files already scored before reading them, by path (for PNG and
     JPEG files the two are the same id)."""
-    from mura_ray.data.ingest import image_id_for
+    from mura_ray.data.listing import image_id_for
 
     keys = []
     for part in parts:

@@ -25,6 +25,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from mura_ray import __version__, runtime, storage
+from mura_ray.checkpoints import best_state, check_resumable, load_checkpoint_state, resume_epoch, save_state
 from mura_ray.config import METRIC_MODES, TrainConfig, UserError
 from mura_ray.data.augment import augment_generator, prepare_batch
 from mura_ray.data.cache import ensure_cache
@@ -54,7 +55,6 @@ from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 SHUFFLE_BATCHES = 16
 """Training rows are shuffled in windows of this many batches of one epoch (`pipeline.shuffle_epochs`)."""
 
@@ -105,15 +105,6 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype |
 def _or_nan(value: float | None) -> float:
     """A metric for Ray Train's report: NaN where `metrics` says undefined (None), as Tune and ASHA expect."""
     return math.nan if value is None else float(value)
-
-
-def _save_state(path: str, state: dict[str, Any]) -> None:
-    torch.save(state, os.path.join(path, STATE_FILE))
-
-
-def load_checkpoint_state(checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer,
@@ -378,7 +369,7 @@ def _train(cfg: TrainConfig, loop_config: dict[str, Any], state: dict[str, Any] 
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
             if rank == 0:
-                _save_state(tmp, {
+                save_state(tmp, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
                     "metrics": {k: float(v) for k, v in metrics.items()},
@@ -438,56 +429,6 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
                what=f"--workers {cfg.workers} (x --cpus-per-worker {cfg.cpus_per_worker:g}, one CPU to decode images"
                f"{', one GPU each' if gpu else ''})",
                hint="use --gpu no to train on CPUs" if gpu else "lower --workers or --cpus-per-worker")
-
-
-ARCHITECTURE_OPTIONS = ("backbone", "multitask", "body_part_embedding", "freeze", "image_size")
-"""Options whose change makes a run directory's checkpoints unloadable (weights or optimizer state; the image size
-shapes the position embeddings of fixed-size backbones such as ViT)."""
-
-
-def resume_epoch(out: str) -> int:
-    """The epoch a run in `out` resumes at (0 for a new run): the one after the checkpoint Ray Train restores, the
-    latest it recorded in the run's checkpoint_manager_snapshot.json (what Train V2 itself reads on a re-run)."""
-    uri = storage.join(out, "checkpoint_manager_snapshot.json")
-    try:
-        if not storage.exists(uri):
-            return 0
-        latest = storage.read_json(uri).get("latest_checkpoint_result") or {}
-        return int(latest.get("metrics", {}).get("epoch", 0))  # reported 1-based: the next epoch's 0-based index
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        logger.warning("Cannot tell the epoch %s resumes at (%s): its input starts at the first pass", out,
-                       first_line(e))
-        return 0
-
-
-def _has_checkpoints(out: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(out)
-    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    return any(e.base_name.startswith("checkpoint_") for e in entries)
-
-
-def check_resumable(cfg: TrainConfig) -> None:
-    """Record the run's options in RUN_DIR/train_config.json, or check a re-run against those recorded.
-
-    Re-running with the same --out resumes; with another architecture the checkpoints cannot load, which would
-    fail in every worker restart: a UserError instead, before any cluster work.
-    """
-    assert cfg.out is not None
-    path = storage.join(cfg.out, "train_config.json")
-    try:
-        if not storage.exists(path) or not _has_checkpoints(cfg.out):  # nothing to resume: this run's options
-            storage.write_json(path, asdict(cfg))
-            return
-        earlier = storage.read_json(path)
-    except OSError as e:
-        raise UserError(f"--out {cfg.out}: cannot write there ({first_line(e)})") from None
-    changed = [f"--{k.replace('_', '-')} {earlier[k]!r} -> {getattr(cfg, k)!r}" for k in ARCHITECTURE_OPTIONS
-               if k in earlier and earlier[k] != getattr(cfg, k)]
-    if changed:
-        raise UserError(f"--out {cfg.out} holds a run of another model ({', '.join(changed)}); its checkpoints "
-                        "cannot be resumed: give a new --out")
 
 
 class _EpochLogger:
@@ -669,30 +610,6 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
                                             execution_options={"train": ordered_ingest_options()}),
     )
-
-
-def best_state(result, metric: str = "val_loss") -> dict[str, Any]:
-    """The training state saved with the best kept checkpoint of a finished run by `metric` (see METRIC_MODES).
-
-    A metric undefined at every kept checkpoint (AUC and kappa on a validation split of one class) falls back to
-    the abnormality loss, as early stopping does (the validation loss for checkpoints that lack it), with one log
-    line.
-    """
-    def defined(metrics: dict[str, Any], key: str) -> bool:
-        value = metrics.get(key)
-        return isinstance(value, int | float) and math.isfinite(value)
-
-    kept = result.best_checkpoints
-    if not kept:
-        raise RuntimeError("training finished without a checkpoint")
-    if not any(defined(m, metric) for _, m in kept):
-        fallback = "val_abnormal_loss" if any(defined(m, "val_abnormal_loss") for _, m in kept) else "val_loss"
-        logger.warning("%s is undefined at every kept checkpoint (a validation split of one class?): choosing the "
-                       "checkpoint by %s instead", metric, fallback)
-        metric = fallback
-    pick = max if METRIC_MODES[metric] == "max" else min
-    best, _ = pick(((c, m) for c, m in kept if defined(m, metric)), key=lambda cm: float(cm[1][metric]))
-    return load_checkpoint_state(best)
 
 
 def fit(cfg: TrainConfig) -> dict[str, Any]:

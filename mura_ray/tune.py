@@ -341,8 +341,9 @@ def export_trial(cfg: TuneConfig, trial_id: str, params: dict[str, Any], dest: s
     jobs/train.py does; skipped when dest already holds this trial."""
     import ray.train
 
+    from mura_ray.checkpoints import best_state
     from mura_ray.score import choose_model_threshold, score_test_split
-    from mura_ray.train import best_state, export_best, prepare_run
+    from mura_ray.train import export_best, prepare_run
 
     marker = storage.join(dest, "trial.json")
     if storage.exists(marker) and storage.read_json(marker).get("trial_id") == trial_id:

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from mura_ray.data.images import DecodeError, decode_radiograph
-from mura_ray.data.ingest import SCHEMA, image_id_for, list_mura
+from mura_ray.data.ingest import SCHEMA
+from mura_ray.data.listing import image_id_for, list_mura
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -638,7 +639,7 @@ def test_a_folder_set_without_split_folders_warns_where_its_images_go(tmp_path, 
     """`--source folder --root set/train` (one split's folder, not the set's) puts every image in `test`: said."""
     import logging
 
-    from mura_ray.data.ingest import list_folder
+    from mura_ray.data.listing import list_folder
 
     for cls in ("fractured", "not fractured"):
         folder = tmp_path / "set" / "train" / cls

@@ -177,7 +177,7 @@ def test_raw_folder_error_rows_and_resume_without_duplicates(trained_run, tmp_pa
 def test_done_images_of_a_raw_listing_are_dropped_before_their_bytes_are_read(ray_cluster):
     import ray
 
-    from mura_ray.data.ingest import image_id_for
+    from mura_ray.data.listing import image_id_for
 
     paths = ["night1/a.png", "night1/b.png", "night1/c.png"]
     done = ray.put(np.sort(predictions.image_key([image_id_for(paths[1])])))

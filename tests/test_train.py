@@ -188,7 +188,7 @@ def test_shuffle_epochs_cuts_exact_epochs_and_a_resumed_run_sees_the_same_batche
 
 
 def test_resume_epoch_is_the_one_after_the_checkpoint_ray_train_restores(tmp_path, caplog):
-    from mura_ray.train import resume_epoch
+    from mura_ray.checkpoints import resume_epoch
 
     assert resume_epoch(str(tmp_path / "new")) == 0
     snapshot = tmp_path / "checkpoint_manager_snapshot.json"
@@ -196,7 +196,7 @@ def test_resume_epoch_is_the_one_after_the_checkpoint_ray_train_restores(tmp_pat
                                     "latest_checkpoint_result": {"metrics": {"epoch": 4}}}))
     assert resume_epoch(str(tmp_path)) == 4  # the latest (epoch 4, 1-based), not the best: the 0-based epoch 4 next
     snapshot.write_text("{not json")
-    with caplog.at_level("WARNING", logger="mura_ray.train"):
+    with caplog.at_level("WARNING", logger="mura_ray.checkpoints"):
         assert resume_epoch(str(tmp_path)) == 0
     assert "starts at the first pass" in caplog.text
 
@@ -358,7 +358,7 @@ def test_rerun_with_another_architecture_is_refused(ray_cluster, mura_dataset, t
     assert len(list(out.glob("checkpoint_*"))) == 1
 
     # A run that failed before its first checkpoint has nothing to resume: its options are simply replaced.
-    from mura_ray.train import check_resumable
+    from mura_ray.checkpoints import check_resumable
 
     (out / "checkpoint_2026-11-28_10-00-00.000000").rmdir()
     check_resumable(TrainConfig(out=str(out), backbone="custom_cnn"))
@@ -488,7 +488,8 @@ def test_a_split_without_labelled_images_is_refused_before_training(ray_cluster,
 
 @pytest.mark.slow
 def test_resume_after_worker_crash(ray_cluster, mura_dataset, tmp_path):
-    from mura_ray.train import best_state, build_trainer, prepare_run
+    from mura_ray.checkpoints import best_state
+    from mura_ray.train import build_trainer, prepare_run
 
     # Ranked by the validation loss, which falls epoch by epoch here, the 2 checkpoints kept are the last two.
     cfg = TrainConfig(data=mura_dataset, out=str(tmp_path / "crash"), backbone="custom_cnn", image_size=32,
@@ -530,7 +531,8 @@ def test_seeded_runs_are_identical_epoch_by_epoch_and_across_a_resume(ray_cluste
     so for a run killed after its first epoch and resumed by running it again."""
     import pandas as pd
 
-    from mura_ray.train import best_state, build_trainer, export_best, prepare_run
+    from mura_ray.checkpoints import best_state
+    from mura_ray.train import build_trainer, export_best, prepare_run
 
     columns = ["epoch", "train_loss", "train_images", "val_loss", "val_abnormal_loss", "val_auc", "val_kappa",
                "val_study_auc", "val_study_kappa", "val_body_part_acc"]
@@ -763,7 +765,8 @@ def test_pretrained_weights_reach_the_workers_from_the_driver(ray_cluster, mura_
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mura_ray.train import best_state, build_trainer, export_best, prepare_run
+    from mura_ray.checkpoints import best_state
+    from mura_ray.train import build_trainer, export_best, prepare_run
 
     source = timm.create_model("resnet10t", num_classes=10)
     weights = tmp_path / "resnet10t.safetensors"
@@ -895,24 +898,24 @@ def test_validation_in_training_equals_scoring_the_split_with_the_exported_model
 def test_best_state_falls_back_to_the_validation_loss_when_the_metric_is_undefined(monkeypatch, caplog):
     """A validation split of one class has no AUC or kappa at any epoch (NaN in a live run, null once the run is
     read back from storage): the export takes the checkpoint with the lowest validation loss, and says so."""
-    from mura_ray import train
+    from mura_ray import checkpoints
 
     class Result:
         best_checkpoints = [("a", {"val_auc": float("nan"), "val_loss": 0.5}),
                             ("b", {"val_auc": None, "val_loss": 0.4})]
 
-    monkeypatch.setattr(train, "load_checkpoint_state", lambda checkpoint: {"checkpoint": checkpoint})
-    with caplog.at_level("WARNING", logger="mura_ray.train"):
-        assert train.best_state(Result(), "val_auc") == {"checkpoint": "b"}
+    monkeypatch.setattr(checkpoints, "load_checkpoint_state", lambda checkpoint: {"checkpoint": checkpoint})
+    with caplog.at_level("WARNING", logger="mura_ray.checkpoints"):
+        assert checkpoints.best_state(Result(), "val_auc") == {"checkpoint": "b"}
     assert "val_auc is undefined at every kept checkpoint" in caplog.text
     Result.best_checkpoints = [("a", {"val_auc": None, "val_abnormal_loss": 0.5}),
                                ("b", {"val_auc": None, "val_abnormal_loss": 0.3})]
-    assert train.best_state(Result(), "val_auc") == {"checkpoint": "b"}  # the abnormality loss, where recorded
+    assert checkpoints.best_state(Result(), "val_auc") == {"checkpoint": "b"}  # the abnormality loss, where recorded
     Result.best_checkpoints = [("a", {"val_auc": 0.7, "val_loss": 0.5}),
                                ("b", {"val_auc": float("nan"), "val_loss": 0.4}),
                                ("c", {"val_auc": 0.6, "val_loss": 0.3})]
-    assert train.best_state(Result(), "val_auc") == {"checkpoint": "a"}
-    assert train.best_state(Result(), "val_loss") == {"checkpoint": "c"}
+    assert checkpoints.best_state(Result(), "val_auc") == {"checkpoint": "a"}
+    assert checkpoints.best_state(Result(), "val_loss") == {"checkpoint": "c"}
 
 
 def test_early_stopping_watches_the_selected_metric_and_falls_back_where_it_is_undefined():

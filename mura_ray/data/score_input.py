@@ -23,7 +23,7 @@ from mura_ray import storage
 from mura_ray.config import UserError
 from mura_ray.data.dicom import may_hold_dicom, read_header
 from mura_ray.data.images import IMAGE_SUFFIXES
-from mura_ray.data.ingest import image_id_for
+from mura_ray.data.listing import image_id_for
 from mura_ray.data.pipeline import read_parquet
 from mura_ray.labels import BODY_PARTS
 from mura_ray.predictions import image_key
