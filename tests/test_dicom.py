@@ -22,7 +22,7 @@ from pydicom.uid import (
 from mura_ray.config import UserError
 from mura_ray.data import dicom
 from mura_ray.data.film import render
-from mura_ray.data.images import DecodeError, decode_radiograph, load_pixels
+from mura_ray.data.images import DecodeError, decode_radiograph, load_pixels, load_pixels_and_stats
 from mura_ray.data.synthetic import dicom_radiograph, save_dicom
 
 CR_FILES = ("dicomdirtests/77654033/CR1/6154", "dicomdirtests/77654033/CR2/6247", "dicomdirtests/77654033/CR3/6278")
@@ -98,6 +98,9 @@ def test_monochrome1_and_monochrome2_give_the_same_model_input(tmp_path, wrist):
     assert np.array_equal(mono1, mono2)
     # and the model input is the radiograph: bone bright, as the source image
     assert np.corrcoef(mono2.ravel(), load_pixels(_png(wrist), 64).ravel())[0, 1] > 0.99
+    # scoring's image statistics (drift) of a DICOM file: its stored size, as of any image
+    _, stats = load_pixels_and_stats(_written(tmp_path, dicom_radiograph(wrist), "m2"), 64)
+    assert (stats.height, stats.width) == wrist.shape
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -181,8 +181,11 @@ def load_pixels_and_stats(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_
                           ) -> tuple[np.ndarray, ImageStats]:
     """`load_pixels` and the decoded image's statistics (before resizing and padding), from one decode."""
     decoded = decode_radiograph(data, max_pixels, draft_size=size)
-    with Image.open(io.BytesIO(data)) as header:  # reads the header only: the stored size, not the draft's
-        width, height = header.size
+    if is_dicom(data):  # decoded whole (no draft decode): its size is the stored one
+        height, width = decoded.shape
+    else:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only: the stored size, not the draft's
+            width, height = header.size
     # Every second row and column: a third of the cost (0.92 -> 0.31 ms at 512x410, about a tenth of the decode
     # before), the statistics within 1e-3.
     sample = decoded[::2, ::2]
