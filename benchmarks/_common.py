@@ -58,8 +58,12 @@ def add_dataset_args(p: argparse.ArgumentParser, default_source_size: int = 256)
     p.add_argument("--cache", default=None, help="dataset cache (default ~/.cache/mura_ray/benchmarks)")
 
 
-def synthetic_dataset(cache: pathlib.Path, n_images: int, source_size: int) -> str:
+def synthetic_dataset(cache: pathlib.Path, n_images: int, source_size: int, *, archive: bool = False) -> str:
     """An ingested synthetic MURA set (generate_mura + the real ingest), built once per size and cached.
+
+    `archive`: the set as a nightly scoring run meets it: every image an 8-bit grayscale PNG (MURA's RGB and
+    16-bit files re-saved through `images.decode_radiograph`), ingested as `--source images`, so that the whole
+    set is one unlabelled split, `test`.
 
     A Ray is started for the ingest only when the set is not cached yet, and stopped again, so that a benchmark's
     plain-PyTorch side never runs beside an idle Ray.
@@ -67,7 +71,8 @@ def synthetic_dataset(cache: pathlib.Path, n_images: int, source_size: int) -> s
     from mura_ray.config import IngestConfig
     from mura_ray.data.ingest import LAYOUT_VERSION, ingest
 
-    out = cache / f"mura-n{n_images}-px{source_size}-seed{DATASET_SEED}-layout{LAYOUT_VERSION}-parquet"
+    kind = "archive-grey8" if archive else "mura"
+    out = cache / f"{kind}-n{n_images}-px{source_size}-seed{DATASET_SEED}-layout{LAYOUT_VERSION}-parquet"
     if (out / "ingest_summary.json").is_file():
         return str(out)
     from mura_ray.data.synthetic import generate_mura
@@ -76,14 +81,30 @@ def synthetic_dataset(cache: pathlib.Path, n_images: int, source_size: int) -> s
     root = pathlib.Path(tempfile.mkdtemp(prefix=".mura-", dir=cache))
     started = time.perf_counter()
     try:
-        generate_mura(root, n_images=n_images, image_size=source_size, seed=DATASET_SEED)
+        tree = generate_mura(root, n_images=n_images, image_size=source_size, seed=DATASET_SEED, workers=cores())
+        if archive:
+            _as_grey8(tree)
         with local_ray(4):
-            ingest(IngestConfig(source="mura", root=str(root), out=str(out), overwrite=True))
+            ingest(IngestConfig(source="images" if archive else "mura", root=str(tree if archive else root),
+                                out=str(out), overwrite=True))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     logger.info("Built and ingested %d synthetic images into %s in %.0f s", n_images, out,
                 time.perf_counter() - started)
     return str(out)
+
+
+def _as_grey8(tree: pathlib.Path) -> None:
+    """Re-save every PNG under `tree` that is not 8-bit grayscale as one, through the decoding every job uses."""
+    from PIL import Image
+
+    from mura_ray.data.images import decode_radiograph
+
+    for path in tree.rglob("*.png"):
+        with Image.open(path) as img:
+            if img.mode == "L":
+                continue
+        Image.fromarray(decode_radiograph(path.read_bytes())).save(path)
 
 
 class local_ray:  # noqa: N801 - used like a function: `with local_ray(4):`
