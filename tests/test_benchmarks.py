@@ -130,3 +130,12 @@ def test_selection_benchmark(tmp_path):
     for pick in picks.values():
         assert pick["epoch"] in (1, 2) and 0 <= pick["test_study_auc"] <= 1
     assert len(line["study_minus_image_selection_kappa"]) == 1
+
+
+@pytest.mark.slow
+def test_score_dicom_benchmark():
+    result = _run("score_dicom.py", "--images", "12", "--source-size", "96", "--image-size", "32", "--backbone",
+                  "custom_cnn", "--repeats", "1", "--concurrency", "1")
+    assert result["name"] == "score_dicom" and result["images"] == 12
+    for key in ("dicom_images_per_s", "png_images_per_s", "ratio"):
+        assert isinstance(result[key], float) and result[key] > 0, key
