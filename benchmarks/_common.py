@@ -107,6 +107,20 @@ def _as_grey8(tree: pathlib.Path) -> None:
         Image.fromarray(decode_radiograph(path.read_bytes())).save(path)
 
 
+def export_random_model(out: str, backbone: str, image_size: int) -> str:
+    """A randomly initialised model exported like training exports one."""
+    import torch
+
+    from mura_ray.models import ModelSpec, build_model, export_model, trunk_normalization
+
+    torch.manual_seed(0)
+    model = build_model(backbone).eval()
+    mean, std = trunk_normalization(model.trunk)
+    export_model(model, ModelSpec(backbone=backbone, image_size=image_size, mean=mean, std=std), out,
+                 card={"note": "random weights, for benchmarks only"})
+    return out
+
+
 class local_ray:  # noqa: N801 - used like a function: `with local_ray(4):`
     """A private local Ray for one benchmark: more logical CPUs than cores (or Train and Data deadlock),
     127.0.0.1, its own short temp dir (removed after), no dashboard. Never touches other clusters."""

@@ -34,27 +34,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import cache_dir, cores, emit, load_1m, median, setup_logging, synthetic_dataset
+from _common import cache_dir, cores, emit, export_random_model, load_1m, median, setup_logging, synthetic_dataset
 
 logger = logging.getLogger("benchmarks.score")
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "test"  # `--source images` ingests the whole archive into it
 RAY_START_FAILURES = ("timed out during startup", "Failed to start the dashboard")
-
-
-def export_random_model(out: str, backbone: str, image_size: int) -> str:
-    """A randomly initialised model exported like training exports one."""
-    import torch
-
-    from mura_ray.models import ModelSpec, build_model, export_model, trunk_normalization
-
-    torch.manual_seed(0)
-    model = build_model(backbone).eval()
-    mean, std = trunk_normalization(model.trunk)
-    export_model(model, ModelSpec(backbone=backbone, image_size=image_size, mean=mean, std=std), out,
-                 card={"note": "random weights, for benchmarks only"})
-    return out
 
 
 def read_through(split_dir: str) -> None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import cores, emit, load_1m, median, setup_logging
+from _common import cores, emit, export_random_model, load_1m, median, setup_logging
 
 logger = logging.getLogger("benchmarks.score_dicom")
 
@@ -52,19 +52,6 @@ def write_archive(root: Path, n: int, side: int, syntax: str) -> tuple[Path, Pat
         png.mkdir(parents=True, exist_ok=True)
         (png / f"{i:05d}.png").write_bytes(dicom.encode_png(decode_radiograph((study / f"IM{i:05d}").read_bytes())))
     return dicoms, pngs
-
-
-def export_random_model(out: str, backbone: str, image_size: int) -> str:
-    import torch
-
-    from mura_ray.models import ModelSpec, build_model, export_model, trunk_normalization
-
-    torch.manual_seed(0)
-    model = build_model(backbone).eval()
-    mean, std = trunk_normalization(model.trunk)
-    export_model(model, ModelSpec(backbone=backbone, image_size=image_size, mean=mean, std=std), out,
-                 card={"note": "random weights, for benchmarks only"})
-    return out
 
 
 def run_job(model: str, src: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import emit, load_1m, setup_logging
+from _common import emit, export_random_model, load_1m, setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("benchmarks.score_memory")
@@ -64,17 +64,6 @@ def make_archive(root: Path, n: int) -> Path:
     return root
 
 
-def export_random_model(out: Path) -> Path:
-    import torch
-
-    from mura_ray.models import ModelSpec, build_model, export_model
-
-    torch.manual_seed(0)
-    spec = ModelSpec(backbone="custom_cnn", image_size=32, mean=0.5, std=0.25)
-    export_model(build_model("custom_cnn").eval(), spec, str(out), {"note": "random weights, for benchmarks only"})
-    return out
-
-
 def run_score(model: Path, archive: Path, out: Path, chunk_size: int, workdir: Path) -> dict:
     result_file = workdir / f"result-{archive.name}.json"
     argv = ["--model", str(model), "--input", str(archive), "--out", str(out), "--chunk-size", str(chunk_size),
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {}
     with tempfile.TemporaryDirectory(prefix="bench-score-memory-") as tmp:
         work = Path(tmp)
-        model = export_random_model(work / "model")
+        model = Path(export_random_model(str(work / "model"), "custom_cnn", 32))
         for n in (args.images, 4 * args.images):
             archive = make_archive(work / f"archive-{n}", n)
             sizes[n] = run_score(model, archive, work / f"scored-{n}", args.chunk_size, work)

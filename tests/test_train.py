@@ -387,9 +387,8 @@ def test_ddp_two_workers_on_cpu(ray_cluster, mura_dataset, tmp_path):
     ]) == 0
     card = json.loads((out / "model" / "model_card.json").read_text())
     assert card["training"]["config"]["workers"] == 2 and card["training"]["config"]["body_part_weight"] == 0.5
-    # The epochs' counts are both workers' (not rank 0's half). Each worker's shard of the two passes is 170 rows,
-    # its epochs cut at 85: epoch 1 takes 7 batches of 13 (91 rows), epoch 2 the remaining 79, whose last batch
-    # holds one image: BatchNorm cannot train on it, so both workers leave it out at the same step.
+    # The epochs' counts are both workers' (not rank 0's half). Each worker's shard of a pass is 85 rows, and
+    # epochs are cut at exact rows (`shuffle_epochs`): 6 batches of 13 and one of 7 a worker, every row trained.
     import torch
 
     n_train = card["training"]["counts"]["train"]
@@ -397,8 +396,8 @@ def test_ddp_two_workers_on_cpu(ray_cluster, mura_dataset, tmp_path):
     states = {st["epoch"]: st["metrics"] for st in (
         torch.load(c / "state.pt", map_location="cpu", weights_only=True) for c in out.glob("checkpoint_*")
         if c.is_dir())}
-    assert (states[0]["train_images"], states[0]["left_out_images"]) == (2 * 91, 0)
-    assert (states[1]["train_images"], states[1]["left_out_images"]) == (2 * 78, 2)
+    for epoch in (0, 1):
+        assert (states[epoch]["train_images"], states[epoch]["left_out_images"]) == (170, 0), epoch
 
 
 class _KillWorkerAfterFirstEpoch:
@@ -540,7 +539,7 @@ def test_seeded_runs_are_identical_epoch_by_epoch_and_across_a_resume(ray_cluste
     def config(name: str, **options) -> TrainConfig:
         return TrainConfig(data=mura_dataset, out=str(tmp_path / name), backbone="custom_cnn", image_size=32,
                            epochs=3, batch_size=16, lr=3e-3, seed=5, dropout=0.3, select_metric="val_loss",
-                           **options)
+                           num_to_keep=3, **options)  # every epoch's checkpoint: Train keeps their metrics
 
     def fit(cfg: TrainConfig, callbacks=None):
         run = prepare_run(cfg)
