@@ -546,7 +546,8 @@ def test_seeded_runs_are_identical_epoch_by_epoch_and_across_a_resume(ray_cluste
         result = build_trainer(run, callbacks=callbacks).fit()
         model_id = json.loads(Path(export_best(run, best_state(result, "val_loss"))["model_dir"],
                                    "model_card.json").read_text())["model_id"]
-        return result.metrics_dataframe[columns].reset_index(drop=True), model_id
+        # the kept checkpoints' metrics, in the order Train ranks them: by epoch here
+        return result.metrics_dataframe[columns].sort_values("epoch").reset_index(drop=True), model_id
 
     first, first_model = fit(config("a"))
     second, second_model = fit(config("b"))
@@ -560,9 +561,11 @@ def test_seeded_runs_are_identical_epoch_by_epoch_and_across_a_resume(ray_cluste
     with pytest.raises(Exception):  # noqa: B017 - Ray Train's error for a worker group that may not restart
         build_trainer(prepare_run(cfg), callbacks=[killer]).fit()
     assert marker.exists(), "the worker was never killed"
-    resumed, resumed_model = fit(cfg)
-    assert list(resumed["epoch"]) == [2, 3]
-    pd.testing.assert_frame_equal(resumed, first.iloc[1:].reset_index(drop=True))
+    reports = tmp_path / "reports.txt"
+    resumed, resumed_model = fit(cfg, callbacks=[_RecordReports(reports)])
+    assert [line.split()[0] for line in reports.read_text().splitlines()] == ["2", "3"]  # resumed at epoch 2
+    # The run's kept checkpoints: epoch 1's from before the kill, epochs 2 and 3 trained after the resume.
+    pd.testing.assert_frame_equal(resumed, first)
     assert resumed_model == first_model
 
 
