@@ -363,10 +363,9 @@ class EpochStream:
     files once per epoch, each pass in its own seeded order), so read and decode run on without a break: an
     execution per epoch would spend ~0.9 s starting up at every epoch boundary (docs/benchmarks.md). Epoch e ends
     with the first batch that brings the rows delivered since the stream began to (e + 1) x `rows_per_epoch` (this
-    worker's share of the split); counted from the start, not per epoch, so batch boundaries never make epochs drift
-    from the passes. Every worker gets the same number of rows in batches of the same size (Ray Train splits the
-    dataset into equal shards), so every worker cuts its epochs at the same step, as DDP needs. An epoch is the
-    split's rows give or take a batch: the local shuffle buffer mixes rows across the boundary between passes.
+    worker's share of the split); training's batches come from `shuffle_epochs`, which ends every epoch at exactly
+    that row. Every worker gets the same number of rows in batches of the same size (Ray Train splits the dataset
+    into equal shards), so every worker cuts its epochs at the same step, as DDP needs.
 
     Pulling starts when the stream is made (before the model is built, so the input's start-up overlaps the
     model's set-up) and runs on between epochs, over validation and the checkpoint. Each `epoch()` yields one
