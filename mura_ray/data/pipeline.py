@@ -296,13 +296,13 @@ def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, ba
         raise ValueError(f"window ({window}) must hold at least two batches ({batch_size} rows each)")
     pending: list[dict[str, Any]] = []
 
-    def start(epoch: int) -> tuple[torch.Generator, int]:
+    def open_epoch(epoch: int) -> tuple[torch.Generator, int]:
         # The epoch's first window is cut short at random, so windows group other rows every epoch.
         generator = torch.Generator().manual_seed(derived_seed(seed, epoch))
         return generator, int(torch.randint(window // 2, window + 1, (1,), generator=generator))
 
     epoch, taken = first_epoch, 0  # rows of the epoch taken so far
-    generator, cut = start(epoch)  # where the window being filled ends, in rows of the epoch
+    generator, cut = open_epoch(epoch)  # where the window being filled ends, in rows of the epoch
 
     def flush(end_of_epoch: bool) -> Iterator[dict[str, Any]]:
         merged = {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
@@ -313,8 +313,8 @@ def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, ba
         ends = list(range(batch_size, whole, batch_size)) + [whole]
         if len(ends) > 1 and ends[-1] - ends[-2] == 1:  # no batch of one row (BatchNorm cannot train on it)
             del ends[-2]
-        for start, end in zip([0, *ends[:-1]], ends, strict=True):
-            yield {k: v[start:end] for k, v in merged.items()}
+        for lo, hi in zip([0, *ends[:-1]], ends, strict=True):
+            yield {k: v[lo:hi] for k, v in merged.items()}
         pending.clear()
         if whole < n:
             pending.append({k: v[whole:] for k, v in merged.items()})
@@ -333,7 +333,7 @@ def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, ba
             if taken == rows_per_epoch:
                 yield from flush(end_of_epoch=True)
                 epoch, taken = epoch + 1, 0
-                generator, cut = start(epoch)
+                generator, cut = open_epoch(epoch)
             elif taken == cut:
                 yield from flush(end_of_epoch=False)
                 cut += window
