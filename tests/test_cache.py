@@ -213,3 +213,13 @@ def test_augmentation_is_a_flip_rotation_scale_shift_and_jitter(monkeypatch):
     # A quarter turn would exceed the range: the largest draw turns by ROTATION_DEG (30°), a block stays a block.
     turned = run([1.0, 0.5, 0.9, 0.5, 0.5, 0.5, 0.5])
     assert not torch.allclose(turned, image) and float(turned.sum()) == pytest.approx(float(image.sum()), rel=0.15)
+
+
+def test_sampling_grid_is_affine_grid():
+    """Augmentation's own sampling grid is `F.affine_grid`'s, for any affine map and a non-square image."""
+    import torch.nn.functional as F
+
+    from mura_ray.data.augment import sampling_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sampling_grid(theta, 7, 11), F.affine_grid(theta, [5, 1, 7, 11], align_corners=False))
