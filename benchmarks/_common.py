@@ -111,7 +111,8 @@ def export_random_model(out: str, backbone: str, image_size: int) -> str:
     """A randomly initialised model exported like training exports one."""
     import torch
 
-    from mura_ray.models import ModelSpec, build_model, export_model, trunk_normalization
+    from mura_ray.exported import ModelSpec
+    from mura_ray.models import build_model, export_model, trunk_normalization
 
     torch.manual_seed(0)
     model = build_model(backbone).eval()

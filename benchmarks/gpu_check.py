@@ -166,7 +166,8 @@ def _pixel_batch(batch_size: int, image_size: int, seed: int) -> pd.DataFrame:
 def check_scoring(backbone: str, device: torch.device, image_size: int, batch_size: int, warmup: int, steps: int,
                   workdir: str) -> dict[str, Any]:
     """`Predictor` images/s on pre-decoded batches, float32 against autocast (the job's default on GPU)."""
-    from mura_ray.models import ModelSpec, build_model, export_model
+    from mura_ray.exported import ModelSpec
+    from mura_ray.models import build_model, export_model
     from mura_ray.score import Predictor
 
     torch.manual_seed(0)

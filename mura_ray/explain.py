@@ -24,7 +24,8 @@ from mura_ray.config import UserError
 from mura_ray.data.images import DecodeError, load_pixels, normalize
 from mura_ray.data.pipeline import body_part_indices
 from mura_ray.data.score_input import is_parquet_input
-from mura_ray.models import ModelSpec, MultiTaskNet, load_model
+from mura_ray.exported import ModelSpec
+from mura_ray.models import MultiTaskNet, load_model
 
 logger = logging.getLogger(__name__)
 

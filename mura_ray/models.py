@@ -8,12 +8,11 @@ the auxiliary head predicts the body part, and stands in for it at inference whe
 from __future__ import annotations
 
 import difflib
-import hashlib
 import io
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import safetensors.torch
@@ -25,7 +24,8 @@ from torch import Tensor, nn
 
 from mura_ray import storage
 from mura_ray.config import FreezePolicy, UserError
-from mura_ray.labels import ABNORMAL_NAMES, BODY_PARTS
+from mura_ray.exported import ModelSpec, read_exported, weights_id
+from mura_ray.labels import BODY_PARTS
 
 logger = logging.getLogger(__name__)
 
@@ -293,26 +293,6 @@ class MultiTaskNet(nn.Module):
         return out
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a model and preprocess its input; written as config.json."""
-
-    backbone: str
-    image_size: int
-    mean: float
-    std: float
-    multitask: bool = True
-    body_part_embedding: bool = True
-    dropout: float = 0.3
-    freeze: str = "none"
-    threshold: float = 0.5
-    tta: bool = False
-    """Whether validation averaged over the test-time flips (`predict`): scoring does by default."""
-    body_parts: tuple[str, ...] = BODY_PARTS
-    abnormal_names: tuple[str, ...] = ABNORMAL_NAMES
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def build_model(
     backbone: str,
     *,
@@ -362,70 +342,26 @@ def predict(model: nn.Module, image: Tensor, body_part: Tensor | None = None, *,
     return merged
 
 
-def _weights_id(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def export_model(model: nn.Module, spec: ModelSpec, out_uri: str, card: dict[str, Any]) -> str:
     """Write `model.safetensors`, `config.json` and `model_card.json` to `out_uri`; returns the model id.
 
     The model id is a hash of the weights file, so predictions name exactly the weights that made them.
     """
     weights = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    model_id = _weights_id(weights)
+    model_id = weights_id(weights)
     storage.write_bytes(storage.join(out_uri, "model.safetensors"), weights)
     storage.write_json(storage.join(out_uri, "config.json"), asdict(spec))
     storage.write_json(storage.join(out_uri, "model_card.json"), {"model_id": model_id, **card})
     return model_id
 
 
-ENSEMBLE_FILE = "ensemble.json"
-"""In an ensemble's directory: its members (directories relative to it), operating threshold and TTA setting."""
-
-
-def ensemble_members(model_uri: str) -> tuple[list[str], dict[str, Any] | None]:
-    """The exported models behind a --model directory: itself, or an ensemble's members (with its ensemble.json).
-
-    An ensemble directory (`jobs/tune.py --ensemble-size`) holds copies of its members' model directories and the
-    operating threshold chosen on validation for their mean probability.
-    """
-    uri = storage.join(model_uri, ENSEMBLE_FILE)
-    if not storage.exists(uri):
-        return [model_uri], None
-    ensemble = storage.read_json(uri)
-    members = ensemble.get("members") if isinstance(ensemble, dict) else None
-    if not members or not all(isinstance(m, str) for m in members):
-        raise UserError(f"--model {model_uri}: {ENSEMBLE_FILE} names no members; export the ensemble again")
-    return [storage.join(model_uri, m) for m in members], ensemble
-
-
-def write_ensemble(members: list[str], out_uri: str, card: dict[str, Any], *, tta: bool) -> None:
-    """Copy exported model directories into `out_uri`/members/ and describe them as one ensemble model (its
-    threshold 0.5 until one is chosen on validation, as for a single model)."""
-    names = []
-    for i, member in enumerate(members):
-        name = f"members/{i}"
-        for file in ("model.safetensors", "config.json", "model_card.json"):
-            storage.write_bytes(storage.join(out_uri, name, file), storage.read_bytes(storage.join(member, file)))
-        names.append(name)
-    storage.write_json(storage.join(out_uri, ENSEMBLE_FILE), {"members": names, "threshold": 0.5, "tta": tta})
-    storage.write_json(storage.join(out_uri, "model_card.json"), {**card, "members": names, "threshold": 0.5})
-
-
 def load_model(model_uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
     """Load an exported model directory: (model in eval mode, its spec, model id)."""
-    for name in ("model.safetensors", "config.json"):
-        if not storage.exists(storage.join(model_uri, name)):
-            raise UserError(f"--model {model_uri}: not an exported model directory (no {name})")
-    raw = storage.read_json(storage.join(model_uri, "config.json"))
-    raw["body_parts"] = tuple(raw.get("body_parts", BODY_PARTS))
-    raw["abnormal_names"] = tuple(raw.get("abnormal_names", ABNORMAL_NAMES))
-    spec = ModelSpec(**raw)
+    spec, weights, model_id = read_exported(model_uri)
     model = model_from_spec(spec)
-    weights = storage.read_bytes(storage.join(model_uri, "model.safetensors"))
     model.load_state_dict(safetensors.torch.load(weights))
     model.eval()
-    return model, spec, _weights_id(weights)
+    return model, spec, model_id
 
 
 # ---------------------------------------------------------------------------------------------------- precision

@@ -101,12 +101,17 @@ def started_local_ray() -> bool:
     return _started_local
 
 
-def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
+def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0, train: bool = True) -> None:
     """Attach to the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray.
 
     A local Ray gets at least 4 logical CPUs, and 2 more than the Train workers reserve (`train_cpus`): on a
     2-core laptop the Train workers would otherwise take every CPU and the Parquet reads and decode tasks that
     feed them would never be scheduled.
+
+    `train` (Ray Train or Tune will run) sets `quiet_worker_logs` as every worker's setup hook and starts a local
+    Ray's dashboard (its State API). A job without Train goes without both: a worker with a setup hook cannot be
+    one of the workers Ray starts ahead of time, so every task and actor waited for a worker of its own (1.6-1.9 s
+    against 0.2 s, measured on 2 cores), and the dashboard adds about a second to a local Ray's start.
     """
     import ray
 
@@ -114,8 +119,9 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     address = os.environ.get("RAY_ADDRESS")
+    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if train else None
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         local_ray_environment()
         cpus = num_cpus or max(4, os.cpu_count() or 1, math.ceil(train_cpus) + 2)
@@ -125,8 +131,8 @@ def init_ray(num_cpus: int | None = None, *, train_cpus: float = 0.0) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_port=port, log_to_driver=True,
-                 _node_ip_address="127.0.0.1", runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
+        ray.init(address="local", num_cpus=cpus, include_dashboard=train, dashboard_port=port, log_to_driver=True,
+                 _node_ip_address="127.0.0.1", runtime_env=runtime_env)
         global _started_local
         _started_local = True
     if _sigterm_held and threading.current_thread() is threading.main_thread():

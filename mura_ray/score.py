@@ -23,6 +23,7 @@ scored on GPU (autocast) or on CPU (float32): any run continues it, and records 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -69,7 +70,8 @@ from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu,
 if TYPE_CHECKING:
     import torch
 
-    from mura_ray.models import ModelSpec, MultiTaskNet
+    from mura_ray.exported import ModelSpec
+    from mura_ray.models import MultiTaskNet
 
 logger = logging.getLogger(__name__)
 
@@ -218,37 +220,54 @@ def _same_input(uri: str) -> str:
     return storage.absolute(uri).rstrip("/")
 
 
+def _model_error(uri: str, e: BaseException) -> UserError:
+    """What a broken model directory raises (a corrupt or foreign config.json, weights of another architecture, an
+    unreadable file), as a UserError naming the directory."""
+    if storage.s3_problem(e):  # nothing wrong with the model: this run may not read it, or reach its storage
+        return UserError(f"--model {uri}: cannot read it ({first_line(e)})")
+    return UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {first_line(e)}); "
+                     "export it again from its run")
+
+
+def _read_model(uri: str) -> tuple[ModelSpec, str]:
+    """An exported model's spec and id (`exported.read_exported`, no torch), its body parts checked."""
+    from mura_ray.exported import read_exported
+
+    try:
+        spec, _, model_id = read_exported(uri)
+    except (ValueError, TypeError, OSError) as e:
+        raise _model_error(uri, e) from None
+    if tuple(spec.body_parts) != BODY_PARTS:  # body_part_probs and body_part_pred are named in this order
+        raise UserError(f"--model {uri}: its body parts {list(spec.body_parts)} are not this version's "
+                        f"{list(BODY_PARTS)} (in this order)")
+    return spec, model_id
+
+
 def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
-    """`models.load_model`, with what a broken model directory raises (a corrupt or foreign config.json, weights
-    of another architecture, an unreadable file) turned into a UserError naming the directory."""
+    """`models.load_model`, its failures as `_model_error`s."""
     from safetensors import SafetensorError
 
     from mura_ray.models import load_model
 
+    _read_model(uri)
     try:
-        loaded = load_model(uri)
+        return load_model(uri)
     except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
-        if storage.s3_problem(e):  # nothing wrong with the model: this run may not read it, or reach its storage
-            raise UserError(f"--model {uri}: cannot read it ({first_line(e)})") from None
-        raise UserError(f"--model {uri}: cannot load the exported model ({type(e).__name__}: {first_line(e)}); "
-                        "export it again from its run") from None
-    if tuple(loaded[1].body_parts) != BODY_PARTS:  # body_part_probs and body_part_pred are named in this order
-        raise UserError(f"--model {uri}: its body parts {list(loaded[1].body_parts)} are not this version's "
-                        f"{list(BODY_PARTS)} (in this order)")
-    return loaded
+        raise _model_error(uri, e) from None
 
 
-def _check_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], float, list[int], bool]:
-    """Load each model once on the driver (a bad --model fails before any cluster work): the model directories
-    to load (an ensemble directory's members), their ids, the threshold (an ensemble directory's, else the mean of
-    the models'), input sizes, and whether the models were validated with TTA (the default of --tta)."""
-    from mura_ray.models import ensemble_members
+def _read_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], float, list[int], bool]:
+    """Each --model's exported files, read on the driver without torch (a missing or foreign model fails before
+    any cluster work): the model directories to load (an ensemble directory's members), their ids, the threshold
+    (an ensemble directory's, else the mean of the models'), input sizes, and whether the models were validated
+    with TTA (the default of --tta). `_load_models` then checks that their weights load."""
+    from mura_ray.exported import ensemble_members
 
     def members(uri: str) -> tuple[list[str], dict[str, Any] | None]:
         try:
             return ensemble_members(uri)
         except OSError as e:
-            if storage.s3_problem(e):  # as `_load_model` says it
+            if storage.s3_problem(e):  # as `_model_error` says it
                 raise UserError(f"--model {uri}: cannot read it ({first_line(e)})") from None
             raise
 
@@ -258,12 +277,19 @@ def _check_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], 
         raise UserError("an ensemble directory (with ensemble.json) is scored alone: its threshold was chosen for "
                         "its members' mean; give it as the only --model")
     uris = tuple(m for members, _ in expanded for m in members)
-    loaded = [_load_model(uri) for uri in uris]
-    threshold = float(np.mean([m[1].threshold for m in loaded]))
-    tta = all(m[1].tta for m in loaded)
+    read = [_read_model(uri) for uri in uris]
+    threshold = float(np.mean([spec.threshold for spec, _ in read]))
+    tta = all(spec.tta for spec, _ in read)
     if ensembles:
         threshold, tta = float(ensembles[0].get("threshold", threshold)), bool(ensembles[0].get("tta", tta))
-    return uris, [m[2] for m in loaded], threshold, sorted({m[1].image_size for m in loaded}), tta
+    return uris, [model_id for _, model_id in read], threshold, sorted({spec.image_size for spec, _ in read}), tta
+
+
+def _load_models(uris: tuple[str, ...]) -> None:
+    """Build each model and load its weights on the driver, as the scoring actors will: weights of another
+    architecture fail here, before any scoring. Run while Ray starts (it imports torch and timm, seconds)."""
+    for uri in uris:
+        _load_model(uri)
 
 
 def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: list[str], threshold: float,
@@ -419,7 +445,7 @@ def score(cfg: ScoreConfig, *, overwrite: bool = False, report_dir: str | None =
     # in another working directory (under `ray job submit --working-dir`, Ray's copy of it).
     cfg = replace(cfg, input=storage.absolute(cfg.input), out=storage.absolute(cfg.out),
                   models=tuple(storage.absolute(m) for m in cfg.models))
-    members, model_ids, model_threshold, sizes, model_tta = _check_models(cfg.models)
+    members, model_ids, model_threshold, sizes, model_tta = _read_models(cfg.models)
     cards = list(cfg.models)  # whose reference profiles drift is judged against (an ensemble directory's own)
     cfg = replace(cfg, models=members, tta=model_tta if cfg.tta is None else cfg.tta)
     if cfg.explain:
@@ -449,7 +475,12 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     """`score` once this run holds --out's lock."""
     import ray
 
-    runtime.init_ray()
+    # The models are loaded on the driver while Ray starts: both take seconds (torch's import, Ray's processes),
+    # and the first prediction waits for both.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-models") as pool:
+        loading = pool.submit(_load_models, cfg.models)
+        runtime.init_ray(train=False)
+        loading.result()
     gpu = use_gpu(cfg.gpu)
     _check_pool_fits(cfg, gpu)
     amp = cfg.amp and gpu  # what the Predictor does: autocast on its GPU, float32 on CPU
@@ -587,8 +618,8 @@ def choose_model_threshold(model_dir: str, data: str, run_dir: str, policy: str,
     The model card also gets the split's `drift_reference` (`drift.build_reference`), which every scoring run with
     the model compares its images with."""
     from mura_ray import drift  # as in `_report_task`: the decode tasks need neither scipy nor matplotlib
+    from mura_ray.exported import ENSEMBLE_FILE
     from mura_ray.metrics import validation_metrics
-    from mura_ray.models import ENSEMBLE_FILE
     from mura_ray.report import calibrate_threshold
 
     method, target = threshold_policy(policy)

@@ -38,11 +38,11 @@ from mura_ray.data.pipeline import (
     shuffle_epochs,
     split_rows,
 )
+from mura_ray.exported import ModelSpec
 from mura_ray.labels import BODY_PARTS
 from mura_ray.losses import multitask_loss
 from mura_ray.metrics import validation_metrics
 from mura_ray.models import (
-    ModelSpec,
     amp_dtype,
     autocast,
     build_model,

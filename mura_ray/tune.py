@@ -576,11 +576,11 @@ def _export_best(cfg: TuneConfig, rows: list[dict[str, Any]], configs: dict[str,
 def export_ensemble(cfg: TuneConfig, top: list[dict[str, Any]], configs: dict[str, Any],
                     exported: dict[str, str]) -> dict[str, Any]:
     """Export the `top` trials (leaderboard rows, best first) as one ensemble in OUT/ensemble/, as a training run
-    directory: model/ (`models.write_ensemble`), its threshold chosen on the validation split like a single model's,
+    directory: model/ (`exported.write_ensemble`), its threshold chosen on the validation split like a single model's,
     and, where the dataset has a test split, report/ and comparison.md with the ensemble beside each member.
     Members not yet exported (as the best trial or a backbone's best) are exported to OUT/top/<trial>/ first.
     Skipped when OUT/ensemble already holds these trials."""
-    from mura_ray.models import write_ensemble
+    from mura_ray.exported import write_ensemble
     from mura_ray.score import choose_model_threshold, score_test_split
 
     dest = storage.join(cfg.out, "ensemble")

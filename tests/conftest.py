@@ -100,7 +100,8 @@ def exported_model(tmp_path_factory) -> Path:
     what a model learned: they need no training run)."""
     import torch
 
-    from mura_ray.models import ModelSpec, build_model, export_model
+    from mura_ray.exported import ModelSpec
+    from mura_ray.models import build_model, export_model
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("exported") / "model"

@@ -17,7 +17,8 @@ from PIL import Image
 from mura_ray.config import UserError
 from mura_ray.data.images import load_pixels
 from mura_ray.explain import explain_report_examples, gradcam_images, select_examples, target_layer
-from mura_ray.models import ModelSpec, build_model, export_model, load_model
+from mura_ray.exported import ModelSpec
+from mura_ray.models import build_model, export_model, load_model
 
 SIZE = 32
 needs_gradcam = pytest.mark.skipif(

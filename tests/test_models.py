@@ -10,9 +10,9 @@ import timm
 import torch
 
 from mura_ray.config import UserError
+from mura_ray.exported import ModelSpec
 from mura_ray.models import (
     UNKNOWN_BODY_PART,
-    ModelSpec,
     build_model,
     build_trunk,
     export_model,

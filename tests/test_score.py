@@ -220,7 +220,7 @@ def test_ensemble_averages_members(exported_model, mura_dataset, tmp_path):
     assert len(again) == len(both) and set(again["model_id"]) == {both["model_id"].iloc[0]}
 
     # An ensemble directory (jobs/tune.py exports one) is one --model: its copied members, at its own threshold.
-    from mura_ray.models import ENSEMBLE_FILE, write_ensemble
+    from mura_ray.exported import ENSEMBLE_FILE, write_ensemble
 
     ensemble = tmp_path / "ensemble"
     write_ensemble([a, b], str(ensemble), {"backbone": "ensemble(custom_cnn+custom_cnn)"}, tta=False)
@@ -234,7 +234,7 @@ def test_ensemble_averages_members(exported_model, mura_dataset, tmp_path):
     assert (from_dir["pred_abnormal"] == (from_dir["prob_abnormal"] >= 0.37).astype(int)).all()
     assert json.loads((tmp_path / "ens" / "manifest.json").read_text())["threshold"] == 0.37
     with pytest.raises(UserError, match="scored alone"):
-        score_lib._check_models((str(ensemble), a))
+        score_lib._read_models((str(ensemble), a))
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -362,7 +362,7 @@ def test_pred_abnormal_is_decided_on_the_stored_probability(trained_run):
 
 
 def test_manifests_that_cannot_be_continued_are_one_line_errors(exported_model, tmp_path, capsys):
-    model_ids = score_lib._check_models((str(exported_model),))[1]
+    model_ids = score_lib._read_models((str(exported_model),))[1]
     base = ["--model", str(exported_model), "--input", str(tmp_path / "in")]
     for name, change in (("no_input", {"input": None}), ("odd_part", {"parts": {"scores.parquet": {"chunk": 0}}})):
         out = tmp_path / name
@@ -423,14 +423,24 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
     assert "--chunk-size must be > 0" in capsys.readouterr().err
 
 
+_RAY_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(INFO|WARNING) ")
+
+
 def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
+    """The one line of stderr, besides a local Ray's own start-up log lines: `error: ...`."""
+    lines = [line for line in err.strip().splitlines() if not _RAY_LOG_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
 
 
 def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, capsys):
-    """A corrupt or foreign config.json, or weights of another architecture: no traceback, exit code 2."""
+    """A corrupt or foreign config.json, or weights of another architecture: no traceback, exit code 2, nothing
+    scored. The config is read before the input, the output or Ray are touched; the weights load while Ray starts."""
+    from PIL import Image
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    Image.new("L", (40, 30), 90).save(archive / "view.png")
     config = json.loads((exported_model / "config.json").read_text())
     broken = {
         "corrupt": "{not json",
@@ -442,11 +452,16 @@ def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, 
         model = tmp_path / name
         shutil.copytree(exported_model, model)
         (model / "config.json").write_text(text)
-        assert score_job.main(["--model", str(model), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+        out = tmp_path / f"out_{name}"
+        assert score_job.main(["--model", str(model), "--input", str(archive), "--out", str(out)]) == 2
         line = _one_error_line(capsys.readouterr().err)
         expected = "are not this version's" if name == "body_parts_reordered" else "cannot load the exported model"
         assert f"--model {model}: " in line and expected in line, line
-    assert not (tmp_path / "o").exists()  # refused before anything was written
+        if name == "other_architecture":  # found while Ray started: the output was opened, nothing was scored
+            assert json.loads((out / "manifest.json").read_text())["parts"] == {}
+            assert not (out / "predictions").exists() and not (out / "_lock.json").exists()
+        else:  # refused before anything was written
+            assert not out.exists()
 
 
 def test_unusable_out_is_a_one_line_error(exported_model, tmp_path, capsys):
@@ -671,7 +686,7 @@ def _committed_output(out: Path, model_ids: list[str], src: str, **recorded) -> 
 
 
 def test_rerun_with_other_tta_or_threshold_is_refused(exported_model, tmp_path, capsys):
-    _, model_ids, model_threshold, _, _ = score_lib._check_models((str(exported_model),))
+    _, model_ids, model_threshold, _, _ = score_lib._read_models((str(exported_model),))
     src = str(tmp_path / "in")
     base = ["--model", str(exported_model), "--input", src]
     cases = [  # (recorded in the manifest, this run's flags, the error names both values)
