@@ -475,12 +475,13 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     """`score` once this run holds --out's lock."""
     import ray
 
-    # The models are loaded on the driver while Ray starts: both take seconds (torch's import, Ray's processes),
-    # and the first prediction waits for both.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-models") as pool:
-        loading = pool.submit(_load_models, cfg.models)
-        runtime.init_ray(train=False)
-        loading.result()
+    # The models are loaded on the driver while Ray starts and the input is planned: each takes seconds (torch's
+    # import, Ray's processes, Ray Data's Parquet sampling), and the first prediction waited for all of them in
+    # turn. Scoring starts once they loaded (`loading.result()`).
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-models")
+    loading = pool.submit(_load_models, cfg.models)
+    pool.shutdown(wait=False)  # its one task runs on
+    runtime.init_ray(train=False)
     gpu = use_gpu(cfg.gpu)
     _check_pool_fits(cfg, gpu)
     amp = cfg.amp and gpu  # what the Predictor does: autocast on its GPU, float32 on CPU
@@ -512,9 +513,11 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
         predictions = scoring_dataset(dataset, list(cfg.models), sizes, predictor_args, batch_size=cfg.batch_size,
                                       concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor,
                                       max_concurrency=cfg.max_concurrency)
+        loading.result()  # a model whose weights do not load stops the run here, before any scoring
         for table in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
             _stop_on_read_failure(table)
             committer.add(table)
+    loading.result()  # also when there was nothing to score
     committer.commit()
     scored, failed, repeated = committer.scored, committer.failed, committer.duplicates
     skipped = sum(_get(skipped_refs))
