@@ -229,6 +229,12 @@ def _model_error(uri: str, e: BaseException) -> UserError:
                      "export it again from its run")
 
 
+def _check_body_parts(uri: str, spec: ModelSpec) -> None:
+    if tuple(spec.body_parts) != BODY_PARTS:  # body_part_probs and body_part_pred are named in this order
+        raise UserError(f"--model {uri}: its body parts {list(spec.body_parts)} are not this version's "
+                        f"{list(BODY_PARTS)} (in this order)")
+
+
 def _read_model(uri: str) -> tuple[ModelSpec, str]:
     """An exported model's spec and id (`exported.read_exported`, no torch), its body parts checked."""
     from mura_ray.exported import read_exported
@@ -237,23 +243,22 @@ def _read_model(uri: str) -> tuple[ModelSpec, str]:
         spec, _, model_id = read_exported(uri)
     except (ValueError, TypeError, OSError) as e:
         raise _model_error(uri, e) from None
-    if tuple(spec.body_parts) != BODY_PARTS:  # body_part_probs and body_part_pred are named in this order
-        raise UserError(f"--model {uri}: its body parts {list(spec.body_parts)} are not this version's "
-                        f"{list(BODY_PARTS)} (in this order)")
+    _check_body_parts(uri, spec)
     return spec, model_id
 
 
 def _load_model(uri: str) -> tuple[MultiTaskNet, ModelSpec, str]:
-    """`models.load_model`, its failures as `_model_error`s."""
+    """`models.load_model`, its failures as `_model_error`s, its body parts checked."""
     from safetensors import SafetensorError
 
     from mura_ray.models import load_model
 
-    _read_model(uri)
     try:
-        return load_model(uri)
+        loaded = load_model(uri)
     except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as e:
         raise _model_error(uri, e) from None
+    _check_body_parts(uri, loaded[1])
+    return loaded
 
 
 def _read_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], float, list[int], bool]:

@@ -433,6 +433,16 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
+def test_the_driver_reads_models_without_torch(exported_model):
+    """The scoring driver checks each --model and opens its output before importing torch (seconds), which it then
+    imports to load the models while Ray starts."""
+    code = ("import sys; from mura_ray import score; "
+            f"print(score._read_models(({str(exported_model)!r},))[1]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    assert out == [str(score_lib._read_models((str(exported_model),))[1]), "False"]
+
+
 def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, capsys):
     """A corrupt or foreign config.json, or weights of another architecture: no traceback, exit code 2, nothing
     scored. The config is read before the input, the output or Ray are touched; the weights load while Ray starts."""
