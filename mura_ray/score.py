@@ -292,7 +292,9 @@ def _read_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], f
 
 def _load_models(uris: tuple[str, ...]) -> None:
     """Build each model and load its weights on the driver, as the scoring actors will: weights of another
-    architecture fail here, before any scoring. Run while Ray starts (it imports torch and timm, seconds)."""
+    architecture fail here, before any scoring. Run while Ray starts (it imports torch and timm, seconds). Each
+    weights file is read again here, after `_read_models` hashed it, rather than held in the driver's memory for
+    the whole run (an ensemble's members can be hundreds of MB)."""
     for uri in uris:
         _load_model(uri)
 
