@@ -319,6 +319,44 @@ def test_concurrency_min_max_is_an_autoscaling_pool(ray_cluster, exported_model,
         assert exit_.value.code == 2
 
 
+def test_parquet_reads_in_front_of_cpu_actors_run_as_their_rate_needs(ray_cluster, mura_dataset, exported_model,
+                                                                       tmp_path, monkeypatch):
+    """In front of CPU actors a Parquet input is read by one task per CPU_ACTORS_PER_READ_TASK actors (more would
+    only take CPU from the actors' start); in front of GPU actors, by as many as Ray Data runs. Planned, then one
+    CPU run scored through the capped read."""
+    import ray
+
+    def cfg(concurrency, max_concurrency=None):
+        return ScoreConfig(models=("m",), input="i", out="o", concurrency=concurrency,
+                           max_concurrency=max_concurrency)
+
+    per_task = score_lib.CPU_ACTORS_PER_READ_TASK
+    assert [score_lib._cpu_read_tasks(cfg(*c)) for c in ((2,), (per_task,), (per_task + 1,), (1, 2 * per_task + 1))] \
+        == [1, 1, 2, 3]
+    chunk = next(score_input.iter_chunks(f"{mura_dataset}/test", 1000))
+    done = ray.put(np.zeros(0, dtype=np.uint64))
+
+    def read_op(read_tasks):
+        op = score_input.chunk_dataset(chunk, done, read_cpus=1.0, read_tasks=read_tasks)._logical_plan.dag
+        while op.input_dependencies:
+            op = op.input_dependencies[0]
+        return op
+
+    assert read_op(1).compute.size == 1 and read_op(None).compute.size is None
+    seen = []
+    real = score_lib.chunk_dataset
+
+    def recorded(chunk, done_ref, read_cpus, read_tasks=None):
+        seen.append(read_tasks)
+        return real(chunk, done_ref, read_cpus=read_cpus, read_tasks=read_tasks)
+
+    monkeypatch.setattr(score_lib, "chunk_dataset", recorded)
+    assert score_job.main(["--model", str(exported_model), "--input", f"{mura_dataset}/test", "--out",
+                           str(tmp_path / "out"), "--no-report", "--gpu", "no"]) == 0
+    split_rows = pq.read_table(f"{mura_dataset}/test", columns=["image_id"]).num_rows
+    assert seen == [1] and len(_predictions(tmp_path / "out")) == split_rows
+
+
 def _one_row():
     import ray
 
@@ -949,8 +987,8 @@ def test_rows_lost_in_the_pipeline_are_not_reported_as_already_done(exported_mod
     src = _raw_folder(tmp_path / "archive", 5)  # 6 images with the broken one
     real = score_lib.chunk_dataset
 
-    def drop_one(chunk, done_ref, read_cpus):
-        return real(chunk, done_ref, read_cpus=read_cpus).limit(len(chunk.image_files) - 1)
+    def drop_one(chunk, done_ref, read_cpus, read_tasks=None):
+        return real(chunk, done_ref, read_cpus=read_cpus, read_tasks=read_tasks).limit(len(chunk.image_files) - 1)
 
     monkeypatch.setattr(score_lib, "chunk_dataset", drop_one)
     with pytest.raises(RuntimeError, match=r"6 input images, but .* = 5: rows went missing"):

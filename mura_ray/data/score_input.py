@@ -202,13 +202,15 @@ def _merge(chunks: list[Chunk]) -> Chunk:
                  image_files=tuple(f for c in chunks for f in c.image_files), root=chunks[0].root)
 
 
-def chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float):
+def chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float, read_tasks: int | None = None):
+    """A chunk's input rows (INPUT_COLUMNS) without those already scored (`done_ref`): Parquet files read by at
+    most `read_tasks` tasks at once (None: as many as Ray Data runs), raw image files read as they are listed."""
     import ray
 
     if chunk.parquet_files:
         fs, _ = storage.resolve(chunk.parquet_files[0])
         paths = [storage.resolve(f)[1] for f in chunk.parquet_files]
-        ds = read_parquet(paths, fs)
+        ds = read_parquet(paths, fs, **({} if read_tasks is None else {"concurrency": read_tasks}))
         names = ds.schema().names
         missing = [c for c in ("image_id", "image") if c not in names]
         if missing:
