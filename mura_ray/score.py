@@ -23,7 +23,6 @@ scored on GPU (autocast) or on CPU (float32): any run continues it, and records 
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
@@ -138,8 +137,13 @@ class Predictor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.amp = amp_dtype() if amp and self.device.type == "cuda" else None
         self.members = []
-        for uri in model_uris:
-            model, spec, model_id = _load_model(uri)
+        self.failed: str | None = None  # why the models did not load: every batch's rows say so (MODEL_FAILED)
+        try:
+            loaded = [_load_model(uri) for uri in model_uris]
+        except UserError as e:
+            self.failed = str(e)
+            return
+        for model, spec, model_id in loaded:
             # Channels-last memory: efficientnet_b0 at 224 px scores 1.65x the images/s on one CPU thread (oneDNN's
             # NHWC convolutions), and it is what autocast's tensor-core convolutions want on a GPU.
             self.members.append((model.to(self.device, memory_format=torch.channels_last), spec, model_id))
@@ -161,6 +165,13 @@ class Predictor:
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         import torch
+
+        if self.failed is not None:
+            # Rows, not an exception: Ray Data would log an exception's stack on the driver beside the one line.
+            nulls = {f.name: pa.nulls(len(batch), f.type) for f in PREDICTION_SCHEMA}
+            return pa.table({**nulls, "image_id": pa.array(batch["image_id"].tolist(), pa.string()),
+                             "error": pa.array([MODEL_FAILED + self.failed] * len(batch), pa.string())},
+                            schema=PREDICTION_SCHEMA)
 
         with torch.inference_mode():
             return self._predict(batch)
@@ -265,7 +276,7 @@ def _read_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], f
     """Each --model's exported files, read on the driver without torch (a missing or foreign model fails before
     any cluster work): the model directories to load (an ensemble directory's members), their ids, the threshold
     (an ensemble directory's, else the mean of the models'), input sizes, and whether the models were validated
-    with TTA (the default of --tta). `_load_models` then checks that their weights load."""
+    with TTA (the default of --tta). The scoring actors then load their weights (`Predictor`)."""
     from mura_ray.exported import ensemble_members
 
     def members(uri: str) -> tuple[list[str], dict[str, Any] | None]:
@@ -288,15 +299,6 @@ def _read_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], f
     if ensembles:
         threshold, tta = float(ensembles[0].get("threshold", threshold)), bool(ensembles[0].get("tta", tta))
     return uris, [model_id for _, model_id in read], threshold, sorted({spec.image_size for spec, _ in read}), tta
-
-
-def _load_models(uris: tuple[str, ...]) -> None:
-    """Build each model and load its weights on the driver, as the scoring actors will: weights of another
-    architecture fail here, before any scoring. Run while Ray starts (it imports torch and timm, seconds). Each
-    weights file is read again here, after `_read_models` hashed it, rather than held in the driver's memory for
-    the whole run (an ensemble's members can be hundreds of MB)."""
-    for uri in uris:
-        _load_model(uri)
 
 
 CPU_ACTORS_PER_READ_TASK = 64
@@ -397,10 +399,20 @@ def _check_pool_fits(cfg: ScoreConfig, gpu: bool) -> None:
                        "never, on this local Ray" if started_local_ray() else "when an autoscaler adds nodes")
 
 
-def _stop_on_read_failure(table: pa.Table) -> None:
-    """Stop the run, before this chunk is committed, on a row whose file storage could not serve now (marked
-    RETRY_LATER by the read task): the next run scores it, instead of it being committed as failed for good."""
-    retry = pc.starts_with(table["error"].cast(pa.string()), RETRY_LATER)
+MODEL_FAILED = "the models did not load: "
+"""How a `Predictor` whose models did not load marks the rows it was given (the driver stops on them)."""
+
+
+def _stop_on_failed_rows(table: pa.Table) -> None:
+    """Stop the run, before this chunk is committed, on a row that no image of it caused: a file storage could not
+    serve now (marked RETRY_LATER by the read task; the next run scores it, instead of it being committed as failed
+    for good), or models a scoring actor could not load (MODEL_FAILED: weights that do not fit their architecture,
+    found where the models are loaded for scoring, before a first image is scored)."""
+    errors = table["error"].cast(pa.string())
+    failed = pc.starts_with(errors, MODEL_FAILED)
+    if pc.any(failed).as_py():
+        raise UserError(table.filter(pc.fill_null(failed, False))["error"][0].as_py().removeprefix(MODEL_FAILED))
+    retry = pc.starts_with(errors, RETRY_LATER)
     if pc.any(retry).as_py():
         first = table.filter(pc.fill_null(retry, False))["error"][0].as_py().removeprefix(RETRY_LATER)
         raise UserError(f"cannot read {first}; the chunks committed so far are kept: run the same command again "
@@ -494,12 +506,10 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     """`score` once this run holds --out's lock."""
     import ray
 
-    # The models are loaded on the driver while Ray starts and the input is planned: each takes seconds (torch's
-    # import, Ray's processes, Ray Data's Parquet sampling), and the first prediction waited for all of them in
-    # turn. Scoring starts once they loaded (`loading.result()`).
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-models")
-    loading = pool.submit(_load_models, cfg.models)
-    pool.shutdown(wait=False)  # its one task runs on
+    # The driver read the models without torch (`_read_models`). The scoring actors build them and load their
+    # weights; weights that do not fit their architecture mark the actor's rows (MODEL_FAILED), and the run stops
+    # on them before anything is committed. Loading them on the driver as well put torch's import beside Ray's
+    # start and cost the first prediction ~1.5 s on 2 cores (docs/benchmarks.md#scoring).
     runtime.init_ray(train=False)
     gpu = use_gpu(cfg.gpu)
     _check_pool_fits(cfg, gpu)
@@ -532,11 +542,9 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
         predictions = scoring_dataset(dataset, list(cfg.models), sizes, predictor_args, batch_size=cfg.batch_size,
                                       concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor,
                                       max_concurrency=cfg.max_concurrency)
-        loading.result()  # a model whose weights do not load stops the run here, before any scoring
         for table in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
-            _stop_on_read_failure(table)
+            _stop_on_failed_rows(table)
             committer.add(table)
-    loading.result()  # also when there was nothing to score
     committer.commit()
     scored, failed, repeated = committer.scored, committer.failed, committer.duplicates
     skipped = sum(_get(skipped_refs))

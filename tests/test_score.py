@@ -483,7 +483,8 @@ def test_the_driver_reads_models_without_torch(exported_model):
 
 def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, capsys):
     """A corrupt or foreign config.json, or weights of another architecture: no traceback, exit code 2, nothing
-    scored. The config is read before the input, the output or Ray are touched; the weights load while Ray starts."""
+    scored. The config is read before the input, the output or Ray are touched; the weights load in the scoring
+    actors, which mark their rows, and the run stops on them before committing any."""
     from PIL import Image
 
     archive = tmp_path / "archive"
@@ -505,7 +506,7 @@ def test_broken_model_directories_are_one_line_errors(exported_model, tmp_path, 
         line = _one_error_line(capsys.readouterr().err)
         expected = "are not this version's" if name == "body_parts_reordered" else "cannot load the exported model"
         assert f"--model {model}: " in line and expected in line, line
-        if name == "other_architecture":  # found while Ray started: the output was opened, nothing was scored
+        if name == "other_architecture":  # found by the scoring actors: the output was opened, nothing committed
             assert json.loads((out / "manifest.json").read_text())["parts"] == {}
             assert not (out / "predictions").exists() and not (out / "_lock.json").exists()
         else:  # refused before anything was written
@@ -612,7 +613,7 @@ def test_a_file_s3_cannot_serve_now_stops_the_run_instead_of_failing_for_good(ex
         table = pa.table({"image_id": rows["image_id"], "error": rows["error"]})
         with pytest.raises(UserError, match=rf"^cannot read {re.escape(str(tmp_path))}/x/{name} \(.*; the chunks "
                                             "committed so far are kept: run the same command again to score the rest$"):
-            score_lib._stop_on_read_failure(table)  # checked before the table reaches the Committer
+            score_lib._stop_on_failed_rows(table)  # checked before the table reaches the Committer
         assert not out.exists()
     decoded = score_lib.decode_for_scoring(rows.assign(image=[b""] * 2), [32])
     assert decoded["error"].tolist() == rows["error"].tolist()
