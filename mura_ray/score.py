@@ -47,6 +47,7 @@ from mura_ray.data.score_input import (
     chunk_dataset,
     chunk_rows,
     count_done,
+    cpu_read_tasks,
     executions,
     iter_chunks,
 )
@@ -301,18 +302,6 @@ def _read_models(models: tuple[str, ...]) -> tuple[tuple[str, ...], list[str], f
     return uris, [model_id for _, model_id in read], threshold, sorted({spec.image_size for spec, _ in read}), tta
 
 
-CPU_ACTORS_PER_READ_TASK = 64
-"""One Parquet read task delivers 1,600-2,300 images/s (`benchmarks/score.py`'s archive, 2 cores) and a CPU scoring
-actor scores ~20 (efficientnet_b0 at 224 px, one thread): one read task feeds 64 CPU actors with room to spare."""
-
-
-def _cpu_read_tasks(cfg: ScoreConfig) -> int:
-    """Read tasks at once in front of CPU actors: as many as their rate needs. Unbounded, Ray Data reads ahead on
-    every spare CPU while the actors import torch and score their first batch, and delays both
-    (docs/benchmarks.md#scoring). GPU actors need every decoding task the cluster can run."""
-    return max(1, math.ceil((cfg.max_concurrency or cfg.concurrency) / CPU_ACTORS_PER_READ_TASK))
-
-
 def _check_compatible(cfg: ScoreConfig, manifest: dict[str, Any], model_ids: list[str], threshold: float,
                       model_threshold: float) -> None:
     """Refuse to add this run's rows to predictions of other models, another input, threshold or TTA setting."""
@@ -537,7 +526,8 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
                 # under another path, is read (its path is new) and then dropped as a repeat, not committed twice.
                 committer.seen.add(_get(done_ref))
         total += chunk_rows(run)
-        dataset = chunk_dataset(run, done_ref, read_cpus=1.0, read_tasks=None if gpu else _cpu_read_tasks(cfg))
+        read_tasks = None if gpu else cpu_read_tasks(cfg.max_concurrency or cfg.concurrency)
+        dataset = chunk_dataset(run, done_ref, read_cpus=1.0, read_tasks=read_tasks)
         skipped_refs.append(ray.remote(count_done).options(num_cpus=0.25).remote(run, done_ref))
         predictions = scoring_dataset(dataset, list(cfg.models), sizes, predictor_args, batch_size=cfg.batch_size,
                                       concurrency=cfg.concurrency, cpus_per_actor=cfg.cpus_per_actor,

@@ -326,13 +326,8 @@ def test_parquet_reads_in_front_of_cpu_actors_run_as_their_rate_needs(ray_cluste
     CPU run scored through the capped read."""
     import ray
 
-    def cfg(concurrency, max_concurrency=None):
-        return ScoreConfig(models=("m",), input="i", out="o", concurrency=concurrency,
-                           max_concurrency=max_concurrency)
-
-    per_task = score_lib.CPU_ACTORS_PER_READ_TASK
-    assert [score_lib._cpu_read_tasks(cfg(*c)) for c in ((2,), (per_task,), (per_task + 1,), (1, 2 * per_task + 1))] \
-        == [1, 1, 2, 3]
+    per_task = score_input.CPU_ACTORS_PER_READ_TASK
+    assert [score_input.cpu_read_tasks(n) for n in (2, per_task, per_task + 1, 2 * per_task + 1)] == [1, 1, 2, 3]
     chunk = next(score_input.iter_chunks(f"{mura_dataset}/test", 1000))
     done = ray.put(np.zeros(0, dtype=np.uint64))
 

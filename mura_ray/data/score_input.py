@@ -9,6 +9,7 @@ BodyPartExamined); an already-scored file is dropped by its path before it is re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,18 @@ def executions(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
 def _merge(chunks: list[Chunk]) -> Chunk:
     return Chunk(parquet_files=tuple(f for c in chunks for f in c.parquet_files),
                  image_files=tuple(f for c in chunks for f in c.image_files), root=chunks[0].root)
+
+
+CPU_ACTORS_PER_READ_TASK = 64
+"""One Parquet read task delivers 1,600-2,300 images/s (`benchmarks/score.py`'s archive, 2 cores) and a CPU scoring
+actor scores ~20 (efficientnet_b0 at 224 px, one thread): one read task feeds 64 CPU actors with room to spare."""
+
+
+def cpu_read_tasks(actors: int) -> int:
+    """Read tasks at once in front of `actors` CPU scoring actors: as many as their rate needs. Unbounded, Ray Data
+    reads ahead on every spare CPU while the actors import torch and score their first batch, and delays both
+    (docs/benchmarks.md#scoring). GPU actors need every decoding task the cluster can run."""
+    return max(1, math.ceil(actors / CPU_ACTORS_PER_READ_TASK))
 
 
 def chunk_dataset(chunk: Chunk, done_ref: Any, read_cpus: float, read_tasks: int | None = None):
