@@ -498,7 +498,7 @@ def _score_locked(cfg: ScoreConfig, manifest: dict[str, Any], lock: storage.Outp
     # The driver read the models without torch (`_read_models`). The scoring actors build them and load their
     # weights; weights that do not fit their architecture mark the actor's rows (MODEL_FAILED), and the run stops
     # on them before anything is committed. Loading them on the driver as well put torch's import beside Ray's
-    # start and cost the first prediction ~1.5 s on 2 cores (docs/benchmarks.md#scoring).
+    # start and cost the first prediction ~2 s on 2 cores (docs/benchmarks.md#scoring).
     runtime.init_ray(train=False)
     gpu = use_gpu(cfg.gpu)
     _check_pool_fits(cfg, gpu)
