@@ -341,9 +341,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from mura_ray.config import TrainConfig
     from mura_ray.data.augment import augment_generator, prepare_batch
-    from mura_ray.data.pipeline import EpochStream, derived_seed, iter_batches, shuffle_epochs
+    from mura_ray.data.pipeline import EpochStream, derived_seed, training_batches
     from mura_ray.models import build_model
-    from mura_ray.train import SHUFFLE_BATCHES, setup_training
+    from mura_ray.train import setup_training
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -356,9 +356,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     setup_s = None
     rows = config["rows_per_worker"]
 
-    def batches():
-        return shuffle_epochs(iter_batches(shard, batch_size, device), rows_per_epoch=rows, batch_size=batch_size,
-                              window=SHUFFLE_BATCHES * batch_size, seed=derived_seed(0, rank))
+    def batches():  # as mura_ray.train reads its shard
+        return training_batches(shard, batch_size=batch_size, rows_per_epoch=rows, seed=derived_seed(0, rank),
+                                device=device)
 
     for phase, epochs in (("input", config["input_epochs"]), ("train", config["train_epochs"])):
         if epochs <= 0:
@@ -404,7 +404,7 @@ def phase_epochs(args: argparse.Namespace) -> int:
 
 def run_ours(data: str, args: argparse.Namespace, cache_folder: str) -> dict[str, Any]:
     """The Ray side: one TorchTrainer run (`--workers` workers, 1 CPU each) over `build_input(cache=...)`, with
-    the ingest options training uses (`ordered_ingest_options`)."""
+    the dataset configuration training uses (`training_data_config`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -427,8 +427,7 @@ def run_ours(data: str, args: argparse.Namespace, cache_folder: str) -> dict[str
             run_config=ray.train.RunConfig(name="input_pipeline", storage_path=storage,
                                            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
             datasets={"train": dataset},
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
-                                                execution_options={"train": pipeline.ordered_ingest_options()}),
+            dataset_config=pipeline.training_data_config(args.workers),
         )
         result = trainer.fit()
     per_worker = json.loads(result.metrics["results"])

@@ -34,9 +34,9 @@ from mura_ray.data.pipeline import (
     build_input,
     derived_seed,
     iter_batches,
-    ordered_ingest_options,
-    shuffle_epochs,
     split_rows,
+    training_batches,
+    training_data_config,
 )
 from mura_ray.exported import ModelSpec
 from mura_ray.labels import BODY_PARTS
@@ -54,10 +54,6 @@ from mura_ray.optim import build_optimizer, lr_schedule
 from mura_ray.runtime import check_fits, first_line, started_local_ray, use_gpu
 
 logger = logging.getLogger(__name__)
-
-SHUFFLE_BATCHES = 16
-"""Training rows are shuffled in windows of this many batches of one epoch (`pipeline.shuffle_epochs`)."""
-
 
 # ---------------------------------------------------------------------------------------------------- worker loop
 def evaluate(model: nn.Module, batches, device: torch.device, amp: torch.dtype | None, loss_kwargs: dict[str, Any],
@@ -228,11 +224,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(last, checkpoint=None)
             return
 
-    # The input starts now, while the model is built, and runs on through every epoch left. A resumed run reads
-    # the passes from its first unfinished epoch on (the driver found it: `resume_epoch`), in the orders they have
-    # in a run from the start; so are its batches shuffled (`shuffle_epochs`): it goes on as if never stopped.
+    # The input starts now, while rank 0 plans validation's input and the model is built, and runs on through
+    # every epoch left. A resumed run reads the passes from its first unfinished epoch on (the driver found it:
+    # `resume_epoch`), in the orders they have in a run from the start; so are its batches shuffled
+    # (`shuffle_epochs`): it goes on as if never stopped.
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = _validation(loop_config["val_input"]) if rank == 0 else None
     start = state["epoch"] + 1 if state is not None else 0  # as setup_training resumes
     rows = loop_config["epoch_rows"]
     if start != loop_config["first_pass"] and rank == 0:
@@ -241,12 +237,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        start + 1, loop_config["first_pass"] + 1)
 
     def batches():
-        return shuffle_epochs(iter_batches(train_shard, cfg.batch_size, device), rows_per_epoch=rows,
-                              batch_size=cfg.batch_size, window=SHUFFLE_BATCHES * cfg.batch_size,
-                              seed=derived_seed(cfg.seed, rank), first_epoch=start)
+        return training_batches(train_shard, batch_size=cfg.batch_size, rows_per_epoch=rows,
+                                seed=derived_seed(cfg.seed, rank), device=device, first_epoch=start)
 
     stream = EpochStream(batches, epochs=cfg.epochs - start, rows_per_epoch=rows)
     try:
+        val_shard = _validation(loop_config["val_input"]) if rank == 0 else None
         _train(cfg, loop_config, state, stream, val_shard, device, rank, world, start)
     finally:
         stream.close()
@@ -607,8 +603,7 @@ def build_trainer(run: PreparedRun, *, callbacks: list[Any] | None = None):
         ),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
-                                            execution_options={"train": ordered_ingest_options()}),
+        dataset_config=training_data_config(cfg.workers),
     )
 
 

@@ -103,3 +103,22 @@ def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_clu
     # A one-file split trained on (an older ingest's layout): its passes are the one file read again.
     ds = build_input(mura_dataset, "val", image_size=32, train=True, batch_size=8, passes=3)
     assert ds.count() == 3 * split_rows(mura_dataset, "val")
+
+
+def test_one_train_worker_reads_its_dataset_without_a_split_and_several_split_it(ray_cluster):
+    """`training_data_config`: Ray Train gives one worker the dataset's own iterator (no split coordinator actor),
+    every row in the dataset's order; with several workers, equal splits of it."""
+    import ray.data
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    from mura_ray.data.pipeline import training_data_config
+
+    ds = ray.data.range(40, override_num_blocks=8).map_batches(lambda b: {"id": b["id"][::-1]}, batch_size=None)
+    expected = [i for block in range(8) for i in reversed(range(5 * block, 5 * block + 5))]
+    [[one]] = [list(w.values()) for w in training_data_config(1).configure(
+        {"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)]
+    assert not isinstance(one, StreamSplitDataIterator)
+    assert [int(i) for b in one.iter_batches(batch_size=None) for i in b["id"]] == expected  # preserve_order
+    two = [w["train"] for w in training_data_config(2).configure(
+        {"train": ds}, world_size=2, worker_handles=None, worker_node_ids=None)]
+    assert all(isinstance(it, StreamSplitDataIterator) for it in two)

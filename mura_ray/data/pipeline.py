@@ -263,9 +263,13 @@ def _read_cache(cache: str, *, image_size: int, train: bool, num_cpus: float, se
                           num_cpus=num_cpus, compute=compute, fn_kwargs={"image_size": image_size}, **placed)
 
 
-def iter_batches(shard, batch_size: int, device):
+SHUFFLE_BATCHES = 16
+"""Training rows are shuffled in windows of this many batches of one epoch (`shuffle_epochs`)."""
+
+
+def iter_batches(shard, batch_size: int, device, prefetch_batches: int = 4):
     """A dataset shard's batches as torch tensors on `device`, images as uint8 pixels, in the dataset's order
-    (training shuffles them with `shuffle_epochs`)."""
+    (training shuffles them: `training_batches`), Ray Data fetching `prefetch_batches` ahead."""
     import torch  # here: the decode tasks that import this module need no torch
 
     return shard.iter_torch_batches(
@@ -273,8 +277,20 @@ def iter_batches(shard, batch_size: int, device):
         dtypes={"image": torch.uint8, "label": torch.float32, "body_part": torch.int64, "ok": torch.float32,
                 "study": torch.int64},
         device=device,
-        prefetch_batches=4,
+        prefetch_batches=prefetch_batches,
     )
+
+
+def training_batches(shard, *, batch_size: int, rows_per_epoch: int, seed: int, device, first_epoch: int = 0):
+    """A Train worker's training batches, for `EpochStream`: its shard's batches cut into epochs and shuffled in
+    windows of SHUFFLE_BATCHES batches (`shuffle_epochs`).
+
+    Ray Data fetches none ahead: `EpochStream`'s thread pulls ahead already. Ray's prefetch threads put the first
+    batch of an execution ~70 ms later (0.14 s against 0.21-0.24 s from the start of the stream, 224-px cache,
+    2 cores)."""
+    return shuffle_epochs(iter_batches(shard, batch_size, device, prefetch_batches=0),
+                          rows_per_epoch=rows_per_epoch, batch_size=batch_size, window=SHUFFLE_BATCHES * batch_size,
+                          seed=seed, first_epoch=first_epoch)
 
 
 def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, batch_size: int, window: int,
@@ -347,14 +363,18 @@ def shuffle_epochs(batches: Iterator[dict[str, Any]], *, rows_per_epoch: int, ba
         yield from flush(end_of_epoch=True)
 
 
-def ordered_ingest_options():
-    """Ray Train's ingest options with `preserve_order`: the training blocks reach the workers in the seeded pass
-    order, not in the order their tasks finish (Ray Train replaces a dataset's own execution options with these)."""
+def training_data_config(workers: int):
+    """Ray Train's `DataConfig` for the "train" dataset: its blocks reach the workers in the seeded pass order
+    (`preserve_order`; Ray Train replaces a dataset's own execution options with these), split among the workers
+    when there are several. One worker reads the whole dataset through its own iterator instead, without Train's
+    split coordinator (an actor every block passes through): measured, its start-up put the first batch of each
+    execution 0.14 s later (0.44 s against 0.31 s from the stream's start, 224-px cache, 2 cores)."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
-    return options
+    return ray.train.DataConfig(datasets_to_split=["train"] if workers > 1 else [],
+                                execution_options={"train": options})
 
 
 class _Failed:
