@@ -107,7 +107,7 @@ def test_build_input_decodes_inside_the_read_tasks_in_batch_sized_blocks(ray_clu
 
 def test_one_train_worker_reads_its_dataset_without_a_split_and_several_split_it(ray_cluster):
     """`training_data_config`: Ray Train gives one worker the dataset's own iterator (no split coordinator actor),
-    every row in the dataset's order; with several workers, equal splits of it."""
+    every row in the dataset's order; several workers get Train's split iterators."""
     import ray.data
     from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
